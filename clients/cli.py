@@ -1,0 +1,156 @@
+"""The `memserve` command line. It calls the client (or, for `serve`, starts the server)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import grpc
+from memserve.clients.client import DEFAULT_SERVER, Client, default_server
+
+
+def _serve(args: argparse.Namespace) -> int:
+    # Imported here: the client commands must not pay for loading torch.
+    from memserve.app import ServerConfig, serve
+    from memserve.engine import EngineConfig
+    from memserve.models import ModelConfig
+
+    config = ServerConfig(
+        host=args.host,
+        port=args.port,
+        metrics_port=None if args.metrics_port == 0 else args.metrics_port,
+        redis_url=args.redis_url,
+        model=ModelConfig(model=args.model, dtype=args.dtype, device=args.device, cache_dir=args.cache_dir),
+        engine=EngineConfig(
+            max_batch_size=args.max_batch_size,
+            max_queue_size=args.max_queue_size,
+            default_max_new_tokens=args.default_max_new_tokens,
+            max_new_tokens_limit=args.max_new_tokens_limit,
+        ),
+    )
+    asyncio.run(serve(config))
+    return 0
+
+
+def _generate(args: argparse.Namespace) -> int:
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    options = {
+        "max_new_tokens": args.max_new_tokens,
+        "temperature": args.temperature,
+        "top_k": args.top_k,
+        "top_p": args.top_p,
+        "repetition_penalty": args.repetition_penalty,
+        "seed": args.seed,
+        "stop": args.stop,
+    }
+    with Client(args.server) as client:
+        if args.stream:
+            for chunk in client.generate_stream(prompt, **options):
+                print(chunk.text, end="", flush=True)
+            print()
+        else:
+            completion = client.generate(prompt, **options)
+            print(completion.text)
+            if args.verbose:
+                print(
+                    f"[{completion.finish_reason}; {completion.prompt_tokens} prompt + "
+                    f"{completion.generated_tokens} generated tokens; seed {completion.seed}]",
+                    file=sys.stderr,
+                )
+    return 0
+
+
+def _info(args: argparse.Namespace) -> int:
+    with Client(args.server) as client:
+        print(client.model_info(), end="")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="memserve", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="run the gRPC server")
+    serve.add_argument(
+        "--model",
+        default="default",
+        help="'default' (SmolLM2-135M-Instruct, offline), a Hugging Face id or a local path",
+    )
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: all interfaces)")
+    serve.add_argument("--port", type=int, default=50051)
+    serve.add_argument("--metrics-port", type=int, default=9464, help="Prometheus /metrics port; 0 = off")
+    serve.add_argument(
+        "--redis-url",
+        default=None,
+        help="memory store, e.g. redis://host:6379/0 (default: embedded Redis, once the store lands)",
+    )
+    serve.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "fp32", "bf16", "fp16"],
+        help="auto = fp32 on CPU, bf16 on CUDA; fp16 is CUDA only",
+    )
+    serve.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    serve.add_argument(
+        "--cache-dir",
+        type=Path,
+        default=None,
+        help="where the converted default model lives (default: user cache dir or $MEMSERVE_CACHE_DIR)",
+    )
+    serve.add_argument("--max-batch-size", type=int, default=16)
+    serve.add_argument("--max-queue-size", type=int, default=64)
+    serve.add_argument("--default-max-new-tokens", type=int, default=128)
+    serve.add_argument("--max-new-tokens-limit", type=int, default=2048)
+    serve.add_argument("--log-level", default="INFO")
+    serve.set_defaults(run=_serve)
+
+    generate = commands.add_parser("generate", help="generate text with a running server")
+    generate.add_argument("prompt", help="the prompt; '-' reads it from standard input")
+    _server_option(generate)
+    generate.add_argument("--max-new-tokens", type=int, default=None, help="default: the server's (128)")
+    generate.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    generate.add_argument("--top-k", type=int, default=0)
+    generate.add_argument("--top-p", type=float, default=None)
+    generate.add_argument("--repetition-penalty", type=float, default=None)
+    generate.add_argument("--seed", type=int, default=None)
+    generate.add_argument("--stop", action="append", default=[], help="a stop sequence (repeatable)")
+    generate.add_argument("--stream", action="store_true", help="print tokens as they come")
+    generate.add_argument("-v", "--verbose", action="store_true", help="print finish reason and token counts")
+    generate.set_defaults(run=_generate)
+
+    info = commands.add_parser("info", help="describe the served model and the server's limits")
+    _server_option(info)
+    info.set_defaults(run=_info)
+    return parser
+
+
+def _server_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--server", default=None, help=f"server address (default: $MEMSERVE_SERVER or {DEFAULT_SERVER})"
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=getattr(args, "log_level", "WARNING"), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        return int(args.run(args))
+    except grpc.RpcError as exc:
+        code, details = exc.code(), exc.details()
+        print(f"error: {code.name}: {details}", file=sys.stderr)
+        if code is grpc.StatusCode.UNAVAILABLE:
+            server = getattr(args, "server", None) or default_server()
+            print(f"is a server running at {server}? start one with `memserve serve`", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

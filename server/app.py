@@ -1,0 +1,127 @@
+"""Assembling and running the server: model, engine, gRPC services, health, reflection, metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+from dataclasses import dataclass, field
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from memserve.engine import Engine, EngineConfig
+from memserve.interceptor import ErrorInterceptor
+from memserve.models import ModelConfig, load_model
+from memserve.service import GenerationService, JobService, MemoryService
+from memserve.v1 import (
+    generation_pb2,
+    generation_pb2_grpc,
+    jobs_pb2,
+    jobs_pb2_grpc,
+    memory_pb2,
+    memory_pb2_grpc,
+)
+from prometheus_client import start_http_server
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAMES = (
+    generation_pb2.DESCRIPTOR.services_by_name["GenerationService"].full_name,
+    memory_pb2.DESCRIPTOR.services_by_name["MemoryService"].full_name,
+    jobs_pb2.DESCRIPTOR.services_by_name["JobService"].full_name,
+)
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    """Address to listen on; 0.0.0.0 to accept connections from other machines."""
+    port: int = 50051
+    metrics_port: int | None = 9464
+    """Prometheus /metrics port; None = no metrics endpoint."""
+    redis_url: str | None = None
+    """The memory store; None = the embedded Redis (once the store lands)."""
+    max_message_bytes: int = 64 << 20
+    shutdown_grace_seconds: float = 10.0
+    """In-flight requests get this long to finish on SIGTERM/SIGINT."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+
+
+class RunningServer:
+    """A started server; `port` is the bound port (useful with port 0)."""
+
+    def __init__(
+        self, server: grpc.aio.Server, engine: Engine, health_servicer: health.aio.HealthServicer, port: int
+    ) -> None:
+        self.server = server
+        self.engine = engine
+        self.health = health_servicer
+        self.port = port
+
+    async def stop(self, grace: float | None) -> None:
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(grace)
+        self.engine.stop()
+
+
+async def start_server(config: ServerConfig) -> RunningServer:
+    started = time.perf_counter()
+    loaded = await asyncio.to_thread(load_model, config.model)
+    log.info(
+        "loaded %s (%s, %s) in %.1f s",
+        loaded.name,
+        loaded.dtype,
+        loaded.device,
+        time.perf_counter() - started,
+    )
+    engine = Engine(loaded.model, loaded.tokenizer, config.engine)
+    engine.start()
+
+    server = grpc.aio.server(
+        interceptors=[ErrorInterceptor()],
+        options=[
+            ("grpc.max_receive_message_length", config.max_message_bytes),
+            ("grpc.max_send_message_length", config.max_message_bytes),
+        ],
+    )
+    generation_pb2_grpc.add_GenerationServiceServicer_to_server(
+        GenerationService(engine, loaded, config.model.model), server
+    )
+    memory_pb2_grpc.add_MemoryServiceServicer_to_server(MemoryService(), server)
+    jobs_pb2_grpc.add_JobServiceServicer_to_server(JobService(), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+    )
+    port = server.add_insecure_port(f"{config.host}:{config.port}")
+    if port == 0:
+        raise OSError(f"cannot listen on {config.host}:{config.port}")
+    await server.start()
+    for name in ("", *SERVICE_NAMES):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    if config.metrics_port is not None:
+        start_http_server(config.metrics_port, addr=config.host)
+    log.info(
+        "serving %s on %s:%d (ready %.1f s after start)",
+        loaded.name,
+        config.host,
+        port,
+        time.perf_counter() - started,
+    )
+    return RunningServer(server, engine, health_servicer, port)
+
+
+async def serve(config: ServerConfig) -> None:
+    """Runs until SIGINT/SIGTERM, then drains in-flight requests."""
+    running = await start_server(config)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("shutting down; in-flight requests get %.0f s", config.shutdown_grace_seconds)
+    await running.stop(config.shutdown_grace_seconds)

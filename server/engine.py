@@ -1,0 +1,527 @@
+"""The engine: one scheduler thread owns the model and decodes every request in one batch.
+
+Continuous batching: a request joins between two decode steps (its prompt is
+prefilled in a forward of its own, then its KV cache is merged into the batch),
+and leaves as soon as it finishes, is cancelled or passes its deadline.
+
+Rows are left-padded to a common KV length; the attention mask hides the
+padding and each row carries its own position ids, so a row's output does not
+depend on its neighbours. Each row samples with its own parameters and its own
+seeded generator.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from memserve.detokenize import IncrementalText
+from memserve.errors import (
+    Cancelled,
+    DeadlineExceeded,
+    InvalidArgument,
+    MemoryHookError,
+    MemserveError,
+    ResourceExhausted,
+)
+from memserve.hooks import MemoryContext, MemoryHooks
+from memserve.sampling import SamplingParams, choose
+from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
+
+log = logging.getLogger(__name__)
+
+
+class FinishReason(StrEnum):
+    LENGTH = "length"
+    EOS = "eos"
+    STOP_SEQUENCE = "stop_sequence"
+    CONTEXT_LENGTH = "context_length"
+
+
+class RowMemory(Protocol):
+    """A ready-to-run memory attached to a request; each memory kind supplies one."""
+
+    name: str
+
+    def add_ops(self, context: MemoryContext, rows: torch.Tensor) -> None:
+        """Adds this memory's ops for the batch rows `rows` (1-D index tensor) to `context`."""
+
+
+@dataclass(frozen=True)
+class StoppingParams:
+    max_new_tokens: int = 64
+    stop_sequences: tuple[str, ...] = ()
+    include_stop_sequence: bool = False
+    ignore_eos: bool = False
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    prompt_ids: tuple[int, ...]
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    stopping: StoppingParams = field(default_factory=StoppingParams)
+    logprobs: bool = False
+    top_logprobs: int = 0
+    memories: tuple[RowMemory, ...] = ()
+    deadline: float | None = None
+    """time.monotonic() after which the request fails with DEADLINE_EXCEEDED."""
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    token_id: int
+    token_text: str
+    text: str
+    """Text released by this token (may be empty while held back)."""
+    logprob: float | None = None
+    top_logprobs: list[tuple[int, str, float]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class FinishedEvent:
+    reason: FinishReason
+    text: str
+    """The last held-back text, released now."""
+    prompt_tokens: int
+    generated_tokens: int
+
+
+@dataclass(frozen=True)
+class FailedEvent:
+    error: MemserveError
+
+
+Event = TokenEvent | FinishedEvent | FailedEvent
+Sink = Callable[[Event], None]
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    max_batch_size: int = 16
+    """Requests decoded together at most; more wait in the queue."""
+    max_queue_size: int = 64
+    """Requests waiting for a batch slot at most; more get RESOURCE_EXHAUSTED."""
+    default_max_new_tokens: int = 128
+    max_new_tokens_limit: int = 2048
+    max_context_tokens: int = 8192
+    """Prompt + output tokens of one request at most (capped by the model's own window)."""
+
+    def __post_init__(self) -> None:
+        for name in ("max_batch_size", "max_queue_size", "default_max_new_tokens", "max_context_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 1 <= self.default_max_new_tokens <= self.max_new_tokens_limit:
+            raise ValueError(
+                f"default_max_new_tokens ({self.default_max_new_tokens}) must be in "
+                f"[1, max_new_tokens_limit={self.max_new_tokens_limit}]"
+            )
+
+
+class RequestHandle:
+    """Lets the caller cancel a submitted request; the engine frees its slot at the next step."""
+
+    def __init__(self, seed: int) -> None:
+        self.seed = seed
+        """The request's seed: the one it asked for, or one drawn for it."""
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class _Row:
+    """One request inside the engine."""
+
+    def __init__(
+        self, request: GenerationRequest, sink: Sink, tokenizer: PreTrainedTokenizerBase, device: torch.device
+    ) -> None:
+        self.request = request
+        self.sink = sink
+        seed = request.sampling.seed if request.sampling.seed is not None else secrets.randbits(63)
+        self.handle = RequestHandle(seed)
+        self.generator: torch.Generator | None = None
+        if not request.sampling.greedy:
+            self.generator = torch.Generator(device=device).manual_seed(seed)
+        self.text = IncrementalText(
+            tokenizer,
+            request.prompt_ids,
+            request.stopping.stop_sequences,
+            request.stopping.include_stop_sequence,
+        )
+        self.generated: list[int] = []
+        # Tokens the repetition penalty looks at: the prompt and the output so far.
+        self.seen: torch.Tensor | None = None
+        if request.sampling.repetition_penalty != 1.0:
+            self.seen = torch.tensor(sorted(set(request.prompt_ids)), dtype=torch.long, device=device)
+
+
+class Engine:
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        config: EngineConfig = EngineConfig(),
+        hooks: MemoryHooks | None = None,
+    ) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.hooks = hooks if hooks is not None else MemoryHooks(model)
+        window = getattr(model.config, "max_position_embeddings", None) or config.max_context_tokens
+        self.max_context_tokens = min(config.max_context_tokens, window)
+        self.config = config
+        self.device = next(model.parameters()).device
+        self._eos_ids = _eos_token_ids(model, tokenizer)
+        self._pad_id = (
+            tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(self._eos_ids, default=0)
+        )
+        self._waiting: deque[_Row] = deque()
+        self._lock = threading.Condition()
+        self._batch = _Batch(self.device)
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+
+    # ---------------------------------------------------------------- public API
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="memserve-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Stops after failing what is still queued or running with UNAVAILABLE-like CANCELLED."""
+        with self._lock:
+            self._stopping = True
+            self._lock.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def running(self) -> int:
+        return len(self._batch.rows)
+
+    def validate(self, request: GenerationRequest) -> None:
+        """Raises InvalidArgument when the request cannot be served as asked."""
+        if not request.prompt_ids:
+            raise InvalidArgument("the prompt is empty after tokenisation: send a non-empty prompt")
+        if len(request.prompt_ids) >= self.max_context_tokens:
+            raise InvalidArgument(
+                f"the prompt has {len(request.prompt_ids)} tokens; the context holds "
+                f"{self.max_context_tokens}: shorten the prompt"
+            )
+
+    def submit(self, request: GenerationRequest, sink: Sink) -> RequestHandle:
+        """Queues a request; events go to `sink` from the engine thread. Raises when full."""
+        self.validate(request)
+        row = _Row(request, sink, self.tokenizer, self.device)
+        with self._lock:
+            if self._stopping:
+                raise Cancelled("the server is shutting down")
+            if len(self._waiting) >= self.config.max_queue_size:
+                raise ResourceExhausted(
+                    f"the queue is full ({self.config.max_queue_size} requests waiting): retry later"
+                )
+            self._waiting.append(row)
+            self._lock.notify()
+        return row.handle
+
+    # ---------------------------------------------------------------- the loop
+
+    def _loop(self) -> None:
+        with torch.inference_mode():
+            while True:
+                with self._lock:
+                    while not self._stopping and not self._waiting and not self._batch.rows:
+                        self._lock.wait()
+                    if self._stopping:
+                        break
+                    free = self.config.max_batch_size - len(self._batch.rows)
+                    admitted = [self._waiting.popleft() for _ in range(min(free, len(self._waiting)))]
+                try:
+                    self._step(admitted)
+                except Exception as exc:  # a bug: fail what is in flight, keep serving
+                    log.exception("engine step failed")
+                    self._fail_all(MemserveError(f"the engine failed: {exc!r}"), admitted)
+        self._fail_all(Cancelled("the server shut down before the request finished"))
+
+    def _step(self, admitted: list[_Row]) -> None:
+        admitted = self._drop_dead(admitted)
+        self._batch.keep(self._drop_dead(self._batch.rows))
+        if admitted:
+            self._prefill(admitted)
+        if self._batch.rows:
+            self._decode_step()
+
+    def _drop_dead(self, rows: list[_Row]) -> list[_Row]:
+        """Removes cancelled rows and fails those past their deadline."""
+        now = time.monotonic()
+        alive = []
+        for row in rows:
+            if row.handle.cancelled:
+                continue
+            if row.request.deadline is not None and now > row.request.deadline:
+                row.sink(FailedEvent(DeadlineExceeded("the deadline passed before generation finished")))
+                continue
+            alive.append(row)
+        return alive
+
+    def _prefill(self, rows: list[_Row]) -> None:
+        """Runs the prompts of newly admitted rows, samples their first token, joins them to the batch."""
+        lengths = [len(r.request.prompt_ids) for r in rows]
+        width = max(lengths)
+        ids = torch.full((len(rows), width), self._pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, row in enumerate(rows):
+            ids[i, width - lengths[i] :] = torch.tensor(row.request.prompt_ids)
+            mask[i, width - lengths[i] :] = 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        cache = DynamicCache()
+        logits = self._forward(rows, ids, mask, positions, cache, on_error_restore=None)
+        if logits is None:
+            return
+        survivors = self._sample_and_emit(rows, logits)
+        if survivors:
+            keep = torch.tensor([rows.index(r) for r in survivors], device=self.device)
+            last = torch.tensor([r.generated[-1] for r in survivors], device=self.device)
+            self._batch.join(survivors, cache, mask, torch.tensor(lengths, device=self.device), last, keep)
+
+    def _decode_step(self) -> None:
+        batch = self._batch
+        mask = torch.cat([batch.mask, batch.mask.new_ones((len(batch.rows), 1))], dim=1)
+        logits = self._forward(
+            batch.rows,
+            batch.last_tokens[:, None],
+            mask,
+            batch.positions[:, None],
+            batch.cache,
+            on_error_restore=batch.kv_length,
+        )
+        if logits is None:
+            return
+        batch.mask = mask
+        batch.positions = batch.positions + 1
+        survivors = self._sample_and_emit(batch.rows, logits)
+        batch.keep(survivors)
+        if survivors:
+            batch.last_tokens = torch.tensor([r.generated[-1] for r in survivors], device=self.device)
+
+    def _forward(
+        self,
+        rows: list[_Row],
+        ids: torch.Tensor,
+        mask: torch.Tensor,
+        positions: torch.Tensor,
+        cache: DynamicCache,
+        on_error_restore: int | None,
+    ) -> torch.Tensor | None:
+        """One forward over `rows`; returns last-position logits (B, V) in fp32, or None on failure.
+
+        A memory that fails inside the forward fails the requests that use it;
+        anything else fails every request of this forward. The server goes on.
+        """
+        try:
+            with self.hooks.using(_memory_context(rows, self.device)):
+                out = self.model(
+                    input_ids=ids,
+                    attention_mask=mask,
+                    position_ids=positions,
+                    past_key_values=cache,
+                    use_cache=True,
+                    logits_to_keep=1,
+                )
+            return out.logits[:, -1, :].float()
+        except MemoryHookError as exc:
+            error: MemserveError = exc
+            failed = [r for r in rows if any(m.name == exc.memory for m in r.request.memories)]
+            log.warning("%s; failing %d request(s)", exc, len(failed))
+        except Exception as exc:
+            log.exception("forward pass failed; failing %d request(s)", len(rows))
+            error = MemserveError(f"the forward pass failed: {exc!r}")
+            failed = list(rows)
+        for row in failed:
+            row.sink(FailedEvent(error))
+        healthy = [r for r in rows if r not in failed]
+        if on_error_restore is not None:
+            self._batch.crop(on_error_restore)
+            self._batch.keep(healthy)
+        else:  # a failed prefill: the others try again at the next step
+            with self._lock:
+                self._waiting.extendleft(reversed(healthy))
+        return None
+
+    def _sample_and_emit(self, rows: list[_Row], logits: torch.Tensor) -> list[_Row]:
+        """Samples one token per row, streams it, and returns the rows that go on."""
+        greedy = logits.argmax(-1).tolist()
+        survivors = []
+        for i, row in enumerate(rows):
+            req = row.request
+            if req.sampling.greedy and row.seen is None and not (req.logprobs or req.top_logprobs):
+                token, logprob, top = greedy[i], None, []
+            else:
+                choice = choose(
+                    logits[i], req.sampling, row.generator, row.seen, req.logprobs, req.top_logprobs
+                )
+                token, logprob, top = choice.token, choice.logprob, choice.top
+            if row.seen is not None:
+                row.seen = torch.cat([row.seen, row.seen.new_tensor([token])])
+            reason = self._append(row, token)
+            is_eos = reason is FinishReason.EOS
+            row.sink(
+                TokenEvent(
+                    token_id=token,
+                    token_text="" if is_eos else self.tokenizer.decode([token]),
+                    text="" if is_eos else row.text.push(token),
+                    logprob=logprob,
+                    top_logprobs=[(t, self.tokenizer.decode([t]), lp) for t, lp in top],
+                )
+            )
+            if reason is None and row.text.stopped:
+                reason = FinishReason.STOP_SEQUENCE
+            if reason is None:
+                survivors.append(row)
+            else:
+                row.sink(FinishedEvent(reason, row.text.finish(), len(req.prompt_ids), len(row.generated)))
+        return survivors
+
+    def _append(self, row: _Row, token: int) -> FinishReason | None:
+        row.generated.append(token)
+        stopping = row.request.stopping
+        if token in self._eos_ids and not stopping.ignore_eos:
+            return FinishReason.EOS
+        if len(row.generated) >= stopping.max_new_tokens:
+            return FinishReason.LENGTH
+        if len(row.request.prompt_ids) + len(row.generated) >= self.max_context_tokens:
+            return FinishReason.CONTEXT_LENGTH
+        return None
+
+    def _fail_all(self, error: MemserveError, admitted: Sequence[_Row] | None = None) -> None:
+        """Fails the running rows and `admitted`; with no `admitted` (shutdown), the queue too."""
+        with self._lock:
+            if admitted is None:
+                rows = [*self._waiting, *self._batch.rows]
+                self._waiting.clear()
+            else:
+                rows = [*admitted, *self._batch.rows]
+        self._batch.keep([])
+        for row in rows:
+            row.sink(FailedEvent(error))
+
+
+class _Batch:
+    """The running rows and their shared, left-padded KV cache."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.rows: list[_Row] = []
+        self.cache: DynamicCache = DynamicCache()
+        self.mask = torch.zeros((0, 0), dtype=torch.long, device=device)  # (B, T): 1 = real token
+        self.positions = torch.zeros(0, dtype=torch.long, device=device)  # (B,) next position id
+        self.last_tokens = torch.zeros(0, dtype=torch.long, device=device)  # (B,) next input token
+
+    @property
+    def kv_length(self) -> int:
+        return self.mask.shape[1]
+
+    def join(
+        self,
+        rows: list[_Row],
+        cache: DynamicCache,
+        mask: torch.Tensor,
+        positions: torch.Tensor,
+        last_tokens: torch.Tensor,
+        keep: torch.Tensor,
+    ) -> None:
+        """Adds prefilled rows (the `keep` rows of `cache`/`mask`) to the batch."""
+        mask = mask[keep]
+        if not self.rows:
+            _select_rows(cache, keep)
+            self.cache = cache
+            self.rows, self.mask = list(rows), mask
+            self.positions, self.last_tokens = positions[keep], last_tokens
+            self._trim()
+            return
+        width = max(self.kv_length, mask.shape[1])
+        old_pad, new_pad = width - self.kv_length, width - mask.shape[1]
+        for old, new in zip(self.cache.layers, cache.layers, strict=True):
+            old.keys = torch.cat([_pad_left(old.keys, old_pad), _pad_left(new.keys[keep], new_pad)])
+            old.values = torch.cat([_pad_left(old.values, old_pad), _pad_left(new.values[keep], new_pad)])
+        self.mask = torch.cat([F.pad(self.mask, (old_pad, 0)), F.pad(mask, (new_pad, 0))])
+        self.positions = torch.cat([self.positions, positions[keep]])
+        self.last_tokens = torch.cat([self.last_tokens, last_tokens])
+        self.rows.extend(rows)
+
+    def keep(self, rows: Sequence[_Row]) -> None:
+        """Keeps only `rows` (a subsequence of the current rows), freeing the others' slots."""
+        if len(rows) == len(self.rows):
+            return
+        if not rows:
+            self.__init__(self.device)  # type: ignore[misc]
+            return
+        index = torch.tensor([self.rows.index(r) for r in rows], device=self.device)
+        _select_rows(self.cache, index)
+        self.mask, self.positions = self.mask[index], self.positions[index]
+        self.last_tokens = self.last_tokens[index]
+        self.rows = list(rows)
+        self._trim()
+
+    def crop(self, length: int) -> None:
+        """Undoes a partly applied forward: cuts every layer's KV back to `length` tokens."""
+        for layer in self.cache.layers:
+            if layer.is_initialized and layer.keys.shape[-2] > length:
+                layer.keys, layer.values = layer.keys[..., :length, :], layer.values[..., :length, :]
+
+    def _trim(self) -> None:
+        """Drops leading columns that are padding in every row (left by rows that left)."""
+        real = self.mask.any(0).nonzero()
+        start = int(real[0]) if real.numel() else 0
+        if start:
+            self.mask = self.mask[:, start:]
+            for layer in self.cache.layers:
+                layer.keys, layer.values = layer.keys[..., start:, :], layer.values[..., start:, :]
+
+
+def _select_rows(cache: DynamicCache, index: torch.Tensor) -> None:
+    for layer in cache.layers:
+        layer.keys, layer.values = layer.keys[index], layer.values[index]
+
+
+def _pad_left(kv: torch.Tensor, n: int) -> torch.Tensor:
+    return F.pad(kv, (0, 0, n, 0)) if n else kv  # (B, H, T, D): pad T on the left
+
+
+def _memory_context(rows: list[_Row], device: torch.device) -> MemoryContext | None:
+    """Groups the batch rows by the memories they use; None when no row uses one."""
+    groups: dict[int, tuple[RowMemory, list[int]]] = {}
+    for index, row in enumerate(rows):
+        for memory in row.request.memories:
+            groups.setdefault(id(memory), (memory, []))[1].append(index)
+    if not groups:
+        return None
+    context = MemoryContext()
+    for memory, indices in groups.values():
+        memory.add_ops(context, torch.tensor(indices, device=device))
+    return context
+
+
+def _eos_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> frozenset[int]:
+    ids: set[int] = set()
+    configured = getattr(model.generation_config, "eos_token_id", None)
+    if isinstance(configured, int):
+        ids.add(configured)
+    elif configured:
+        ids.update(configured)
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return frozenset(ids)

@@ -1,0 +1,69 @@
+"""The exceptions memserve raises, each mapped to one gRPC status (see interceptor.py).
+
+The hierarchy is shallow on purpose: the class says which status a client gets,
+the message says what to fix.
+"""
+
+from __future__ import annotations
+
+import grpc
+
+
+class MemserveError(Exception):
+    """Base class; maps to INTERNAL unless a subclass says otherwise."""
+
+    code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+
+
+class InvalidArgument(MemserveError, ValueError):
+    """The request is malformed or a value is out of range."""
+
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class NotFound(MemserveError):
+    code = grpc.StatusCode.NOT_FOUND
+
+
+class FailedPrecondition(MemserveError):
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class ResourceExhausted(MemserveError):
+    """The server is at capacity (queue full, too many memories)."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class Unavailable(MemserveError):
+    code = grpc.StatusCode.UNAVAILABLE
+
+
+class DataLoss(MemserveError):
+    code = grpc.StatusCode.DATA_LOSS
+
+
+class DeadlineExceeded(MemserveError):
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+class Cancelled(MemserveError):
+    code = grpc.StatusCode.CANCELLED
+
+
+class Unimplemented(MemserveError):
+    code = grpc.StatusCode.UNIMPLEMENTED
+
+
+class MemoryHookError(MemserveError):
+    """A memory failed inside the model's forward pass.
+
+    Fails the requests that use that memory, never the whole server, and is
+    never swallowed: a memory that silently does nothing is worse than an error.
+    """
+
+    def __init__(self, memory: str, layer: int, site: str, cause: BaseException) -> None:
+        super().__init__(f"memory {memory!r} failed at layer {layer} ({site}): {cause!r}")
+        self.memory = memory
+        self.layer = layer
+        self.site = site

@@ -1,0 +1,171 @@
+"""Where memories enter the model: a per-architecture table of hook sites, and the hooks.
+
+Three sites per decoder layer (DESIGN.md §1):
+- ``residual``: the residual stream after the block (document and adapter memories);
+- ``attn_out``: the input of attention's output projection, heads concatenated
+  (local memories, "before W_out");
+- ``mlp_down``: the input of the MLP's down projection, after the activation
+  (local memories).
+
+Hooks are installed once, when the server starts. Each forward pass reads a
+``MemoryContext`` that says which batch rows use which memory at which site; it
+is set for exactly one forward by ``MemoryHooks.using`` and always cleared
+afterwards, so a failed forward can never leave routing state behind. With no
+context, a hook is a single attribute check.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+import torch
+from memserve.errors import MemoryHookError
+from torch import nn
+
+
+class Site(StrEnum):
+    RESIDUAL = "residual"
+    ATTN_OUT = "attn_out"
+    MLP_DOWN = "mlp_down"
+
+
+@dataclass(frozen=True)
+class ArchitectureSites:
+    """Dotted module paths: the decoder layers, then the two projections inside a layer."""
+
+    layers: str
+    attn_out_proj: str
+    mlp_down_proj: str
+
+
+# Keyed by `config.model_type`. Llama-family models share one layout.
+_LLAMA = ArchitectureSites("model.layers", "self_attn.o_proj", "mlp.down_proj")
+ARCHITECTURES: dict[str, ArchitectureSites] = {
+    "llama": _LLAMA,
+    "mistral": _LLAMA,
+    "qwen2": _LLAMA,
+    "qwen3": _LLAMA,
+    "gpt_neox": ArchitectureSites("gpt_neox.layers", "attention.dense", "mlp.dense_4h_to_h"),
+    "gpt2": ArchitectureSites("transformer.h", "attn.c_proj", "mlp.c_proj"),
+}
+
+
+@dataclass(frozen=True)
+class LayerSites:
+    """The modules of one decoder layer that carry hooks."""
+
+    block: nn.Module
+    attn_out_proj: nn.Module
+    mlp_down_proj: nn.Module
+
+
+def find_sites(model: nn.Module) -> list[LayerSites]:
+    """Returns, per decoder layer, the modules whose activations memories read and change."""
+    model_type = model.config.model_type
+    arch = ARCHITECTURES.get(model_type)
+    if arch is None:
+        raise ValueError(
+            f"no hook sites known for model_type {model_type!r}; supported: {sorted(ARCHITECTURES)}"
+        )
+    layers = model.get_submodule(arch.layers)
+    return [
+        LayerSites(
+            block=layer,
+            attn_out_proj=layer.get_submodule(arch.attn_out_proj),
+            mlp_down_proj=layer.get_submodule(arch.mlp_down_proj),
+        )
+        for layer in layers
+    ]
+
+
+SiteOp = Callable[[torch.Tensor], torch.Tensor]
+"""Takes the site's activation (B, T, D) of the whole batch, returns the new one.
+
+An op knows which batch rows it applies to; it must leave the other rows alone.
+"""
+
+
+@dataclass(frozen=True)
+class BoundOp:
+    """One memory's op at one site, for error messages and tracing."""
+
+    memory: str
+    op: SiteOp
+
+
+@dataclass
+class MemoryContext:
+    """Which memory ops run at which (layer, site) in one forward pass."""
+
+    ops: dict[tuple[int, Site], list[BoundOp]] = field(default_factory=dict)
+
+    def add(self, layer: int, site: Site, memory: str, op: SiteOp) -> None:
+        self.ops.setdefault((layer, site), []).append(BoundOp(memory, op))
+
+    def __bool__(self) -> bool:
+        return bool(self.ops)
+
+
+class MemoryHooks:
+    """Installs the hooks on a model once and routes each forward through a context."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.sites = find_sites(model)
+        self._context: MemoryContext | None = None
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        for index, layer in enumerate(self.sites):
+            self._handles.append(layer.block.register_forward_hook(self._block_hook(index)))
+            for site, module in ((Site.ATTN_OUT, layer.attn_out_proj), (Site.MLP_DOWN, layer.mlp_down_proj)):
+                self._handles.append(module.register_forward_pre_hook(self._input_hook(index, site)))
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.sites)
+
+    @contextmanager
+    def using(self, context: MemoryContext | None) -> Iterator[None]:
+        """Routes the forward passes inside the block through `context` (None or empty: no memory)."""
+        self._context = context if context else None
+        try:
+            yield
+        finally:
+            self._context = None
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def _block_hook(self, layer: int) -> Callable[..., Any]:
+        def hook(module: nn.Module, args: Any, output: Any) -> Any:
+            context = self._context
+            if context is None or (layer, Site.RESIDUAL) not in context.ops:
+                return None
+            # Most blocks return the hidden states; some (older GPT-2) a tuple led by them.
+            if isinstance(output, tuple):
+                return (_apply(context, layer, Site.RESIDUAL, output[0]), *output[1:])
+            return _apply(context, layer, Site.RESIDUAL, output)
+
+        return hook
+
+    def _input_hook(self, layer: int, site: Site) -> Callable[..., Any]:
+        def hook(module: nn.Module, args: Sequence[Any]) -> Any:
+            context = self._context
+            if context is None or (layer, site) not in context.ops:
+                return None
+            return (_apply(context, layer, site, args[0]), *args[1:])
+
+        return hook
+
+
+def _apply(context: MemoryContext, layer: int, site: Site, hidden: torch.Tensor) -> torch.Tensor:
+    for bound in context.ops[(layer, site)]:
+        try:
+            hidden = bound.op(hidden)
+        except Exception as exc:  # re-raised with the memory's name: fails the request loudly
+            raise MemoryHookError(bound.memory, layer, site.value, exc) from exc
+    return hidden

@@ -1,0 +1,150 @@
+"""The gRPC servicers: thin edges that convert, call the engine, and convert back."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+from memserve.convert import FINISH_REASONS, generation_request_from_pb, token_to_pb, usage_to_pb
+from memserve.engine import Engine, Event, FailedEvent, FinishedEvent, GenerationRequest, TokenEvent
+from memserve.errors import Unimplemented
+from memserve.models import LoadedModel
+from memserve.v1 import generation_pb2 as pb
+from memserve.v1 import generation_pb2_grpc, jobs_pb2_grpc, memory_pb2_grpc
+
+
+async def run_on_engine(engine: Engine, request: GenerationRequest) -> AsyncIterator[tuple[Event, int]]:
+    """Submits to the engine and yields (event, seed) until the request finishes.
+
+    Leaving early (client cancel, deadline, error) cancels the request, which
+    frees its batch slot at the engine's next step.
+    """
+    loop = asyncio.get_running_loop()
+    events: asyncio.Queue[Event] = asyncio.Queue()
+    handle = engine.submit(request, lambda event: loop.call_soon_threadsafe(events.put_nowait, event))
+    try:
+        while True:
+            event = await events.get()
+            if isinstance(event, FailedEvent):
+                raise event.error
+            yield event, handle.seed
+            if isinstance(event, FinishedEvent):
+                return
+    finally:
+        handle.cancel()
+
+
+class GenerationService(generation_pb2_grpc.GenerationServiceServicer):
+    def __init__(self, engine: Engine, loaded: LoadedModel, model_label: str) -> None:
+        self.engine = engine
+        self.loaded = loaded
+        self.model_label = model_label
+
+    def _request(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> GenerationRequest:
+        return generation_request_from_pb(
+            request, self.loaded.tokenizer, self.engine.config, context.time_remaining()
+        )
+
+    async def Generate(
+        self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GenerateResponse:
+        response = pb.GenerateResponse(request_id=request.request_id)
+        async for event, seed in run_on_engine(self.engine, self._request(request, context)):
+            response.seed = seed
+            if isinstance(event, TokenEvent):
+                response.text += event.text
+                response.tokens.append(token_to_pb(event))
+            elif isinstance(event, FinishedEvent):
+                response.text += event.text
+                response.finish_reason = FINISH_REASONS[event.reason]
+                response.usage.CopyFrom(usage_to_pb(event))
+        return response
+
+    async def GenerateStream(
+        self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.GenerateStreamResponse]:
+        first = True
+        async for event, seed in run_on_engine(self.engine, self._request(request, context)):
+            message = pb.GenerateStreamResponse(request_id=request.request_id, seed=seed if first else 0)
+            first = False
+            if isinstance(event, TokenEvent):
+                message.text = event.text
+                message.tokens.append(token_to_pb(event))
+            elif isinstance(event, FinishedEvent):
+                message.text = event.text
+                message.finish_reason = FINISH_REASONS[event.reason]
+                message.usage.CopyFrom(usage_to_pb(event))
+            yield message
+
+    async def GetModelInfo(
+        self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelInfo:
+        config = self.loaded.model.config
+        return pb.ModelInfo(
+            model=self.model_label,
+            architecture=(config.architectures or [type(self.loaded.model).__name__])[0],
+            fingerprint=self.loaded.fingerprint,
+            num_layers=self.engine.hooks.num_layers,
+            hidden_size=config.hidden_size,
+            vocab_size=config.vocab_size,
+            max_context_tokens=self.engine.max_context_tokens,
+            default_max_new_tokens=self.engine.config.default_max_new_tokens,
+            max_new_tokens_limit=self.engine.config.max_new_tokens_limit,
+            dtype=self.loaded.dtype,
+            device=str(self.loaded.device),
+            max_batch_size=self.engine.config.max_batch_size,
+            max_queue_size=self.engine.config.max_queue_size,
+            memory_kinds=[],
+        )
+
+
+def _not_built(what: str, issue: str) -> Unimplemented:
+    return Unimplemented(f"{what} is not implemented yet (it lands with {issue})")
+
+
+class MemoryService(memory_pb2_grpc.MemoryServiceServicer):
+    """Answers UNIMPLEMENTED, RPC by RPC, until the memory store and the kinds land."""
+
+    async def RegisterDocuments(self, request: Any, context: Any) -> Any:
+        raise _not_built("RegisterDocuments", "document memories")
+
+    async def RegisterFacts(self, request: Any, context: Any) -> Any:
+        raise _not_built("RegisterFacts", "local memories")
+
+    async def RegisterAdapter(self, request: Any, context: Any) -> Any:
+        raise _not_built("RegisterAdapter", "adapter memories")
+
+    async def PutMemory(self, request_iterator: Any, context: Any) -> Any:
+        raise _not_built("PutMemory", "the memory store")
+
+    async def GetMemory(self, request: Any, context: Any) -> Any:
+        raise _not_built("GetMemory", "the memory store")
+
+    async def ListMemories(self, request: Any, context: Any) -> Any:
+        raise _not_built("ListMemories", "the memory store")
+
+    async def DeleteMemory(self, request: Any, context: Any) -> Any:
+        raise _not_built("DeleteMemory", "the memory store")
+
+    async def ExportMemory(self, request: Any, context: Any) -> AsyncIterator[Any]:
+        raise _not_built("ExportMemory", "the memory store")
+        yield  # a generator, as its streaming signature requires
+
+
+class JobService(jobs_pb2_grpc.JobServiceServicer):
+    """Answers UNIMPLEMENTED until the trainer jobs land."""
+
+    async def GetJob(self, request: Any, context: Any) -> Any:
+        raise _not_built("GetJob", "trainer jobs")
+
+    async def WatchJob(self, request: Any, context: Any) -> AsyncIterator[Any]:
+        raise _not_built("WatchJob", "trainer jobs")
+        yield  # a generator, as its streaming signature requires
+
+    async def CancelJob(self, request: Any, context: Any) -> Any:
+        raise _not_built("CancelJob", "trainer jobs")
+
+    async def ListJobs(self, request: Any, context: Any) -> Any:
+        raise _not_built("ListJobs", "trainer jobs")

@@ -1,0 +1,166 @@
+"""Shared fixtures: tiny random models of each supported architecture, the default model,
+and helpers that drive the engine synchronously."""
+
+from __future__ import annotations
+
+import queue
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from memserve.engine import (
+    Engine,
+    EngineConfig,
+    Event,
+    FailedEvent,
+    FinishedEvent,
+    GenerationRequest,
+    TokenEvent,
+)
+from memserve.models import LoadedModel, ModelConfig, load_model
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import (
+    AutoModelForCausalLM,
+    GPT2Config,
+    GPTNeoXConfig,
+    LlamaConfig,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerFast,
+)
+
+CORPUS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Once upon a time there was a small village by the sea.",
+    "Memories are selected by document keys and fire only where they belong.",
+    "0123456789 !?.,;:'\"()[]{} +-*/=<> äöü é ñ 東京 🙂",
+] * 20
+
+TINY_ARCHITECTURES = ("llama", "gpt_neox", "gpt2")
+
+
+def build_tiny_tokenizer() -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer trained here, offline, on a few sentences."""
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["<eos>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tokenizer.train_from_iterator(CORPUS, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<eos>", pad_token="<eos>")
+
+
+def tiny_config(architecture: str, vocab_size: int) -> PretrainedConfig:
+    # A wide initialisation spreads the logits, so greedy choices are not near-ties.
+    common = {"vocab_size": vocab_size, "eos_token_id": 0, "bos_token_id": 0, "initializer_range": 0.2}
+    if architecture == "llama":
+        return LlamaConfig(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=512,
+            **common,
+        )
+    if architecture == "gpt_neox":
+        return GPTNeoXConfig(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            max_position_embeddings=512,
+            **common,
+        )
+    if architecture == "gpt2":
+        return GPT2Config(n_embd=64, n_layer=3, n_head=4, n_positions=512, **common)
+    raise ValueError(architecture)
+
+
+def build_tiny_model(architecture: str, vocab_size: int, seed: int = 0) -> PreTrainedModel:
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(architecture, vocab_size))
+    return model.eval().requires_grad_(False)
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    return build_tiny_tokenizer()
+
+
+@pytest.fixture(scope="session", params=TINY_ARCHITECTURES)
+def tiny_model(request: pytest.FixtureRequest, tiny_tokenizer: PreTrainedTokenizerFast) -> PreTrainedModel:
+    return build_tiny_model(request.param, len(tiny_tokenizer))
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer: PreTrainedTokenizerFast) -> Path:
+    """A tiny Llama saved as a model folder, loadable like any local model path."""
+    path = tmp_path_factory.mktemp("tiny-llama")
+    build_tiny_model("llama", len(tiny_tokenizer)).save_pretrained(path)
+    tiny_tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def default_model() -> LoadedModel:
+    """The real default model, SmolLM2-135M-Instruct, fp32 on CPU (converted once, then cached)."""
+    return load_model(ModelConfig(device="cpu", dtype="fp32"))
+
+
+@dataclass
+class Outcome:
+    token_ids: list[int]
+    text: str
+    finish: FinishedEvent | None
+    error: Exception | None
+    logprobs: list[float | None]
+
+
+def collect(events: queue.Queue[Event], timeout: float = 120.0) -> Outcome:
+    """Drains one request's events until it finishes or fails."""
+    outcome = Outcome([], "", None, None, [])
+    while True:
+        event = events.get(timeout=timeout)
+        if isinstance(event, TokenEvent):
+            outcome.token_ids.append(event.token_id)
+            outcome.text += event.text
+            outcome.logprobs.append(event.logprob)
+        elif isinstance(event, FinishedEvent):
+            outcome.text += event.text
+            outcome.finish = event
+            return outcome
+        elif isinstance(event, FailedEvent):
+            outcome.error = event.error
+            return outcome
+
+
+def submit(engine: Engine, request: GenerationRequest) -> queue.Queue[Event]:
+    events: queue.Queue[Event] = queue.Queue()
+    engine.submit(request, events.put)
+    return events
+
+
+def run_all(engine: Engine, requests: list[GenerationRequest]) -> list[Outcome]:
+    """Submits all requests at once (they share batches) and waits for every one."""
+    queues = [submit(engine, r) for r in requests]
+    return [collect(q) for q in queues]
+
+
+@pytest.fixture
+def make_engine() -> Iterator:
+    engines: list[Engine] = []
+
+    def make(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, **config: int) -> Engine:
+        engine = Engine(model, tokenizer, EngineConfig(**config))
+        engine.start()
+        engines.append(engine)
+        return engine
+
+    yield make
+    for engine in engines:
+        engine.stop()
+        engine.hooks.remove()
