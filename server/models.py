@@ -58,8 +58,11 @@ class ModelConfig:
     def resolved_device(self) -> torch.device:
         if self.device == "auto":
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        device = torch.device(self.device)
-        if device.type not in DTYPES_BY_DEVICE:
+        try:
+            device = torch.device(self.device)
+        except RuntimeError:
+            device = None
+        if device is None or device.type not in DTYPES_BY_DEVICE:
             raise ValueError(f"device must be cpu, cuda or cuda:N, got {self.device!r}")
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"device {self.device!r} was asked for, but CUDA is not available")
@@ -100,9 +103,11 @@ def load_model(config: ModelConfig) -> LoadedModel:
     else:
         path, name = config.model, config.model
     tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype])
-    model.to(device).eval().requires_grad_(False)
-    fingerprint = _stored_fingerprint(path) or fingerprint_model(model)
+    fingerprint = _stored_fingerprint(path)
+    # Loaded in its stored dtype first, so the fingerprint does not depend on the serving dtype.
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype] if fingerprint else "auto")
+    fingerprint = fingerprint or fingerprint_model(model)
+    model.to(device, DTYPES[dtype]).eval().requires_grad_(False)
     return LoadedModel(model, tokenizer, name, fingerprint, device, dtype)
 
 
@@ -136,15 +141,15 @@ def ensure_default_model(cache_dir: Path) -> Path:
 
 
 def fingerprint_model(model: PreTrainedModel) -> str:
-    """sha256 over the architecture, config and every weight (as fp32 bytes).
+    """sha256 over the config and every weight as loaded (call before casting the model).
 
-    Independent of the dtype the model is served in, so a memory trained on the
-    fp32 model is accepted by the same model served in bf16.
+    Memories record it, and a server refuses memories made for another model;
+    taken before the cast, it is the same whichever dtype the model is served in.
     """
-    digest = hashlib.sha256(model.config.to_json_string(use_diff=False).encode())
+    digest = hashlib.sha256(model.config.to_json_string(use_diff=True).encode())
     for name, tensor in sorted(model.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
 
 

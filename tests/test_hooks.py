@@ -1,0 +1,126 @@
+"""Hook sites on tiny random Llama, GPT-NeoX and GPT-2 models."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from memserve.errors import MemoryHookError
+from memserve.hooks import MemoryContext, MemoryHooks, Site, find_sites
+from torch import nn
+
+from tests.conftest import build_tiny_model
+
+EXPECTED_PROJECTIONS = {
+    # model_type: (attention output projection, MLP down projection) as named in the model
+    "llama": ("self_attn.o_proj", "mlp.down_proj"),
+    "gpt_neox": ("attention.dense", "mlp.dense_4h_to_h"),
+    "gpt2": ("attn.c_proj", "mlp.c_proj"),
+}
+
+
+def _inputs(model: nn.Module) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(1, model.config.vocab_size, (3, 7), generator=generator)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+def _add_to_rows(rows: list[int], amount: float):
+    def op(hidden: torch.Tensor) -> torch.Tensor:
+        hidden = hidden.clone()
+        hidden[rows] += amount
+        return hidden
+
+    return op
+
+
+def test_sites_are_found_for_every_layer(tiny_model):
+    sites = find_sites(tiny_model)
+    assert len(sites) == tiny_model.config.num_hidden_layers
+    attn_name, mlp_name = EXPECTED_PROJECTIONS[tiny_model.config.model_type]
+    for layer in sites:
+        assert layer.attn_out_proj is layer.block.get_submodule(attn_name)
+        assert layer.mlp_down_proj is layer.block.get_submodule(mlp_name)
+
+
+def test_the_attention_site_sees_the_concatenated_heads_and_the_mlp_site_the_activation(tiny_model):
+    hidden = tiny_model.config.hidden_size
+    seen: dict[Site, int] = {}
+
+    def record(site: Site):
+        def op(activation: torch.Tensor) -> torch.Tensor:
+            seen[site] = activation.shape[-1]
+            return activation
+
+        return op
+
+    hooks = MemoryHooks(tiny_model)
+    context = MemoryContext()
+    for site in Site:
+        context.add(0, site, "probe", record(site))
+    try:
+        with hooks.using(context):
+            tiny_model(**_inputs(tiny_model))
+    finally:
+        hooks.remove()
+    assert seen[Site.ATTN_OUT] == hidden  # heads × head_dim, before W_out
+    assert seen[Site.MLP_DOWN] > hidden  # the MLP's inner width, after the activation
+    assert seen[Site.RESIDUAL] == hidden
+
+
+def test_no_context_leaves_the_output_bit_identical(tiny_model):
+    inputs = _inputs(tiny_model)
+    before = tiny_model(**inputs).logits
+    hooks = MemoryHooks(tiny_model)
+    try:
+        with hooks.using(MemoryContext()):
+            empty = tiny_model(**inputs).logits
+        plain = tiny_model(**inputs).logits
+    finally:
+        hooks.remove()
+    assert torch.equal(before, empty) and torch.equal(before, plain)
+
+
+@pytest.mark.parametrize("site", list(Site))
+def test_an_op_changes_only_the_rows_it_was_given(tiny_model, site):
+    inputs = _inputs(tiny_model)
+    before = tiny_model(**inputs).logits
+    hooks = MemoryHooks(tiny_model)
+    context = MemoryContext()
+    context.add(1, site, "shift", _add_to_rows([1], 0.5))
+    try:
+        with hooks.using(context):
+            after = tiny_model(**inputs).logits
+    finally:
+        hooks.remove()
+    assert torch.equal(after[0], before[0]) and torch.equal(after[2], before[2])
+    assert not torch.allclose(after[1], before[1])
+
+
+def test_a_failing_op_raises_with_the_memory_name_and_leaves_no_routing_behind(tiny_model):
+    inputs = _inputs(tiny_model)
+    before = tiny_model(**inputs).logits
+    hooks = MemoryHooks(tiny_model)
+
+    def broken(hidden: torch.Tensor) -> torch.Tensor:
+        raise ValueError("shape mismatch")
+
+    context = MemoryContext()
+    context.add(2, Site.MLP_DOWN, "facts-v3", broken)
+    try:
+        with (
+            pytest.raises(
+                MemoryHookError, match=r"'facts-v3' failed at layer 2 \(mlp_down\).*shape mismatch"
+            ),
+            hooks.using(context),
+        ):
+            tiny_model(**inputs)
+        assert torch.equal(tiny_model(**inputs).logits, before)
+    finally:
+        hooks.remove()
+
+
+def test_an_unknown_architecture_is_refused_with_the_supported_list():
+    model = build_tiny_model("llama", 64)
+    model.config.model_type = "mamba"
+    with pytest.raises(ValueError, match=r"no hook sites known for model_type 'mamba'.*gpt2"):
+        find_sites(model)
