@@ -34,6 +34,7 @@ from memserve.errors import (
     ResourceExhausted,
 )
 from memserve.hooks import MemoryContext, MemoryHooks
+from memserve.kv_cache import new_cache
 from memserve.sampling import SamplingParams, choose
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
@@ -287,7 +288,7 @@ class Engine:
             mask[i, width - lengths[i] :] = 1
         ids, mask = ids.to(self.device), mask.to(self.device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        cache = DynamicCache()
+        cache = new_cache()
         logits = self._forward(rows, ids, mask, positions, cache, on_error_restore=None)
         if logits is None:
             return
@@ -425,7 +426,7 @@ class _Batch:
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self.rows: list[_Row] = []
-        self.cache: DynamicCache = DynamicCache()
+        self.cache: DynamicCache = new_cache()
         self.mask = torch.zeros((0, 0), dtype=torch.long, device=device)  # (B, T): 1 = real token
         self.positions = torch.zeros(0, dtype=torch.long, device=device)  # (B,) next position id
         self.last_tokens = torch.zeros(0, dtype=torch.long, device=device)  # (B,) next input token
@@ -455,8 +456,10 @@ class _Batch:
         width = max(self.kv_length, mask.shape[1])
         old_pad, new_pad = width - self.kv_length, width - mask.shape[1]
         for old, new in zip(self.cache.layers, cache.layers, strict=True):
-            old.keys = torch.cat([_pad_left(old.keys, old_pad), _pad_left(new.keys[keep], new_pad)])
-            old.values = torch.cat([_pad_left(old.values, old_pad), _pad_left(new.values[keep], new_pad)])
+            old.replace(
+                torch.cat([_pad_left(old.keys, old_pad), _pad_left(new.keys[keep], new_pad)]),
+                torch.cat([_pad_left(old.values, old_pad), _pad_left(new.values[keep], new_pad)]),
+            )
         self.mask = torch.cat([F.pad(self.mask, (old_pad, 0)), F.pad(mask, (new_pad, 0))])
         self.positions = torch.cat([self.positions, positions[keep]])
         self.last_tokens = torch.cat([self.last_tokens, last_tokens])
@@ -479,8 +482,8 @@ class _Batch:
     def crop(self, length: int) -> None:
         """Undoes a partly applied forward: cuts every layer's KV back to `length` tokens."""
         for layer in self.cache.layers:
-            if layer.is_initialized and layer.keys.shape[-2] > length:
-                layer.keys, layer.values = layer.keys[..., :length, :], layer.values[..., :length, :]
+            if layer.get_seq_length() > length:
+                layer.crop(length - layer.get_seq_length())
 
     def _trim(self) -> None:
         """Drops leading columns that are padding in every row (left by rows that left)."""
@@ -489,12 +492,12 @@ class _Batch:
         if start:
             self.mask = self.mask[:, start:]
             for layer in self.cache.layers:
-                layer.keys, layer.values = layer.keys[..., start:, :], layer.values[..., start:, :]
+                layer.replace(layer.keys[..., start:, :], layer.values[..., start:, :])
 
 
 def _select_rows(cache: DynamicCache, index: torch.Tensor) -> None:
     for layer in cache.layers:
-        layer.keys, layer.values = layer.keys[index], layer.values[index]
+        layer.batch_select_indices(index)
 
 
 def _pad_left(kv: torch.Tensor, n: int) -> torch.Tensor:

@@ -1,0 +1,47 @@
+"""Cold start of `memserve serve`: from launching the process to the first served token.
+
+    python bench/bench_cold_start.py [--later-runs 3]
+
+The first run starts with an empty cache directory, so it converts the default
+model's GGUF to safetensors; later runs load the converted folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+
+from common import launch_server, stop, wait_for_first_token
+
+
+def time_to_first_token(cache_dir: str) -> float:
+    started = time.perf_counter()
+    server, address = launch_server("--cache-dir", cache_dir)
+    try:
+        wait_for_first_token(server, address)
+        return time.perf_counter() - started
+    finally:
+        stop(server)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--later-runs", type=int, default=3)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="memserve-cold-") as cache_dir:
+        first = time_to_first_token(cache_dir)
+        later = [time_to_first_token(cache_dir) for _ in range(args.later_runs)]
+    print("| start | launch → first token (s) |")
+    print("|---|---:|")
+    print(f"| first run (converts the GGUF) | {first:.1f} |")
+    print(f"| later runs (converted folder), median of {len(later)} | {statistics.median(later):.1f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
