@@ -69,6 +69,8 @@ class RunningServer:
 
 async def start_server(config: ServerConfig) -> RunningServer:
     started = time.perf_counter()
+    if config.redis_url:
+        log.warning("--redis-url is accepted but not used yet: the memory store lands in a later release")
     loaded = await asyncio.to_thread(load_model, config.model)
     log.info(
         "loaded %s (%s, %s) in %.1f s",

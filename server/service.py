@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -23,7 +24,12 @@ async def run_on_engine(engine: Engine, request: GenerationRequest) -> AsyncIter
     """
     loop = asyncio.get_running_loop()
     events: asyncio.Queue[Event] = asyncio.Queue()
-    handle = engine.submit(request, lambda event: loop.call_soon_threadsafe(events.put_nowait, event))
+
+    def sink(event: Event) -> None:  # called from the engine thread
+        with contextlib.suppress(RuntimeError):  # raised once the loop is closed: nobody listens
+            loop.call_soon_threadsafe(events.put_nowait, event)
+
+    handle = engine.submit(request, sink)
     try:
         while True:
             event = await events.get()
