@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -15,13 +17,19 @@ from memserve.models import LoadedModel
 from memserve.v1 import generation_pb2 as pb
 from memserve.v1 import generation_pb2_grpc, jobs_pb2_grpc, memory_pb2_grpc
 
+log = logging.getLogger(__name__)
 
-async def run_on_engine(engine: Engine, request: GenerationRequest) -> AsyncIterator[tuple[Event, int]]:
+
+async def run_on_engine(
+    engine: Engine, request: GenerationRequest, request_id: str
+) -> AsyncIterator[tuple[Event, int]]:
     """Submits to the engine and yields (event, seed) until the request finishes.
 
     Leaving early (client cancel, deadline, error) cancels the request, which
     frees its batch slot at the engine's next step.
     """
+    started = time.perf_counter()
+    first_token: float | None = None
     loop = asyncio.get_running_loop()
     events: asyncio.Queue[Event] = asyncio.Queue()
 
@@ -35,6 +43,14 @@ async def run_on_engine(engine: Engine, request: GenerationRequest) -> AsyncIter
             event = await events.get()
             if isinstance(event, FailedEvent):
                 raise event.error
+            if first_token is None:
+                first_token = time.perf_counter() - started
+            if isinstance(event, FinishedEvent):
+                log.info(
+                    "request %s: %d prompt + %d generated tokens, %s; first token %.3f s, total %.3f s",
+                    request_id or "-", event.prompt_tokens, event.generated_tokens, event.reason.value,
+                    first_token, time.perf_counter() - started,
+                )  # fmt: skip
             yield event, handle.seed
             if isinstance(event, FinishedEvent):
                 return
@@ -57,7 +73,9 @@ class GenerationService(generation_pb2_grpc.GenerationServiceServicer):
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> pb.GenerateResponse:
         response = pb.GenerateResponse(request_id=request.request_id)
-        async for event, seed in run_on_engine(self.engine, self._request(request, context)):
+        async for event, seed in run_on_engine(
+            self.engine, self._request(request, context), request.request_id
+        ):
             response.seed = seed
             if isinstance(event, TokenEvent):
                 response.text += event.text
@@ -72,7 +90,9 @@ class GenerationService(generation_pb2_grpc.GenerationServiceServicer):
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.GenerateStreamResponse]:
         first = True
-        async for event, seed in run_on_engine(self.engine, self._request(request, context)):
+        async for event, seed in run_on_engine(
+            self.engine, self._request(request, context), request.request_id
+        ):
             message = pb.GenerateStreamResponse(request_id=request.request_id, seed=seed if first else 0)
             first = False
             if isinstance(event, TokenEvent):

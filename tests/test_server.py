@@ -23,22 +23,38 @@ from memserve.v1 import jobs_pb2, jobs_pb2_grpc, memory_pb2, memory_pb2_grpc, me
 LONG = {"max_new_tokens": 2000, "ignore_eos": True}
 
 
-@pytest.fixture(scope="module")
-def server(tiny_llama_dir) -> Iterator[RunningServer]:
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-    config = ServerConfig(
+class ServerThread:
+    """A server running on its own event loop in a background thread, as the tests' peer."""
+
+    def __init__(self, config: ServerConfig) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.running: RunningServer = self.call(start_server(config), timeout=120)
+
+    def call(self, coroutine, timeout: float = 30):
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout)
+
+    def close(self, grace: float = 1.0) -> None:
+        self.call(self.running.stop(grace))
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+
+
+def tiny_server_config(model_dir, **engine: int) -> ServerConfig:
+    return ServerConfig(
         port=0,
         metrics_port=None,
-        model=ModelConfig(model=str(tiny_llama_dir), device="cpu"),
-        engine=EngineConfig(max_batch_size=2, max_queue_size=4, max_new_tokens_limit=2000),
+        model=ModelConfig(model=str(model_dir), device="cpu"),
+        engine=EngineConfig(max_new_tokens_limit=2000, **engine),
     )
-    running = asyncio.run_coroutine_threadsafe(start_server(config), loop).result(120)
-    yield running
-    asyncio.run_coroutine_threadsafe(running.stop(1.0), loop).result(30)
-    loop.call_soon_threadsafe(loop.stop)
-    thread.join(10)
+
+
+@pytest.fixture(scope="module")
+def server(tiny_llama_dir) -> Iterator[RunningServer]:
+    peer = ServerThread(tiny_server_config(tiny_llama_dir, max_batch_size=2, max_queue_size=4))
+    yield peer.running
+    peer.close()
 
 
 @pytest.fixture
@@ -221,3 +237,24 @@ def test_cli_generate_prints_the_completion(address, client, capsys):
     assert cli_main(["generate", "--server", address, "--stream", "--max-new-tokens", "4", "hello"]) == 0
     assert cli_main(["generate", "--server", address, "--top-p", "2", "hello"]) == 1
     assert "INVALID_ARGUMENT: sampling.top_p must be in (0, 1]" in capsys.readouterr().err
+
+
+def test_info_describes_the_model_and_limits(address, capsys):
+    assert cli_main(["info", "--server", address]) == 0
+    out = capsys.readouterr().out
+    assert 'architecture: "LlamaForCausalLM"' in out and "max_new_tokens_limit: 2000" in out
+
+
+def test_shutdown_lets_in_flight_requests_finish_and_refuses_new_ones(tiny_llama_dir):
+    peer = ServerThread(tiny_server_config(tiny_llama_dir))
+    address = f"127.0.0.1:{peer.running.port}"
+    with Client(address, timeout=60) as client:
+        in_flight = client._stub.Generate.future(_long_request())
+        while not peer.running.engine.running:
+            time.sleep(0.01)
+        peer.close(grace=30)
+        # It runs to its natural end: the tiny model's 512-token context.
+        assert in_flight.result().finish_reason == pb.FINISH_REASON_CONTEXT_LENGTH
+        with pytest.raises(grpc.RpcError) as info:
+            client.generate("too late", max_new_tokens=1)
+    assert info.value.code() is grpc.StatusCode.UNAVAILABLE
