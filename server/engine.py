@@ -230,6 +230,9 @@ class Engine:
             if self._stopping:
                 raise Cancelled("the server is shutting down")
             if len(self._waiting) >= self.config.max_queue_size:
+                # Requests cancelled while waiting do not hold their place.
+                self._waiting = deque(r for r in self._waiting if not r.handle.cancelled)
+            if len(self._waiting) >= self.config.max_queue_size:
                 raise ResourceExhausted(
                     f"the queue is full ({self.config.max_queue_size} requests waiting): retry later"
                 )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+
 from memserve.detokenize import IncrementalText
 
 
@@ -51,3 +53,13 @@ def test_a_possible_start_of_a_stop_sequence_is_held_back_until_it_resolves(tiny
     shown += incremental.finish()
     assert longest_held.startswith("lazy")
     assert shown == "lazy dog. lazy cat" and not incremental.stopped
+
+
+def test_random_tokens_stream_to_exactly_the_full_decode(tiny_tokenizer):
+    """Any token sequence, split mid-character or not, streams to what a full decode gives."""
+    generator = random.Random(0)
+    for _ in range(20):
+        ids = [generator.randrange(1, len(tiny_tokenizer)) for _ in range(60)]
+        incremental = IncrementalText(tiny_tokenizer, [5, 6, 7])
+        streamed = "".join(incremental.push(t) for t in ids) + incremental.finish()
+        assert streamed == incremental.text == tiny_tokenizer.decode(ids)

@@ -201,3 +201,18 @@ def test_a_failing_memory_fails_its_request_and_no_other(tiny_model, tiny_tokeni
     assert isinstance(outcomes[1].error, MemoryHookError)
     assert "broken" in str(outcomes[1].error) and "boom" in str(outcomes[1].error)
     assert [o.token_ids for o in (outcomes[0], *outcomes[2:])] == [o.token_ids for o in expected]
+
+
+def test_requests_cancelled_while_waiting_give_their_queue_place_back(
+    tiny_model, tiny_tokenizer, make_engine
+):
+    engine = make_engine(tiny_model, tiny_tokenizer, max_batch_size=1, max_queue_size=1)
+    long = greedy(tiny_tokenizer, PROMPTS[0], 2000)  # runs to the 512-token context: about a second
+    running = submit(engine, long)
+    time.sleep(0.05)
+    waiting = engine.submit(long, lambda event: None)
+    with pytest.raises(ResourceExhausted):
+        submit(engine, long)
+    waiting.cancel()
+    assert collect(submit(engine, greedy(tiny_tokenizer, PROMPTS[1], 2))).finish is not None
+    assert collect(running).finish is not None
