@@ -7,11 +7,12 @@ Three sites per decoder layer (DESIGN.md §1):
 - ``mlp_down``: the input of the MLP's down projection, after the activation
   (local memories).
 
-Hooks are installed once, when the server starts. Each forward pass reads a
-``MemoryContext`` that says which batch rows use which memory at which site; it
-is set for exactly one forward by ``MemoryHooks.using`` and always cleared
-afterwards, so a failed forward can never leave routing state behind. With no
-context, a hook is a single attribute check.
+A site's hook is installed once, the first time a memory uses the site, and
+stays. Each forward pass reads a ``MemoryContext`` that says which batch rows use
+which memory at which site; it is set for exactly one forward by
+``MemoryHooks.using`` and always cleared afterwards, so a failed forward can
+never leave routing state behind. With no memory in the batch, an installed hook
+is a single attribute check, and a site no memory has used has no hook at all.
 """
 
 from __future__ import annotations
@@ -111,24 +112,52 @@ class MemoryContext:
 
 
 class MemoryHooks:
-    """Installs the hooks on a model once and routes each forward through a context."""
+    """Owns the model's memory hooks and routes each forward through a context.
+
+    A site's hook is installed the first time a memory uses that site, and then
+    stays for the life of the server: a model no memory has touched carries no
+    hook at all, and a hook, once there, is never added or removed per request.
+    """
 
     def __init__(self, model: nn.Module) -> None:
         self.sites = find_sites(model)
         self._context: MemoryContext | None = None
-        self._handles: list[torch.utils.hooks.RemovableHandle] = []
-        for index, layer in enumerate(self.sites):
-            self._handles.append(layer.block.register_forward_hook(self._block_hook(index)))
-            for site, module in ((Site.ATTN_OUT, layer.attn_out_proj), (Site.MLP_DOWN, layer.mlp_down_proj)):
-                self._handles.append(module.register_forward_pre_hook(self._input_hook(index, site)))
+        self._handles: dict[tuple[int, Site], torch.utils.hooks.RemovableHandle] = {}
 
     @property
     def num_layers(self) -> int:
         return len(self.sites)
 
+    @property
+    def installed(self) -> frozenset[tuple[int, Site]]:
+        """The (layer, site) pairs that carry a hook."""
+        return frozenset(self._handles)
+
+    def install(self, layer: int, site: Site) -> None:
+        """Puts the hook on one site (idempotent)."""
+        if (layer, site) in self._handles:
+            return
+        if not 0 <= layer < len(self.sites):
+            raise ValueError(f"layer {layer} does not exist: the model has layers 0..{len(self.sites) - 1}")
+        sites = self.sites[layer]
+        if site is Site.RESIDUAL:
+            handle = sites.block.register_forward_hook(self._block_hook(layer))
+        else:
+            module = sites.attn_out_proj if site is Site.ATTN_OUT else sites.mlp_down_proj
+            handle = module.register_forward_pre_hook(self._input_hook(layer, site))
+        self._handles[(layer, site)] = handle
+
+    def install_all(self) -> None:
+        for layer in range(len(self.sites)):
+            for site in Site:
+                self.install(layer, site)
+
     @contextmanager
     def using(self, context: MemoryContext | None) -> Iterator[None]:
         """Routes the forward passes inside the block through `context` (None or empty: no memory)."""
+        if context:
+            for layer, site in context.ops:
+                self.install(layer, site)
         self._context = context if context else None
         try:
             yield
@@ -136,7 +165,7 @@ class MemoryHooks:
             self._context = None
 
     def remove(self) -> None:
-        for handle in self._handles:
+        for handle in self._handles.values():
             handle.remove()
         self._handles.clear()
 

@@ -67,10 +67,26 @@ def test_the_attention_site_sees_the_concatenated_heads_and_the_mlp_site_the_act
     assert seen[Site.RESIDUAL] == hidden
 
 
-def test_no_context_leaves_the_output_bit_identical(tiny_model):
+def test_no_site_carries_a_hook_until_a_memory_uses_it(tiny_model):
+    hooks = MemoryHooks(tiny_model)
+    context = MemoryContext()
+    context.add(1, Site.MLP_DOWN, "probe", lambda hidden: hidden)
+    try:
+        assert hooks.installed == frozenset()
+        assert not any(m._forward_hooks or m._forward_pre_hooks for m in tiny_model.modules())
+        with hooks.using(context):
+            tiny_model(**_inputs(tiny_model))
+        assert hooks.installed == {(1, Site.MLP_DOWN)}
+    finally:
+        hooks.remove()
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in tiny_model.modules())
+
+
+def test_installed_hooks_with_no_context_leave_the_output_bit_identical(tiny_model):
     inputs = _inputs(tiny_model)
     before = tiny_model(**inputs).logits
     hooks = MemoryHooks(tiny_model)
+    hooks.install_all()
     try:
         with hooks.using(MemoryContext()):
             empty = tiny_model(**inputs).logits
