@@ -105,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-queue-size", type=int, default=64)
     serve.add_argument("--default-max-new-tokens", type=int, default=128)
     serve.add_argument("--max-new-tokens-limit", type=int, default=2048)
-    serve.add_argument("--log-level", default="INFO")
+    serve.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     serve.set_defaults(run=_serve)
 
     generate = commands.add_parser("generate", help="generate text with a running server")
@@ -148,6 +148,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             server = getattr(args, "server", None) or default_server()
             print(f"is a server running at {server}? start one with `memserve serve`", file=sys.stderr)
         return 1
+    except ValueError as exc:  # a value the client or the server config refuses
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         return 130
 

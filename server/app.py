@@ -43,7 +43,8 @@ class ServerConfig:
     """Prometheus /metrics port; None = no metrics endpoint."""
     redis_url: str | None = None
     """The memory store; None = the embedded Redis (once the store lands)."""
-    max_message_bytes: int = 64 << 20
+    max_message_bytes: int = 16 << 20
+    """Largest gRPC message either way; artifacts travel in chunks well below it."""
     shutdown_grace_seconds: float = 10.0
     """In-flight requests get this long to finish on SIGTERM/SIGINT."""
     model: ModelConfig = field(default_factory=ModelConfig)

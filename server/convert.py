@@ -28,6 +28,7 @@ MAX_STOP_SEQUENCES = 16
 MAX_STOP_SEQUENCE_CHARS = 256
 MAX_TOP_LOGPROBS = 20
 MAX_REQUEST_ID_CHARS = 128
+MAX_CHARS_PER_TOKEN = 64
 
 FINISH_REASONS = {
     FinishReason.LENGTH: pb.FINISH_REASON_LENGTH,
@@ -60,10 +61,19 @@ def generation_request_from_pb(
     request: pb.GenerateRequest,
     tokenizer: PreTrainedTokenizerBase,
     limits: EngineConfig,
+    max_context_tokens: int,
     time_remaining: float | None,
 ) -> GenerationRequest:
     if not request.prompt:
         raise InvalidArgument("prompt is empty: send the text the model should continue")
+    # A token rarely spans more than a few dozen characters: a longer prompt cannot fit,
+    # and is refused before paying for its tokenisation.
+    max_chars = max_context_tokens * MAX_CHARS_PER_TOKEN
+    if len(request.prompt) > max_chars:
+        raise InvalidArgument(
+            f"the prompt has {len(request.prompt)} characters, more than the context of "
+            f"{max_context_tokens} tokens can hold: shorten the prompt"
+        )
     if len(request.request_id) > MAX_REQUEST_ID_CHARS:
         raise InvalidArgument(f"request_id is longer than {MAX_REQUEST_ID_CHARS} characters")
     if request.memories:

@@ -23,7 +23,7 @@ from enum import StrEnum
 from typing import Protocol
 
 import torch
-import torch.nn.functional as F
+from memserve.batch import Batch
 from memserve.detokenize import IncrementalText
 from memserve.errors import (
     Cancelled,
@@ -32,10 +32,11 @@ from memserve.errors import (
     MemoryHookError,
     MemserveError,
     ResourceExhausted,
+    Unavailable,
 )
 from memserve.hooks import MemoryContext, MemoryHooks
 from memserve.kv_cache import new_cache
-from memserve.sampling import SamplingParams, choose
+from memserve.sampling import Choice, SamplingParams, choose
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 log = logging.getLogger(__name__)
@@ -186,7 +187,8 @@ class Engine:
         )
         self._waiting: deque[_Row] = deque()
         self._lock = threading.Condition()
-        self._batch = _Batch(self.device)
+        self._batch: Batch[_Row] = Batch(self.device)
+        self._dead: BaseException | None = None
         self._stopping = False
         self._thread: threading.Thread | None = None
 
@@ -227,6 +229,8 @@ class Engine:
         self.validate(request)
         row = _Row(request, sink, self.tokenizer, self.device)
         with self._lock:
+            if self._dead is not None:
+                raise Unavailable(f"the engine stopped: {self._dead!r}")
             if self._stopping:
                 raise Cancelled("the server is shutting down")
             if len(self._waiting) >= self.config.max_queue_size:
@@ -243,21 +247,30 @@ class Engine:
     # ---------------------------------------------------------------- the loop
 
     def _loop(self) -> None:
-        with torch.inference_mode():
-            while True:
-                with self._lock:
-                    while not self._stopping and not self._waiting and not self._batch.rows:
-                        self._lock.wait()
-                    if self._stopping:
-                        break
-                    free = self.config.max_batch_size - len(self._batch.rows)
-                    admitted = [self._waiting.popleft() for _ in range(min(free, len(self._waiting)))]
-                try:
-                    self._step(admitted)
-                except Exception as exc:  # a bug: fail what is in flight, keep serving
-                    log.exception("engine step failed")
-                    self._fail_all(MemserveError(f"the engine failed: {exc!r}"), admitted)
+        try:
+            with torch.inference_mode():
+                self._serve_forever()
+        except BaseException as exc:  # the thread is ending: nothing in flight may wait forever
+            log.exception("the engine thread died")
+            self._dead = exc
+            self._fail_all(Unavailable(f"the engine stopped: {exc!r}"))
+            raise
         self._fail_all(Cancelled("the server shut down before the request finished"))
+
+    def _serve_forever(self) -> None:
+        while True:
+            with self._lock:
+                while not self._stopping and not self._waiting and not self._batch.rows:
+                    self._lock.wait()
+                if self._stopping:
+                    return
+                free = self.config.max_batch_size - len(self._batch.rows)
+                admitted = [self._waiting.popleft() for _ in range(min(free, len(self._waiting)))]
+            try:
+                self._step(admitted)
+            except Exception as exc:  # a bug: fail what is in flight, keep serving
+                log.exception("engine step failed")
+                self._fail_all(MemserveError(f"the engine failed: {exc!r}"), admitted)
 
     def _step(self, admitted: list[_Row]) -> None:
         admitted = self._drop_dead(admitted)
@@ -292,8 +305,10 @@ class Engine:
         ids, mask = ids.to(self.device), mask.to(self.device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = new_cache()
-        logits = self._forward(rows, ids, mask, positions, cache, on_error_restore=None)
-        if logits is None:
+        logits, healthy = self._forward(rows, ids, mask, positions, cache)
+        if logits is None:  # the rows that did not fail try again at the next step
+            with self._lock:
+                self._waiting.extendleft(reversed(healthy))
             return
         survivors = self._sample_and_emit(rows, logits)
         if survivors:
@@ -304,15 +319,13 @@ class Engine:
     def _decode_step(self) -> None:
         batch = self._batch
         mask = torch.cat([batch.mask, batch.mask.new_ones((len(batch.rows), 1))], dim=1)
-        logits = self._forward(
-            batch.rows,
-            batch.last_tokens[:, None],
-            mask,
-            batch.positions[:, None],
-            batch.cache,
-            on_error_restore=batch.kv_length,
+        kv_length = batch.kv_length
+        logits, healthy = self._forward(
+            batch.rows, batch.last_tokens[:, None], mask, batch.positions[:, None], batch.cache
         )
-        if logits is None:
+        if logits is None:  # undo what the failed forward appended; the others retry next step
+            batch.crop(kv_length)
+            batch.keep(healthy)
             return
         batch.mask = mask
         batch.positions = batch.positions + 1
@@ -328,15 +341,14 @@ class Engine:
         mask: torch.Tensor,
         positions: torch.Tensor,
         cache: DynamicCache,
-        on_error_restore: int | None,
-    ) -> torch.Tensor | None:
-        """One forward over `rows`; returns last-position logits (B, V) in fp32, or None on failure.
+    ) -> tuple[torch.Tensor | None, list[_Row]]:
+        """One forward over `rows`: (last-position logits (B, V) in fp32, rows) on success.
 
-        A memory that fails inside the forward fails the requests that use it;
-        anything else fails every request of this forward. The server goes on.
+        On failure, fails the requests to blame and returns (None, the others):
+        the requests using a memory that raised, or all of them for any other error.
         """
         try:
-            with self.hooks.using(_memory_context(rows, self.device)):
+            with self.hooks.using(self._memory_context(rows)):
                 out = self.model(
                     input_ids=ids,
                     attention_mask=mask,
@@ -345,59 +357,83 @@ class Engine:
                     use_cache=True,
                     logits_to_keep=1,
                 )
-            return out.logits[:, -1, :].float()
+            return out.logits[:, -1, :].float(), rows
         except MemoryHookError as exc:
             error: MemserveError = exc
-            failed = [r for r in rows if any(m.name == exc.memory for m in r.request.memories)]
+            # Identity, not name: two memories may share a name. If none matches, all fail.
+            failed = [r for r in rows if any(m is exc.memory for m in r.request.memories)] or rows
             log.warning("%s; failing %d request(s)", exc, len(failed))
         except Exception as exc:
             log.exception("forward pass failed; failing %d request(s)", len(rows))
             error = MemserveError(f"the forward pass failed: {exc!r}")
-            failed = list(rows)
+            failed = rows
         for row in failed:
             row.sink(FailedEvent(error))
-        healthy = [r for r in rows if r not in failed]
-        if on_error_restore is not None:
-            self._batch.crop(on_error_restore)
-            self._batch.keep(healthy)
-        else:  # a failed prefill: the others try again at the next step
-            with self._lock:
-                self._waiting.extendleft(reversed(healthy))
-        return None
+        return None, [r for r in rows if r not in failed]
+
+    def _memory_context(self, rows: list[_Row]) -> MemoryContext | None:
+        """Groups the batch rows by the memories they use; None when no row uses one."""
+        groups: dict[int, tuple[RowMemory, list[int]]] = {}
+        for index, row in enumerate(rows):
+            for memory in row.request.memories:
+                groups.setdefault(id(memory), (memory, []))[1].append(index)
+        if not groups:
+            return None
+        context = MemoryContext()
+        for memory, indices in groups.values():
+            try:
+                memory.add_ops(context, torch.tensor(indices, device=self.device))
+            except Exception as exc:
+                raise MemoryHookError(memory, "while preparing its ops", exc) from exc
+        return context
 
     def _sample_and_emit(self, rows: list[_Row], logits: torch.Tensor) -> list[_Row]:
-        """Samples one token per row, streams it, and returns the rows that go on."""
+        """Samples one token per row, streams it, and returns the rows that go on.
+
+        A row whose sampling fails fails alone; its neighbours go on.
+        """
         greedy = logits.argmax(-1).tolist()
         survivors = []
         for i, row in enumerate(rows):
             req = row.request
-            if req.sampling.greedy and row.seen is None and not (req.logprobs or req.top_logprobs):
-                token, logprob, top = greedy[i], None, []
-            else:
-                choice = choose(
-                    logits[i], req.sampling, row.generator, row.seen, req.logprobs, req.top_logprobs
-                )
-                token, logprob, top = choice.token, choice.logprob, choice.top
-            if row.seen is not None:
-                row.seen = torch.cat([row.seen, row.seen.new_tensor([token])])
-            reason = self._append(row, token)
-            is_eos = reason is FinishReason.EOS
-            row.sink(
-                TokenEvent(
-                    token_id=token,
-                    token_text="" if is_eos else self.tokenizer.decode([token]),
-                    text="" if is_eos else row.text.push(token),
-                    logprob=logprob,
-                    top_logprobs=[(t, self.tokenizer.decode([t]), lp) for t, lp in top],
-                )
-            )
-            if reason is None and row.text.stopped:
-                reason = FinishReason.STOP_SEQUENCE
-            if reason is None:
+            try:
+                if req.sampling.greedy and row.seen is None and not (req.logprobs or req.top_logprobs):
+                    choice = Choice(greedy[i], None, [])
+                else:
+                    choice = choose(
+                        logits[i], req.sampling, row.generator, row.seen, req.logprobs, req.top_logprobs
+                    )
+            except Exception as exc:
+                log.exception("sampling failed for one request")
+                row.sink(FailedEvent(MemserveError(f"sampling the next token failed: {exc!r}")))
+                continue
+            if self._emit(row, choice):
                 survivors.append(row)
-            else:
-                row.sink(FinishedEvent(reason, row.text.finish(), len(req.prompt_ids), len(row.generated)))
         return survivors
+
+    def _emit(self, row: _Row, choice: Choice) -> bool:
+        """Streams one chosen token; returns whether the request goes on."""
+        token = choice.token
+        if row.seen is not None:
+            row.seen = torch.cat([row.seen, row.seen.new_tensor([token])])
+        reason = self._append(row, token)
+        is_eos = reason is FinishReason.EOS
+        row.sink(
+            TokenEvent(
+                token_id=token,
+                token_text="" if is_eos else self.tokenizer.decode([token]),
+                text="" if is_eos else row.text.push(token),
+                logprob=choice.logprob,
+                top_logprobs=[(t, self.tokenizer.decode([t]), lp) for t, lp in choice.top],
+            )
+        )
+        if reason is None and not row.text.stopped:
+            return True
+        tail = row.text.finish()
+        # A stop sequence decides, even when it completes on the last allowed token.
+        final = FinishReason.STOP_SEQUENCE if row.text.stopped or reason is None else reason
+        row.sink(FinishedEvent(final, tail, len(row.request.prompt_ids), len(row.generated)))
+        return False
 
     def _append(self, row: _Row, token: int) -> FinishReason | None:
         row.generated.append(token)
@@ -421,104 +457,6 @@ class Engine:
         self._batch.keep([])
         for row in rows:
             row.sink(FailedEvent(error))
-
-
-class _Batch:
-    """The running rows and their shared, left-padded KV cache."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self.rows: list[_Row] = []
-        self.cache: DynamicCache = new_cache()
-        self.mask = torch.zeros((0, 0), dtype=torch.long, device=device)  # (B, T): 1 = real token
-        self.positions = torch.zeros(0, dtype=torch.long, device=device)  # (B,) next position id
-        self.last_tokens = torch.zeros(0, dtype=torch.long, device=device)  # (B,) next input token
-
-    @property
-    def kv_length(self) -> int:
-        return self.mask.shape[1]
-
-    def join(
-        self,
-        rows: list[_Row],
-        cache: DynamicCache,
-        mask: torch.Tensor,
-        positions: torch.Tensor,
-        last_tokens: torch.Tensor,
-        keep: torch.Tensor,
-    ) -> None:
-        """Adds prefilled rows (the `keep` rows of `cache`/`mask`) to the batch."""
-        mask = mask[keep]
-        if not self.rows:
-            _select_rows(cache, keep)
-            self.cache = cache
-            self.rows, self.mask = list(rows), mask
-            self.positions, self.last_tokens = positions[keep], last_tokens
-            self._trim()
-            return
-        width = max(self.kv_length, mask.shape[1])
-        old_pad, new_pad = width - self.kv_length, width - mask.shape[1]
-        for old, new in zip(self.cache.layers, cache.layers, strict=True):
-            old.replace(
-                torch.cat([_pad_left(old.keys, old_pad), _pad_left(new.keys[keep], new_pad)]),
-                torch.cat([_pad_left(old.values, old_pad), _pad_left(new.values[keep], new_pad)]),
-            )
-        self.mask = torch.cat([F.pad(self.mask, (old_pad, 0)), F.pad(mask, (new_pad, 0))])
-        self.positions = torch.cat([self.positions, positions[keep]])
-        self.last_tokens = torch.cat([self.last_tokens, last_tokens])
-        self.rows.extend(rows)
-
-    def keep(self, rows: Sequence[_Row]) -> None:
-        """Keeps only `rows` (a subsequence of the current rows), freeing the others' slots."""
-        if len(rows) == len(self.rows):
-            return
-        if not rows:
-            self.__init__(self.device)  # type: ignore[misc]
-            return
-        index = torch.tensor([self.rows.index(r) for r in rows], device=self.device)
-        _select_rows(self.cache, index)
-        self.mask, self.positions = self.mask[index], self.positions[index]
-        self.last_tokens = self.last_tokens[index]
-        self.rows = list(rows)
-        self._trim()
-
-    def crop(self, length: int) -> None:
-        """Undoes a partly applied forward: cuts every layer's KV back to `length` tokens."""
-        for layer in self.cache.layers:
-            if layer.get_seq_length() > length:
-                layer.crop(length - layer.get_seq_length())
-
-    def _trim(self) -> None:
-        """Drops leading columns that are padding in every row (left by rows that left)."""
-        real = self.mask.any(0).nonzero()
-        start = int(real[0]) if real.numel() else 0
-        if start:
-            self.mask = self.mask[:, start:]
-            for layer in self.cache.layers:
-                layer.replace(layer.keys[..., start:, :], layer.values[..., start:, :])
-
-
-def _select_rows(cache: DynamicCache, index: torch.Tensor) -> None:
-    for layer in cache.layers:
-        layer.batch_select_indices(index)
-
-
-def _pad_left(kv: torch.Tensor, n: int) -> torch.Tensor:
-    return F.pad(kv, (0, 0, n, 0)) if n else kv  # (B, H, T, D): pad T on the left
-
-
-def _memory_context(rows: list[_Row], device: torch.device) -> MemoryContext | None:
-    """Groups the batch rows by the memories they use; None when no row uses one."""
-    groups: dict[int, tuple[RowMemory, list[int]]] = {}
-    for index, row in enumerate(rows):
-        for memory in row.request.memories:
-            groups.setdefault(id(memory), (memory, []))[1].append(index)
-    if not groups:
-        return None
-    context = MemoryContext()
-    for memory, indices in groups.values():
-        memory.add_ops(context, torch.tensor(indices, device=device))
-    return context
 
 
 def _eos_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> frozenset[int]:

@@ -56,14 +56,15 @@ class Unimplemented(MemserveError):
 
 
 class MemoryHookError(MemserveError):
-    """A memory failed inside the model's forward pass.
+    """A memory failed while the model ran (or while preparing to run it).
 
     Fails the requests that use that memory, never the whole server, and is
     never swallowed: a memory that silently does nothing is worse than an error.
+    `memory` is the failing memory object itself, so the engine finds exactly the
+    requests that use it.
     """
 
-    def __init__(self, memory: str, layer: int, site: str, cause: BaseException) -> None:
-        super().__init__(f"memory {memory!r} failed at layer {layer} ({site}): {cause!r}")
+    def __init__(self, memory: object, where: str, cause: BaseException) -> None:
+        name = getattr(memory, "name", repr(memory))
+        super().__init__(f"memory {name!r} failed {where}: {cause!r}")
         self.memory = memory
-        self.layer = layer
-        self.site = site

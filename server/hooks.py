@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from memserve.errors import MemoryHookError
@@ -90,11 +90,17 @@ An op knows which batch rows it applies to; it must leave the other rows alone.
 """
 
 
+class NamedMemory(Protocol):
+    """Whatever owns an op: a loaded memory, with the name users know it by."""
+
+    name: str
+
+
 @dataclass(frozen=True)
 class BoundOp:
-    """One memory's op at one site, for error messages and tracing."""
+    """One memory's op at one site; the memory is kept for errors and tracing."""
 
-    memory: str
+    memory: NamedMemory
     op: SiteOp
 
 
@@ -104,7 +110,7 @@ class MemoryContext:
 
     ops: dict[tuple[int, Site], list[BoundOp]] = field(default_factory=dict)
 
-    def add(self, layer: int, site: Site, memory: str, op: SiteOp) -> None:
+    def add(self, layer: int, site: Site, memory: NamedMemory, op: SiteOp) -> None:
         self.ops.setdefault((layer, site), []).append(BoundOp(memory, op))
 
     def __bool__(self) -> bool:
@@ -196,5 +202,5 @@ def _apply(context: MemoryContext, layer: int, site: Site, hidden: torch.Tensor)
         try:
             hidden = bound.op(hidden)
         except Exception as exc:  # re-raised with the memory's name: fails the request loudly
-            raise MemoryHookError(bound.memory, layer, site.value, exc) from exc
+            raise MemoryHookError(bound.memory, f"at layer {layer} ({site.value})", exc) from exc
     return hidden

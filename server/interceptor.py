@@ -7,6 +7,7 @@ traceback and answered INTERNAL, and the server stays up.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -16,6 +17,8 @@ from memserve.convert import check_no_unknown_fields
 from memserve.errors import MemserveError
 
 log = logging.getLogger(__name__)
+
+OWN_SERVICES_PREFIX = "/memserve.v1."
 
 
 async def _abort(context: grpc.aio.ServicerContext, method: str, exc: Exception) -> None:
@@ -48,8 +51,9 @@ def _streaming_response(
         try:
             if not isinstance(request, AsyncIterator):
                 check_no_unknown_fields(request)
-            async for response in behaviour(request, context):
-                yield response
+            async with contextlib.aclosing(behaviour(request, context)) as responses:
+                async for response in responses:
+                    yield response
         except grpc.aio.AbortError:
             raise
         except Exception as exc:
@@ -65,9 +69,10 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
         handler = await continuation(details)
-        if handler is None:
-            return handler
         method = details.method
+        # Only our own services: the standard ones (health, reflection) keep their own handlers.
+        if handler is None or not method.startswith(OWN_SERVICES_PREFIX):
+            return handler
         codec = {
             "request_deserializer": handler.request_deserializer,
             "response_serializer": handler.response_serializer,

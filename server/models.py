@@ -133,8 +133,15 @@ def ensure_default_model(cache_dir: Path) -> Path:
         tokenizer.save_pretrained(staging)
         # The weights are fixed by the GGUF's checksum, so its sha is the model's identity.
         (staging / FINGERPRINT_FILE).write_text(json.dumps({"fingerprint": GGUF_SHA256}))
-        shutil.rmtree(target, ignore_errors=True)
-        staging.rename(target)  # atomic: a crashed conversion never leaves a half folder
+        if (target / FINGERPRINT_FILE).exists():  # another server converted it meanwhile
+            return target
+        shutil.rmtree(target, ignore_errors=True)  # a folder without the marker is a broken one
+        try:
+            staging.rename(target)  # atomic: a crashed conversion never leaves a half folder
+        except OSError:
+            if not (target / FINGERPRINT_FILE).exists():
+                raise
+            # Another server converted it at the same time; its folder is as good as ours.
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target

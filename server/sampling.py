@@ -6,11 +6,15 @@ from dataclasses import dataclass
 
 import torch
 
+# Below this, dividing by the temperature overflows float32 for ordinary logits;
+# such a temperature means "take the most likely token", so it is decoded greedily.
+GREEDY_BELOW = 1e-5
+
 
 @dataclass(frozen=True)
 class SamplingParams:
     temperature: float = 0.0
-    """0 = greedy."""
+    """0 (or anything below GREEDY_BELOW) = greedy."""
     top_k: int = 0
     """0 = no limit."""
     top_p: float = 1.0
@@ -19,7 +23,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < GREEDY_BELOW
 
 
 @dataclass(frozen=True)
@@ -71,7 +75,10 @@ def choose(
     if params.greedy:
         token = int(scores.argmax())
     else:
-        scores = filter_top_k_top_p(scores / params.temperature, params.top_k, params.top_p)
+        # Extreme penalties or temperatures may overflow: keep the scores finite for softmax.
+        largest = torch.finfo(scores.dtype).max
+        scores = (scores / params.temperature).clamp(-largest, largest)
+        scores = filter_top_k_top_p(scores, params.top_k, params.top_p)
         token = int(torch.multinomial(scores.softmax(-1), 1, generator=generator))
     top: list[tuple[int, float]] = []
     if log_probs is not None and top_logprobs:

@@ -64,45 +64,50 @@ class GenerationService(generation_pb2_grpc.GenerationServiceServicer):
         self.loaded = loaded
         self.model_label = model_label
 
-    def _request(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> GenerationRequest:
-        return generation_request_from_pb(
-            request, self.loaded.tokenizer, self.engine.config, context.time_remaining()
+    async def _request(
+        self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> GenerationRequest:
+        # Tokenising a long prompt takes a while: off the event loop, so other streams flow.
+        return await asyncio.to_thread(
+            generation_request_from_pb,
+            request,
+            self.loaded.tokenizer,
+            self.engine.config,
+            self.engine.max_context_tokens,
+            context.time_remaining(),
         )
 
     async def Generate(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> pb.GenerateResponse:
         response = pb.GenerateResponse(request_id=request.request_id)
-        async for event, seed in run_on_engine(
-            self.engine, self._request(request, context), request.request_id
-        ):
-            response.seed = seed
-            if isinstance(event, TokenEvent):
-                response.text += event.text
-                response.tokens.append(token_to_pb(event))
-            elif isinstance(event, FinishedEvent):
-                response.text += event.text
-                response.finish_reason = FINISH_REASONS[event.reason]
-                response.usage.CopyFrom(usage_to_pb(event))
+        async with contextlib.aclosing(self.GenerateStream(request, context)) as messages:
+            async for message in messages:
+                response.text += message.text
+                response.tokens.extend(message.tokens)
+                response.seed = response.seed or message.seed  # the first message carries it
+                if message.finish_reason:
+                    response.finish_reason = message.finish_reason
+                    response.usage.CopyFrom(message.usage)
         return response
 
     async def GenerateStream(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.GenerateStreamResponse]:
-        first = True
-        async for event, seed in run_on_engine(
-            self.engine, self._request(request, context), request.request_id
-        ):
-            message = pb.GenerateStreamResponse(request_id=request.request_id, seed=seed if first else 0)
-            first = False
-            if isinstance(event, TokenEvent):
-                message.text = event.text
-                message.tokens.append(token_to_pb(event))
-            elif isinstance(event, FinishedEvent):
-                message.text = event.text
-                message.finish_reason = FINISH_REASONS[event.reason]
-                message.usage.CopyFrom(usage_to_pb(event))
-            yield message
+        generation = run_on_engine(self.engine, await self._request(request, context), request.request_id)
+        async with contextlib.aclosing(generation) as events:
+            first = True
+            async for event, seed in events:
+                message = pb.GenerateStreamResponse(request_id=request.request_id, seed=seed if first else 0)
+                first = False
+                if isinstance(event, TokenEvent):
+                    message.text = event.text
+                    message.tokens.append(token_to_pb(event))
+                elif isinstance(event, FinishedEvent):
+                    message.text = event.text
+                    message.finish_reason = FINISH_REASONS[event.reason]
+                    message.usage.CopyFrom(usage_to_pb(event))
+                yield message
 
     async def GetModelInfo(
         self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext

@@ -4,7 +4,8 @@ and helpers that drive the engine synchronously."""
 from __future__ import annotations
 
 import queue
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -120,11 +121,26 @@ class Outcome:
     logprobs: list[float | None]
 
 
-def collect(events: queue.Queue[Event], timeout: float = 120.0) -> Outcome:
-    """Drains one request's events until it finishes or fails."""
+def wait_until(condition: Callable[[], bool], timeout: float = 30.0) -> None:
+    """Polls until `condition()` holds (instead of sleeping a guessed while)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"condition not met within {timeout} s")
+        time.sleep(0.005)
+
+
+def take_tokens(events: queue.Queue[Event], count: int, timeout: float = 120.0) -> list[Event]:
+    """Waits for a request's first `count` events (pass them to `collect` as `prior`)."""
+    return [events.get(timeout=timeout) for _ in range(count)]
+
+
+def collect(events: queue.Queue[Event], timeout: float = 120.0, prior: Sequence[Event] = ()) -> Outcome:
+    """Drains one request's events (after `prior`, already taken) until it finishes or fails."""
     outcome = Outcome([], "", None, None, [])
+    pending = list(prior)
     while True:
-        event = events.get(timeout=timeout)
+        event = pending.pop(0) if pending else events.get(timeout=timeout)
         if isinstance(event, TokenEvent):
             outcome.token_ids.append(event.token_id)
             outcome.text += event.text

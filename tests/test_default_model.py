@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import time
-
 import pytest
 import torch
 from memserve import models
 from memserve.engine import GenerationRequest, StoppingParams
 from memserve.models import DEFAULT_MODEL_NAME, GGUF_SHA256, ModelConfig, load_model
 
-from tests.conftest import collect, run_all, submit
+from tests.conftest import collect, run_all, submit, take_tokens
 
 pytestmark = pytest.mark.default_model
 
@@ -57,9 +55,9 @@ def test_requests_joining_a_running_batch_do_not_change_its_output(default_model
     first = _greedy(tokenizer, PROMPTS[1], 40)
     expected = run_all(engine, [first])[0].token_ids
     running = submit(engine, first)
-    time.sleep(0.3)
+    started = take_tokens(running, 3)  # it is decoding: the others join between its steps
     joined = [submit(engine, _greedy(tokenizer, p, 8)) for p in PROMPTS[2:5]]
-    assert collect(running).token_ids == expected
+    assert collect(running, prior=started).token_ids == expected
     assert all(collect(q).finish is not None for q in joined)
 
 

@@ -11,7 +11,7 @@ from memserve.errors import DeadlineExceeded, InvalidArgument, MemoryHookError, 
 from memserve.hooks import MemoryContext, Site
 from memserve.sampling import SamplingParams
 
-from tests.conftest import collect, run_all, submit
+from tests.conftest import collect, run_all, submit, take_tokens, wait_until
 
 PROMPTS = [
     "The quick brown fox",
@@ -63,9 +63,9 @@ def test_request_joining_mid_decode_does_not_change_running_rows(tiny_model, tin
     alone_short = [run_all(engine, [greedy(tiny_tokenizer, p, 5)])[0] for p in PROMPTS[:4]]
 
     first = submit(engine, long_request)
-    time.sleep(0.05)  # let it start decoding; the others join between its steps
+    started = take_tokens(first, 3)  # it is decoding: the others join between its steps
     later = [submit(engine, greedy(tiny_tokenizer, p, 5)) for p in PROMPTS[:4]]
-    assert collect(first).token_ids == alone_long.token_ids
+    assert collect(first, prior=started).token_ids == alone_long.token_ids
     assert [collect(q).token_ids for q in later] == [o.token_ids for o in alone_short]
 
 
@@ -142,7 +142,7 @@ def test_a_full_queue_answers_resource_exhausted(tiny_model, tiny_tokenizer, mak
     engine = make_engine(tiny_model, tiny_tokenizer, max_batch_size=1, max_queue_size=2)
     long = greedy(tiny_tokenizer, PROMPTS[0], 200)
     queues = [submit(engine, long)]
-    time.sleep(0.05)  # the first one is running: the next two wait in the queue
+    wait_until(lambda: engine.running == 1)  # the first one runs: the next two wait in the queue
     queues += [submit(engine, long), submit(engine, long)]
     with pytest.raises(ResourceExhausted, match="queue is full"):
         submit(engine, long)
@@ -153,12 +153,13 @@ def test_cancelling_a_request_frees_its_slot(tiny_model, tiny_tokenizer, make_en
     engine = make_engine(tiny_model, tiny_tokenizer, max_batch_size=1)
     events = []
     handle = engine.submit(greedy(tiny_tokenizer, PROMPTS[0], 2000), events.append)
-    time.sleep(0.1)
+    wait_until(lambda: len(events) >= 3)
     handle.cancel()
     # With one slot, this request only runs once the cancelled one has left.
     outcome = run_all(engine, [greedy(tiny_tokenizer, PROMPTS[1], 3)])[0]
     assert outcome.finish is not None
-    assert len(events) < 2000 and not any(getattr(e, "reason", None) for e in events)
+    # Uncancelled, it would have run to the 512-token context.
+    assert len(events) < 500 and not any(getattr(e, "reason", None) for e in events)
 
 
 def test_a_request_past_its_deadline_fails_and_leaves(tiny_model, tiny_tokenizer, make_engine):
@@ -169,7 +170,7 @@ def test_a_request_past_its_deadline_fails_and_leaves(tiny_model, tiny_tokenizer
     )
     outcome = collect(submit(engine, request))
     assert isinstance(outcome.error, DeadlineExceeded)
-    assert engine.running == 0
+    wait_until(lambda: engine.running == 0)
 
 
 def test_a_prompt_longer_than_the_context_is_refused(tiny_model, tiny_tokenizer, make_engine):
@@ -178,29 +179,89 @@ def test_a_prompt_longer_than_the_context_is_refused(tiny_model, tiny_tokenizer,
         submit(engine, GenerationRequest(prompt_ids=tuple(range(1, 40))))
 
 
-class _FailingMemory:
-    """A memory whose op raises, to check that hook errors fail only its own requests."""
+class _Memory:
+    """A test memory: adds nothing, or raises on its `fail_on`-th forward (1 = the prefill)."""
 
-    name = "broken"
+    def __init__(self, name: str, fail_on: int | None = None, fail_in_add_ops: bool = False) -> None:
+        self.name = name
+        self.fail_on = fail_on
+        self.fail_in_add_ops = fail_in_add_ops
+        self.forwards = 0
 
     def add_ops(self, context: MemoryContext, rows: torch.Tensor) -> None:
+        if self.fail_in_add_ops:
+            raise KeyError("no such entry")
+        self.forwards += 1
+        fail = self.forwards == self.fail_on
+
         def op(hidden: torch.Tensor) -> torch.Tensor:
-            raise RuntimeError("boom")
+            if fail:
+                raise RuntimeError("boom")
+            return hidden
 
-        context.add(1, Site.RESIDUAL, self.name, op)
+        context.add(1, Site.RESIDUAL, self, op)
 
 
-def test_a_failing_memory_fails_its_request_and_no_other(tiny_model, tiny_tokenizer, make_engine):
+def _with_memory(request: GenerationRequest, memory: _Memory) -> GenerationRequest:
+    return GenerationRequest(request.prompt_ids, stopping=request.stopping, memories=(memory,))
+
+
+@pytest.mark.parametrize(
+    "failure",
+    [
+        {"fail_on": 1},  # during the prefill
+        {"fail_on": 4},  # during a decode step, after the rows joined the batch
+        {"fail_in_add_ops": True},
+    ],
+    ids=["prefill", "decode", "add_ops"],
+)
+def test_a_failing_memory_fails_its_request_and_no_other(tiny_model, tiny_tokenizer, make_engine, failure):
     engine = make_engine(tiny_model, tiny_tokenizer)
+    memory = _Memory("broken", **failure)
     healthy = [greedy(tiny_tokenizer, p) for p in PROMPTS[:3]]
     expected = run_all(engine, healthy)
-    broken = GenerationRequest(
-        healthy[0].prompt_ids, stopping=healthy[0].stopping, memories=(_FailingMemory(),)
-    )
-    outcomes = run_all(engine, [healthy[0], broken, healthy[1], healthy[2]])
+    # A working memory with the same name must not be blamed: failures are matched by identity.
+    namesake = _with_memory(healthy[2], _Memory("broken"))
+    outcomes = run_all(engine, [healthy[0], _with_memory(healthy[0], memory), healthy[1], namesake])
     assert isinstance(outcomes[1].error, MemoryHookError)
-    assert "broken" in str(outcomes[1].error) and "boom" in str(outcomes[1].error)
+    assert "'broken' failed" in str(outcomes[1].error)
     assert [o.token_ids for o in (outcomes[0], *outcomes[2:])] == [o.token_ids for o in expected]
+
+
+def test_a_request_whose_sampling_overflows_does_not_hurt_its_neighbours(
+    tiny_model, tiny_tokenizer, make_engine
+):
+    engine = make_engine(tiny_model, tiny_tokenizer)
+    healthy = [greedy(tiny_tokenizer, p) for p in PROMPTS[:2]]
+    expected = run_all(engine, healthy)
+    extreme = [
+        GenerationRequest(
+            healthy[0].prompt_ids, SamplingParams(temperature=1e-40, seed=1), healthy[0].stopping
+        ),
+        GenerationRequest(
+            healthy[0].prompt_ids,
+            SamplingParams(temperature=1.0, repetition_penalty=1e-40, seed=1),
+            healthy[0].stopping,
+        ),
+    ]
+    outcomes = run_all(engine, [healthy[0], *extreme, healthy[1]])
+    assert [outcomes[0].token_ids, outcomes[3].token_ids] == [o.token_ids for o in expected]
+    # A vanishing temperature is greedy; an extreme penalty still samples a token each step.
+    assert outcomes[1].token_ids == expected[0].token_ids
+    assert outcomes[2].error is None and len(outcomes[2].token_ids) == 12
+
+
+def test_a_stop_sequence_on_the_last_allowed_token_is_the_finish_reason(
+    tiny_model, tiny_tokenizer, make_engine
+):
+    engine = make_engine(tiny_model, tiny_tokenizer)
+    full = run_all(engine, [greedy(tiny_tokenizer, PROMPTS[0], 6)])[0]
+    # The shortest ending of the text that appears nowhere earlier: it completes on the 6th token.
+    k = next(k for k in range(1, len(full.text) + 1) if full.text.find(full.text[-k:]) == len(full.text) - k)
+    stop = full.text[-k:]
+    stopped = run_all(engine, [greedy(tiny_tokenizer, PROMPTS[0], 6, stop_sequences=(stop,))])[0]
+    assert stopped.finish.reason is FinishReason.STOP_SEQUENCE and len(stopped.token_ids) == 6
+    assert stopped.text == full.text[:-k]
 
 
 def test_requests_cancelled_while_waiting_give_their_queue_place_back(
@@ -209,7 +270,7 @@ def test_requests_cancelled_while_waiting_give_their_queue_place_back(
     engine = make_engine(tiny_model, tiny_tokenizer, max_batch_size=1, max_queue_size=1)
     long = greedy(tiny_tokenizer, PROMPTS[0], 2000)  # runs to the 512-token context: about a second
     running = submit(engine, long)
-    time.sleep(0.05)
+    wait_until(lambda: engine.running == 1)
     waiting = engine.submit(long, lambda event: None)
     with pytest.raises(ResourceExhausted):
         submit(engine, long)

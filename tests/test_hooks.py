@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import pytest
 import torch
 from memserve.errors import MemoryHookError
@@ -9,6 +11,12 @@ from memserve.hooks import MemoryContext, MemoryHooks, Site, find_sites
 from torch import nn
 
 from tests.conftest import build_tiny_model
+
+
+@dataclass(frozen=True)
+class Named:
+    name: str
+
 
 EXPECTED_PROJECTIONS = {
     # model_type: (attention output projection, MLP down projection) as named in the model
@@ -56,7 +64,7 @@ def test_the_attention_site_sees_the_concatenated_heads_and_the_mlp_site_the_act
     hooks = MemoryHooks(tiny_model)
     context = MemoryContext()
     for site in Site:
-        context.add(0, site, "probe", record(site))
+        context.add(0, site, Named("probe"), record(site))
     try:
         with hooks.using(context):
             tiny_model(**_inputs(tiny_model))
@@ -70,7 +78,7 @@ def test_the_attention_site_sees_the_concatenated_heads_and_the_mlp_site_the_act
 def test_no_site_carries_a_hook_until_a_memory_uses_it(tiny_model):
     hooks = MemoryHooks(tiny_model)
     context = MemoryContext()
-    context.add(1, Site.MLP_DOWN, "probe", lambda hidden: hidden)
+    context.add(1, Site.MLP_DOWN, Named("probe"), lambda hidden: hidden)
     try:
         assert hooks.installed == frozenset()
         assert not any(m._forward_hooks or m._forward_pre_hooks for m in tiny_model.modules())
@@ -102,7 +110,7 @@ def test_an_op_changes_only_the_rows_it_was_given(tiny_model, site):
     before = tiny_model(**inputs).logits
     hooks = MemoryHooks(tiny_model)
     context = MemoryContext()
-    context.add(1, site, "shift", _add_to_rows([1], 0.5))
+    context.add(1, site, Named("shift"), _add_to_rows([1], 0.5))
     try:
         with hooks.using(context):
             after = tiny_model(**inputs).logits
@@ -121,7 +129,7 @@ def test_a_failing_op_raises_with_the_memory_name_and_leaves_no_routing_behind(t
         raise ValueError("shape mismatch")
 
     context = MemoryContext()
-    context.add(2, Site.MLP_DOWN, "facts-v3", broken)
+    context.add(2, Site.MLP_DOWN, Named("facts-v3"), broken)
     try:
         with (
             pytest.raises(

@@ -137,6 +137,21 @@ def test_bad_input_is_invalid_argument_with_the_fix(client, options, message):
     assert client.generate("still up?", max_new_tokens=1).generated_tokens == 1
 
 
+def test_health_watch_streams_the_serving_status(address):
+    with grpc.insecure_channel(address) as channel:
+        watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service=""))
+        first = next(watch)
+        watch.cancel()
+    assert first.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_a_prompt_far_longer_than_the_context_is_refused_before_tokenising(client):
+    with pytest.raises(grpc.RpcError) as info:
+        client.generate("x" * 40_000)
+    assert info.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert "40000 characters" in info.value.details()
+
+
 def test_unknown_fields_are_refused(address):
     raw = pb.GenerateRequest(prompt="hi").SerializeToString() + bytes([0xF8, 0x06, 0x01])  # field 111 = 1
     with grpc.insecure_channel(address) as channel:
@@ -237,6 +252,8 @@ def test_cli_generate_prints_the_completion(address, client, capsys):
     assert cli_main(["generate", "--server", address, "--stream", "--max-new-tokens", "4", "hello"]) == 0
     assert cli_main(["generate", "--server", address, "--top-p", "2", "hello"]) == 1
     assert "INVALID_ARGUMENT: sampling.top_p must be in (0, 1]" in capsys.readouterr().err
+    assert cli_main(["generate", "--server", address, "--seed", "-1", "hello"]) == 2
+    assert "error: " in capsys.readouterr().err
 
 
 def test_info_describes_the_model_and_limits(address, capsys):
