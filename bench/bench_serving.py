@@ -29,10 +29,11 @@ from pathlib import Path
 
 import torch
 from common import launch_server, stop, wait_for_first_token
+from transformers import DynamicCache
+
 from memserve.clients import AsyncClient
 from memserve.hooks import MemoryHooks
 from memserve.models import ModelConfig, load_model
-from transformers import DynamicCache
 
 PROMPTS = [
     "The capital of France is",

@@ -8,6 +8,7 @@ import sys
 import time
 
 import grpc
+
 from memserve.clients import Client
 
 

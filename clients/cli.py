@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import grpc
+
 from memserve.clients.client import DEFAULT_SERVER, Client, default_server
 
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
+
 from memserve.v1 import generation_pb2 as pb
 from memserve.v1 import generation_pb2_grpc
 

@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from prometheus_client import start_http_server
+
 from memserve.engine import Engine, EngineConfig
 from memserve.interceptor import ErrorInterceptor
 from memserve.models import ModelConfig, load_model
@@ -23,7 +25,6 @@ from memserve.v1 import (
     memory_pb2,
     memory_pb2_grpc,
 )
-from prometheus_client import start_http_server
 
 log = logging.getLogger(__name__)
 

@@ -12,8 +12,9 @@ from typing import Generic, TypeVar
 
 import torch
 import torch.nn.functional as F
-from memserve.kv_cache import new_cache
 from transformers import DynamicCache
+
+from memserve.kv_cache import new_cache
 
 RowT = TypeVar("RowT")
 

@@ -11,6 +11,8 @@ import time
 
 from google.protobuf.message import Message
 from google.protobuf.unknown_fields import UnknownFieldSet
+from transformers import PreTrainedTokenizerBase
+
 from memserve.engine import (
     EngineConfig,
     FinishedEvent,
@@ -22,7 +24,6 @@ from memserve.engine import (
 from memserve.errors import InvalidArgument, Unimplemented
 from memserve.sampling import SamplingParams
 from memserve.v1 import generation_pb2 as pb
-from transformers import PreTrainedTokenizerBase
 
 MAX_STOP_SEQUENCES = 16
 MAX_STOP_SEQUENCE_CHARS = 256

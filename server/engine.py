@@ -23,6 +23,8 @@ from enum import StrEnum
 from typing import Protocol
 
 import torch
+from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
+
 from memserve.batch import Batch
 from memserve.detokenize import IncrementalText
 from memserve.errors import (
@@ -37,7 +39,6 @@ from memserve.errors import (
 from memserve.hooks import MemoryContext, MemoryHooks
 from memserve.kv_cache import new_cache
 from memserve.sampling import Choice, SamplingParams, choose
-from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 log = logging.getLogger(__name__)
 
@@ -199,7 +200,7 @@ class Engine:
         self._thread.start()
 
     def stop(self, timeout: float | None = None) -> None:
-        """Stops after failing what is still queued or running with UNAVAILABLE-like CANCELLED."""
+        """Stops the engine thread; what is still queued or running fails with CANCELLED."""
         with self._lock:
             self._stopping = True
             self._lock.notify_all()

@@ -24,8 +24,9 @@ from enum import StrEnum
 from typing import Any, Protocol
 
 import torch
-from memserve.errors import MemoryHookError
 from torch import nn
+
+from memserve.errors import MemoryHookError
 
 
 class Site(StrEnum):

@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
+
 from memserve.convert import check_no_unknown_fields
 from memserve.errors import MemserveError
 

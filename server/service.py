@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
+
 from memserve.convert import FINISH_REASONS, generation_request_from_pb, token_to_pb, usage_to_pb
 from memserve.engine import Engine, Event, FailedEvent, FinishedEvent, GenerationRequest, TokenEvent
 from memserve.errors import Unimplemented

@@ -11,16 +11,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from memserve.engine import (
-    Engine,
-    EngineConfig,
-    Event,
-    FailedEvent,
-    FinishedEvent,
-    GenerationRequest,
-    TokenEvent,
-)
-from memserve.models import LoadedModel, ModelConfig, load_model
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
     AutoModelForCausalLM,
@@ -31,6 +21,17 @@ from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerFast,
 )
+
+from memserve.engine import (
+    Engine,
+    EngineConfig,
+    Event,
+    FailedEvent,
+    FinishedEvent,
+    GenerationRequest,
+    TokenEvent,
+)
+from memserve.models import LoadedModel, ModelConfig, load_model
 
 CORPUS = [
     "The quick brown fox jumps over the lazy dog.",

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from memserve import models
 from memserve.engine import GenerationRequest, StoppingParams
 from memserve.models import DEFAULT_MODEL_NAME, GGUF_SHA256, ModelConfig, load_model
-
 from tests.conftest import collect, run_all, submit, take_tokens
 
 pytestmark = pytest.mark.default_model

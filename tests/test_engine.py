@@ -6,11 +6,11 @@ import time
 
 import pytest
 import torch
+
 from memserve.engine import FinishReason, GenerationRequest, StoppingParams
 from memserve.errors import DeadlineExceeded, InvalidArgument, MemoryHookError, ResourceExhausted
 from memserve.hooks import MemoryContext, Site
 from memserve.sampling import SamplingParams
-
 from tests.conftest import collect, run_all, submit, take_tokens, wait_until
 
 PROMPTS = [

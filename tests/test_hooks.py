@@ -6,10 +6,10 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from memserve.errors import MemoryHookError
-from memserve.hooks import MemoryContext, MemoryHooks, Site, find_sites
 from torch import nn
 
+from memserve.errors import MemoryHookError
+from memserve.hooks import MemoryContext, MemoryHooks, Site, find_sites
 from tests.conftest import build_tiny_model
 
 

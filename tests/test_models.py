@@ -6,9 +6,9 @@ import json
 
 import pytest
 import torch
+
 from memserve import models
 from memserve.models import FINGERPRINT_FILE, GGUF_SHA256, ModelConfig, ensure_default_model, load_model
-
 from tests.conftest import build_tiny_model
 
 

@@ -12,6 +12,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
 from memserve.app import SERVICE_NAMES, RunningServer, ServerConfig, start_server
 from memserve.clients import AsyncClient, Client
 from memserve.clients.cli import main as cli_main
