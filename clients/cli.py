@@ -47,6 +47,7 @@ def _generate(args: argparse.Namespace) -> int:
         "repetition_penalty": args.repetition_penalty,
         "seed": args.seed,
         "stop": args.stop,
+        "chat": args.chat,
     }
     with Client(args.server) as client:
         if args.stream:
@@ -119,6 +120,11 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--repetition-penalty", type=float, default=None)
     generate.add_argument("--seed", type=int, default=None)
     generate.add_argument("--stop", action="append", default=[], help="a stop sequence (repeatable)")
+    generate.add_argument(
+        "--chat",
+        action="store_true",
+        help="send the prompt as a user message through the model's chat template",
+    )
     generate.add_argument("--stream", action="store_true", help="print tokens as they come")
     generate.add_argument("-v", "--verbose", action="store_true", help="print finish reason and token counts")
     generate.set_defaults(run=_generate)

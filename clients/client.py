@@ -72,9 +72,13 @@ def build_request(
     logprobs: bool = False,
     top_logprobs: int = 0,
     request_id: str = "",
+    chat: bool = False,
 ) -> pb.GenerateRequest:
-    """Builds a GenerateRequest; None leaves a value to the server's default."""
-    request = pb.GenerateRequest(prompt=prompt, request_id=request_id)
+    """Builds a GenerateRequest; None leaves a value to the server's default.
+
+    `chat=True` sends the prompt as a user message through the model's chat template.
+    """
+    request = pb.GenerateRequest(prompt=prompt, request_id=request_id, chat=chat)
     request.sampling.temperature = temperature
     request.sampling.top_k = top_k
     for name, value in (("top_p", top_p), ("repetition_penalty", repetition_penalty), ("seed", seed)):

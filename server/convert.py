@@ -86,7 +86,7 @@ def generation_request_from_pb(
         raise InvalidArgument(
             f"response.top_logprobs must be at most {MAX_TOP_LOGPROBS}, got {request.response.top_logprobs}"
         )
-    prompt_ids = tuple(tokenizer(request.prompt, add_special_tokens=True).input_ids)
+    prompt_ids = tuple(_prompt_ids(request, tokenizer))
     return GenerationRequest(
         prompt_ids=prompt_ids,
         sampling=sampling_from_pb(request.sampling),
@@ -95,6 +95,17 @@ def generation_request_from_pb(
         top_logprobs=request.response.top_logprobs,
         deadline=None if time_remaining is None else time.monotonic() + time_remaining,
     )
+
+
+def _prompt_ids(request: pb.GenerateRequest, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    if not request.chat:
+        return tokenizer(request.prompt, add_special_tokens=True).input_ids
+    if not tokenizer.chat_template:
+        raise InvalidArgument("this model has no chat template: send the prompt without `chat`")
+    messages = [{"role": "user", "content": request.prompt}]
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    # The template already holds any special tokens the model expects.
+    return tokenizer(text, add_special_tokens=False).input_ids
 
 
 def sampling_from_pb(sampling: pb.SamplingParams) -> SamplingParams:

@@ -6,8 +6,10 @@ import pytest
 import torch
 
 from memserve import models
-from memserve.engine import GenerationRequest, StoppingParams
+from memserve.convert import generation_request_from_pb
+from memserve.engine import EngineConfig, FinishReason, GenerationRequest, StoppingParams
 from memserve.models import DEFAULT_MODEL_NAME, GGUF_SHA256, ModelConfig, load_model
+from memserve.v1 import generation_pb2 as pb
 from tests.conftest import collect, run_all, submit, take_tokens
 
 pytestmark = pytest.mark.default_model
@@ -77,3 +79,21 @@ def test_later_starts_load_the_converted_folder_without_touching_the_gguf(defaul
     monkeypatch.setattr(models, "_gguf_package_dir", no_gguf)
     again = load_model(ModelConfig(device="cpu", dtype="bf16"))
     assert again.model.dtype == torch.bfloat16 and again.fingerprint == default_model.fingerprint
+
+
+def test_chat_sends_the_prompt_through_the_chat_template(default_model):
+    request = pb.GenerateRequest(prompt="What is the capital of France?", chat=True)
+    converted = generation_request_from_pb(request, default_model.tokenizer, EngineConfig(), 8192, None)
+    text = default_model.tokenizer.decode(converted.prompt_ids)
+    assert text.startswith("<|im_start|>system") and text.endswith("<|im_start|>assistant\n")
+    assert "<|im_start|>user\nWhat is the capital of France?<|im_end|>" in text
+
+
+def test_a_chat_reply_answers_the_question(default_model, make_engine):
+    engine = make_engine(default_model.model, default_model.tokenizer)
+    request = pb.GenerateRequest(prompt="What is the capital of France?", chat=True)
+    converted = generation_request_from_pb(request, default_model.tokenizer, EngineConfig(), 8192, None)
+    converted = GenerationRequest(converted.prompt_ids, stopping=StoppingParams(max_new_tokens=24))
+    outcome = run_all(engine, [converted])[0]
+    assert "Paris" in outcome.text
+    assert outcome.finish.reason in (FinishReason.EOS, FinishReason.LENGTH)

@@ -153,6 +153,13 @@ def test_a_prompt_far_longer_than_the_context_is_refused_before_tokenising(clien
     assert "40000 characters" in info.value.details()
 
 
+def test_chat_on_a_model_without_a_chat_template_says_so(client):
+    with pytest.raises(grpc.RpcError) as info:
+        client.generate("Hi", chat=True)
+    assert info.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert "no chat template" in info.value.details()
+
+
 def test_unknown_fields_are_refused(address):
     raw = pb.GenerateRequest(prompt="hi").SerializeToString() + bytes([0xF8, 0x06, 0x01])  # field 111 = 1
     with grpc.insecure_channel(address) as channel:

@@ -23,20 +23,22 @@ FINISH_REASON_STOP_SEQUENCE: FinishReason
 FINISH_REASON_CONTEXT_LENGTH: FinishReason
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("prompt", "memories", "sampling", "stopping", "response", "request_id")
+    __slots__ = ("prompt", "memories", "sampling", "stopping", "response", "request_id", "chat")
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     MEMORIES_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     STOPPING_FIELD_NUMBER: _ClassVar[int]
     RESPONSE_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    CHAT_FIELD_NUMBER: _ClassVar[int]
     prompt: str
     memories: _containers.RepeatedCompositeFieldContainer[_memory_ref_pb2.MemoryRef]
     sampling: SamplingParams
     stopping: StoppingCriteria
     response: ResponseOptions
     request_id: str
-    def __init__(self, prompt: _Optional[str] = ..., memories: _Optional[_Iterable[_Union[_memory_ref_pb2.MemoryRef, _Mapping]]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., stopping: _Optional[_Union[StoppingCriteria, _Mapping]] = ..., response: _Optional[_Union[ResponseOptions, _Mapping]] = ..., request_id: _Optional[str] = ...) -> None: ...
+    chat: bool
+    def __init__(self, prompt: _Optional[str] = ..., memories: _Optional[_Iterable[_Union[_memory_ref_pb2.MemoryRef, _Mapping]]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., stopping: _Optional[_Union[StoppingCriteria, _Mapping]] = ..., response: _Optional[_Union[ResponseOptions, _Mapping]] = ..., request_id: _Optional[str] = ..., chat: _Optional[bool] = ...) -> None: ...
 
 class SamplingParams(_message.Message):
     __slots__ = ("temperature", "top_k", "top_p", "repetition_penalty", "seed")
