@@ -31,6 +31,8 @@ def _serve(args: argparse.Namespace) -> int:
             max_queue_size=args.max_queue_size,
             default_max_new_tokens=args.default_max_new_tokens,
             max_new_tokens_limit=args.max_new_tokens_limit,
+            max_context_tokens=args.max_context_tokens,
+            max_prefill_tokens=args.max_prefill_tokens,
         ),
     )
     asyncio.run(serve(config))
@@ -107,6 +109,18 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-queue-size", type=int, default=64)
     serve.add_argument("--default-max-new-tokens", type=int, default=128)
     serve.add_argument("--max-new-tokens-limit", type=int, default=2048)
+    serve.add_argument(
+        "--max-context-tokens",
+        type=int,
+        default=8192,
+        help="prompt + output tokens of one request (capped by the model's window)",
+    )
+    serve.add_argument(
+        "--max-prefill-tokens",
+        type=int,
+        default=4096,
+        help="padded prompt tokens prefilled in one forward (a longer prompt goes alone)",
+    )
     serve.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     serve.set_defaults(run=_serve)
 

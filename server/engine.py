@@ -117,9 +117,14 @@ class EngineConfig:
     max_new_tokens_limit: int = 2048
     max_context_tokens: int = 8192
     """Prompt + output tokens of one request at most (capped by the model's own window)."""
+    max_prefill_tokens: int = 4096
+    """Padded prompt tokens prefilled in one forward at most (a longer single prompt goes
+    alone): bounds the pause that joining requests impose on running ones, and the memory."""
 
     def __post_init__(self) -> None:
-        for name in ("max_batch_size", "max_queue_size", "default_max_new_tokens", "max_context_tokens"):
+        names = ("max_batch_size", "max_queue_size", "default_max_new_tokens", "max_context_tokens",
+                 "max_prefill_tokens")  # fmt: skip
+        for name in names:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not 1 <= self.default_max_new_tokens <= self.max_new_tokens_limit:
@@ -265,13 +270,27 @@ class Engine:
                     self._lock.wait()
                 if self._stopping:
                     return
-                free = self.config.max_batch_size - len(self._batch.rows)
-                admitted = [self._waiting.popleft() for _ in range(min(free, len(self._waiting)))]
+                admitted = self._admit()
             try:
                 self._step(admitted)
             except Exception as exc:  # a bug: fail what is in flight, keep serving
                 log.exception("engine step failed")
                 self._fail_all(MemserveError(f"the engine failed: {exc!r}"), admitted)
+
+    def _admit(self) -> list[_Row]:
+        """Takes waiting rows for one prefill: while batch slots and the prefill budget last.
+
+        The budget counts padded tokens (rows × longest prompt); the first row always goes.
+        """
+        free = self.config.max_batch_size - len(self._batch.rows)
+        admitted: list[_Row] = []
+        width = 0
+        while self._waiting and len(admitted) < free:
+            width = max(width, len(self._waiting[0].request.prompt_ids))
+            if admitted and width * (len(admitted) + 1) > self.config.max_prefill_tokens:
+                break
+            admitted.append(self._waiting.popleft())
+        return admitted
 
     def _step(self, admitted: list[_Row]) -> None:
         admitted = self._drop_dead(admitted)

@@ -13,6 +13,8 @@ from memserve.hooks import MemoryContext, Site
 from memserve.sampling import SamplingParams
 from tests.conftest import collect, run_all, submit, take_tokens, wait_until
 
+CORPUS_LINE = "Once upon a time there was a small village by the sea. "
+
 PROMPTS = [
     "The quick brown fox",
     "Once",
@@ -277,3 +279,14 @@ def test_requests_cancelled_while_waiting_give_their_queue_place_back(
     waiting.cancel()
     assert collect(submit(engine, greedy(tiny_tokenizer, PROMPTS[1], 2))).finish is not None
     assert collect(running).finish is not None
+
+
+def test_prefill_takes_at_most_the_token_budget_of_waiting_prompts(tiny_model, tiny_tokenizer, make_engine):
+    engine = make_engine(tiny_model, tiny_tokenizer, max_prefill_tokens=100)
+    prompt = greedy(tiny_tokenizer, CORPUS_LINE * 3, 4)  # 42 tokens: two fit in 100, three do not
+    widths: list[int] = []
+    original = engine._prefill
+    engine._prefill = lambda rows: (widths.append(len(rows)), original(rows))[1]
+    outcomes = run_all(engine, [prompt] * 5)
+    assert all(o.finish is not None for o in outcomes)
+    assert max(widths) <= 100 // len(prompt.prompt_ids) and sum(widths) == 5
