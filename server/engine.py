@@ -12,6 +12,7 @@ seeded generator.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import secrets
 import threading
@@ -30,11 +31,13 @@ from memserve.detokenize import IncrementalText
 from memserve.errors import (
     Cancelled,
     DeadlineExceeded,
+    FailedPrecondition,
     InvalidArgument,
     MemoryHookError,
     MemserveError,
     ResourceExhausted,
     Unavailable,
+    UnsupportedArchitecture,
 )
 from memserve.hooks import MemoryContext, MemoryHooks
 from memserve.kv_cache import new_cache
@@ -182,7 +185,7 @@ class Engine:
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
-        self.hooks = hooks if hooks is not None else MemoryHooks(model)
+        self.hooks = hooks if hooks is not None else _hooks_or_none(model)
         window = getattr(model.config, "max_position_embeddings", None) or config.max_context_tokens
         self.max_context_tokens = min(config.max_context_tokens, window)
         self.config = config
@@ -222,6 +225,11 @@ class Engine:
 
     def validate(self, request: GenerationRequest) -> None:
         """Raises InvalidArgument when the request cannot be served as asked."""
+        if request.memories and self.hooks is None:
+            raise FailedPrecondition(
+                f"this model ({self.model.config.model_type}) has no memory hook sites: "
+                "send the request without memories, or serve a supported architecture"
+            )
         if not request.prompt_ids:
             raise InvalidArgument("the prompt is empty after tokenisation: send a non-empty prompt")
         if len(request.prompt_ids) >= self.max_context_tokens:
@@ -368,7 +376,8 @@ class Engine:
         the requests using a memory that raised, or all of them for any other error.
         """
         try:
-            with self.hooks.using(self._memory_context(rows)):
+            context = self._memory_context(rows)
+            with self.hooks.using(context) if self.hooks else contextlib.nullcontext():
                 out = self.model(
                     input_ids=ids,
                     attention_mask=mask,
@@ -477,6 +486,14 @@ class Engine:
         self._batch.keep([])
         for row in rows:
             row.sink(FailedEvent(error))
+
+
+def _hooks_or_none(model: PreTrainedModel) -> MemoryHooks | None:
+    try:
+        return MemoryHooks(model)
+    except UnsupportedArchitecture as exc:
+        log.warning("%s: serving without memories", exc)
+        return None
 
 
 def _eos_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> frozenset[int]:

@@ -29,6 +29,10 @@ class FailedPrecondition(MemserveError):
     code = grpc.StatusCode.FAILED_PRECONDITION
 
 
+class UnsupportedArchitecture(FailedPrecondition, ValueError):
+    """The model's architecture has no known memory hook sites: it serves, without memories."""
+
+
 class ResourceExhausted(MemserveError):
     """The server is at capacity (queue full, too many memories)."""
 

@@ -26,7 +26,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from memserve.errors import MemoryHookError
+from memserve.errors import MemoryHookError, UnsupportedArchitecture
 
 
 class Site(StrEnum):
@@ -70,7 +70,7 @@ def find_sites(model: nn.Module) -> list[LayerSites]:
     model_type = model.config.model_type
     arch = ARCHITECTURES.get(model_type)
     if arch is None:
-        raise ValueError(
+        raise UnsupportedArchitecture(
             f"no hook sites known for model_type {model_type!r}; supported: {sorted(ARCHITECTURES)}"
         )
     layers = model.get_submodule(arch.layers)

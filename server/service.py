@@ -118,7 +118,7 @@ class GenerationService(generation_pb2_grpc.GenerationServiceServicer):
             model=self.model_label,
             architecture=(config.architectures or [type(self.loaded.model).__name__])[0],
             fingerprint=self.loaded.fingerprint,
-            num_layers=self.engine.hooks.num_layers,
+            num_layers=config.num_hidden_layers,
             hidden_size=config.hidden_size,
             vocab_size=config.vocab_size,
             max_context_tokens=self.engine.max_context_tokens,

@@ -180,4 +180,5 @@ def make_engine() -> Iterator:
     yield make
     for engine in engines:
         engine.stop()
-        engine.hooks.remove()
+        if engine.hooks is not None:
+            engine.hooks.remove()

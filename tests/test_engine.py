@@ -8,10 +8,16 @@ import pytest
 import torch
 
 from memserve.engine import FinishReason, GenerationRequest, StoppingParams
-from memserve.errors import DeadlineExceeded, InvalidArgument, MemoryHookError, ResourceExhausted
+from memserve.errors import (
+    DeadlineExceeded,
+    FailedPrecondition,
+    InvalidArgument,
+    MemoryHookError,
+    ResourceExhausted,
+)
 from memserve.hooks import MemoryContext, Site
 from memserve.sampling import SamplingParams
-from tests.conftest import collect, run_all, submit, take_tokens, wait_until
+from tests.conftest import build_tiny_model, collect, run_all, submit, take_tokens, wait_until
 
 CORPUS_LINE = "Once upon a time there was a small village by the sea. "
 
@@ -290,3 +296,13 @@ def test_prefill_takes_at_most_the_token_budget_of_waiting_prompts(tiny_model, t
     outcomes = run_all(engine, [prompt] * 5)
     assert all(o.finish is not None for o in outcomes)
     assert max(widths) <= 100 // len(prompt.prompt_ids) and sum(widths) == 5
+
+
+def test_an_architecture_without_hook_sites_serves_without_memories(tiny_tokenizer, make_engine):
+    model = build_tiny_model("llama", len(tiny_tokenizer))
+    model.config.model_type = "an-unknown-architecture"
+    engine = make_engine(model, tiny_tokenizer)
+    request = greedy(tiny_tokenizer, PROMPTS[0], 4)
+    assert run_all(engine, [request])[0].finish.generated_tokens == 4
+    with pytest.raises(FailedPrecondition, match="no memory hook sites: send the request without memories"):
+        submit(engine, _with_memory(request, _Memory("facts")))
