@@ -40,7 +40,8 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    # A prompt piped in ends with the newline of its last line, which is not part of it.
+    prompt = sys.stdin.read().removesuffix("\n") if args.prompt == "-" else args.prompt
     options = {
         "max_new_tokens": args.max_new_tokens,
         "temperature": args.temperature,
@@ -53,18 +54,27 @@ def _generate(args: argparse.Namespace) -> int:
     }
     with Client(args.server) as client:
         if args.stream:
+            seed = None
             for chunk in client.generate_stream(prompt, **options):
                 print(chunk.text, end="", flush=True)
+                seed = chunk.seed if seed is None else seed
+                finish = chunk
             print()
+            summary = (finish.finish_reason, finish.prompt_tokens, finish.generated_tokens, seed)
         else:
             completion = client.generate(prompt, **options)
             print(completion.text)
-            if args.verbose:
-                print(
-                    f"[{completion.finish_reason}; {completion.prompt_tokens} prompt + "
-                    f"{completion.generated_tokens} generated tokens; seed {completion.seed}]",
-                    file=sys.stderr,
-                )
+            summary = (
+                completion.finish_reason,
+                completion.prompt_tokens,
+                completion.generated_tokens,
+                completion.seed,
+            )
+    if args.verbose:
+        reason, prompt_tokens, generated, seed = summary
+        print(
+            f"[{reason}; {prompt_tokens} prompt + {generated} generated tokens; seed {seed}]", file=sys.stderr
+        )
     return 0
 
 
@@ -129,10 +139,10 @@ def build_parser() -> argparse.ArgumentParser:
     _server_option(generate)
     generate.add_argument("--max-new-tokens", type=int, default=None, help="default: the server's (128)")
     generate.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    generate.add_argument("--top-k", type=int, default=0)
+    generate.add_argument("--top-k", type=_non_negative, default=0, help="0 = no limit")
     generate.add_argument("--top-p", type=float, default=None)
     generate.add_argument("--repetition-penalty", type=float, default=None)
-    generate.add_argument("--seed", type=int, default=None)
+    generate.add_argument("--seed", type=_non_negative, default=None)
     generate.add_argument("--stop", action="append", default=[], help="a stop sequence (repeatable)")
     generate.add_argument(
         "--chat",
@@ -147,6 +157,13 @@ def build_parser() -> argparse.ArgumentParser:
     _server_option(info)
     info.set_defaults(run=_info)
     return parser
+
+
+def _non_negative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
 
 
 def _server_option(parser: argparse.ArgumentParser) -> None:
@@ -165,11 +182,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except grpc.RpcError as exc:
         code, details = exc.code(), exc.details()
         print(f"error: {code.name}: {details}", file=sys.stderr)
-        if code is grpc.StatusCode.UNAVAILABLE:
+        if code is grpc.StatusCode.UNAVAILABLE and "failed to connect" in (details or "").lower():
             server = getattr(args, "server", None) or default_server()
             print(f"is a server running at {server}? start one with `memserve serve`", file=sys.stderr)
         return 1
-    except ValueError as exc:  # a value the client or the server config refuses
+    except (ValueError, OSError) as exc:  # a value refused, a busy port, a model not found
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -55,6 +55,10 @@ class Chunk:
     """Set on the last chunk only."""
     seed: int | None
     """Set on the first chunk only."""
+    prompt_tokens: int = 0
+    """Set on the last chunk only."""
+    generated_tokens: int = 0
+    """Set on the last chunk only."""
 
 
 def build_request(
@@ -129,6 +133,8 @@ def _chunk(response: pb.GenerateStreamResponse, first: bool) -> Chunk:
         tokens=_tokens(response.tokens),
         finish_reason=_finish_reason(response.finish_reason),
         seed=response.seed if first else None,
+        prompt_tokens=response.usage.prompt_tokens,
+        generated_tokens=response.usage.generated_tokens,
     )
 
 

@@ -63,10 +63,20 @@ class RunningServer:
         self.health = health_servicer
         self.port = port
 
-    async def stop(self, grace: float | None) -> None:
+    async def stop(self, grace: float) -> None:
+        """Refuses new requests at once, gives in-flight ones `grace` seconds, then ends them.
+
+        Requests still running when the grace period ends fail with CANCELLED and a
+        message saying the server shut down, before the transport closes.
+        """
         await self.health.enter_graceful_shutdown()
-        await self.server.stop(grace)
-        self.engine.stop()
+        transport = asyncio.ensure_future(self.server.stop(grace + 5))
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+        while (self.engine.running or self.engine.queue_depth) and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        await asyncio.to_thread(self.engine.stop)
+        await transport
 
 
 async def start_server(config: ServerConfig) -> RunningServer:
@@ -82,18 +92,16 @@ async def start_server(config: ServerConfig) -> RunningServer:
         time.perf_counter() - started,
     )
     engine = Engine(loaded.model, loaded.tokenizer, config.engine)
-    engine.start()
-
     server = grpc.aio.server(
         interceptors=[ErrorInterceptor()],
         options=[
             ("grpc.max_receive_message_length", config.max_message_bytes),
             ("grpc.max_send_message_length", config.max_message_bytes),
+            # Without this a second server on the same port starts silently and steals requests.
+            ("grpc.so_reuseport", 0),
         ],
     )
-    generation_pb2_grpc.add_GenerationServiceServicer_to_server(
-        GenerationService(engine, loaded, config.model.model), server
-    )
+    generation_pb2_grpc.add_GenerationServiceServicer_to_server(GenerationService(engine, loaded), server)
     memory_pb2_grpc.add_MemoryServiceServicer_to_server(MemoryService(), server)
     jobs_pb2_grpc.add_JobServiceServicer_to_server(JobService(), server)
     health_servicer = health.aio.HealthServicer()
@@ -101,14 +109,30 @@ async def start_server(config: ServerConfig) -> RunningServer:
     reflection.enable_server_reflection(
         (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
     )
-    port = server.add_insecure_port(f"{config.host}:{config.port}")
+    # Bind both ports before anything starts, so a busy port is a clean error.
+    address = f"{config.host}:{config.port}"
+    try:
+        port = server.add_insecure_port(address)
+    except RuntimeError as exc:
+        raise OSError(f"cannot listen on {address}: is another server using the port?") from exc
     if port == 0:
-        raise OSError(f"cannot listen on {config.host}:{config.port}")
+        raise OSError(f"cannot listen on {address}: is another server using the port?")
+    if config.metrics_port is not None:
+        try:
+            start_http_server(config.metrics_port, addr=config.host)
+        except OSError as exc:
+            raise OSError(f"cannot serve metrics on {config.host}:{config.metrics_port}: {exc}") from exc
+
+    loop = asyncio.get_running_loop()
+
+    def on_engine_death() -> None:  # from the engine thread: the server can no longer serve
+        loop.call_soon_threadsafe(lambda: asyncio.ensure_future(health_servicer.enter_graceful_shutdown()))
+
+    engine.on_death = on_engine_death
+    engine.start()
     await server.start()
     for name in ("", *SERVICE_NAMES):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    if config.metrics_port is not None:
-        start_http_server(config.metrics_port, addr=config.host)
     log.info(
         "serving %s on %s:%d (ready %.1f s after start)",
         loaded.name,

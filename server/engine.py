@@ -198,6 +198,8 @@ class Engine:
         self._lock = threading.Condition()
         self._batch: Batch[_Row] = Batch(self.device)
         self._dead: BaseException | None = None
+        self.on_death: Callable[[], None] | None = None
+        """Called (from the engine thread) if the engine thread dies, e.g. to mark health NOT_SERVING."""
         self._stopping = False
         self._thread: threading.Thread | None = None
 
@@ -268,6 +270,8 @@ class Engine:
             log.exception("the engine thread died")
             self._dead = exc
             self._fail_all(Unavailable(f"the engine stopped: {exc!r}"))
+            if self.on_death is not None:
+                self.on_death()
             raise
         self._fail_all(Cancelled("the server shut down before the request finished"))
 

@@ -111,8 +111,8 @@ class MemoryContext:
 
     ops: dict[tuple[int, Site], list[BoundOp]] = field(default_factory=dict)
 
-    def add(self, layer: int, site: Site, memory: NamedMemory, op: SiteOp) -> None:
-        self.ops.setdefault((layer, site), []).append(BoundOp(memory, op))
+    def add(self, layer: int, site: Site | str, memory: NamedMemory, op: SiteOp) -> None:
+        self.ops.setdefault((layer, Site(site)), []).append(BoundOp(memory, op))
 
     def __bool__(self) -> bool:
         return bool(self.ops)
@@ -140,8 +140,9 @@ class MemoryHooks:
         """The (layer, site) pairs that carry a hook."""
         return frozenset(self._handles)
 
-    def install(self, layer: int, site: Site) -> None:
+    def install(self, layer: int, site: Site | str) -> None:
         """Puts the hook on one site (idempotent)."""
+        site = Site(site)
         if (layer, site) in self._handles:
             return
         if not 0 <= layer < len(self.sites):
@@ -163,8 +164,11 @@ class MemoryHooks:
     def using(self, context: MemoryContext | None) -> Iterator[None]:
         """Routes the forward passes inside the block through `context` (None or empty: no memory)."""
         if context:
-            for layer, site in context.ops:
-                self.install(layer, site)
+            for (layer, site), bound in context.ops.items():
+                try:
+                    self.install(layer, site)
+                except ValueError as exc:  # blame the memory that asked for a site that does not exist
+                    raise MemoryHookError(bound[0].memory, f"at layer {layer} ({site.value})", exc) from exc
         self._context = context if context else None
         try:
             yield

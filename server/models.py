@@ -102,6 +102,12 @@ def load_model(config: ModelConfig) -> LoadedModel:
         name = DEFAULT_MODEL_NAME
     else:
         path, name = config.model, config.model
+        # "org/name" is a Hugging Face id; ./x, /x and ~/x can only be folders.
+        is_path = config.model.startswith((".", "/", "~"))
+        if is_path and not Path(config.model).expanduser().is_dir():
+            raise FileNotFoundError(
+                f"no model folder at {config.model!r}: give a folder or a Hugging Face id"
+            )
     tokenizer = AutoTokenizer.from_pretrained(path)
     fingerprint = _stored_fingerprint(path)
     # Loaded in its stored dtype first, so the fingerprint does not depend on the serving dtype.

@@ -60,10 +60,9 @@ async def run_on_engine(
 
 
 class GenerationService(generation_pb2_grpc.GenerationServiceServicer):
-    def __init__(self, engine: Engine, loaded: LoadedModel, model_label: str) -> None:
+    def __init__(self, engine: Engine, loaded: LoadedModel) -> None:
         self.engine = engine
         self.loaded = loaded
-        self.model_label = model_label
 
     async def _request(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
@@ -115,7 +114,7 @@ class GenerationService(generation_pb2_grpc.GenerationServiceServicer):
     ) -> pb.ModelInfo:
         config = self.loaded.model.config
         return pb.ModelInfo(
-            model=self.model_label,
+            model=self.loaded.name,
             architecture=(config.architectures or [type(self.loaded.model).__name__])[0],
             fingerprint=self.loaded.fingerprint,
             num_layers=config.num_hidden_layers,

@@ -190,8 +190,11 @@ def test_a_prompt_longer_than_the_context_is_refused(tiny_model, tiny_tokenizer,
 class _Memory:
     """A test memory: adds nothing, or raises on its `fail_on`-th forward (1 = the prefill)."""
 
-    def __init__(self, name: str, fail_on: int | None = None, fail_in_add_ops: bool = False) -> None:
+    def __init__(
+        self, name: str, fail_on: int | None = None, fail_in_add_ops: bool = False, layer: int = 1
+    ) -> None:
         self.name = name
+        self.layer = layer
         self.fail_on = fail_on
         self.fail_in_add_ops = fail_in_add_ops
         self.forwards = 0
@@ -207,7 +210,7 @@ class _Memory:
                 raise RuntimeError("boom")
             return hidden
 
-        context.add(1, Site.RESIDUAL, self, op)
+        context.add(self.layer, Site.RESIDUAL, self, op)
 
 
 def _with_memory(request: GenerationRequest, memory: _Memory) -> GenerationRequest:
@@ -220,8 +223,9 @@ def _with_memory(request: GenerationRequest, memory: _Memory) -> GenerationReque
         {"fail_on": 1},  # during the prefill
         {"fail_on": 4},  # during a decode step, after the rows joined the batch
         {"fail_in_add_ops": True},
+        {"layer": 999},  # a site that does not exist
     ],
-    ids=["prefill", "decode", "add_ops"],
+    ids=["prefill", "decode", "add_ops", "no_such_layer"],
 )
 def test_a_failing_memory_fails_its_request_and_no_other(tiny_model, tiny_tokenizer, make_engine, failure):
     engine = make_engine(tiny_model, tiny_tokenizer)

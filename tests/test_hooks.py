@@ -148,3 +148,25 @@ def test_an_unknown_architecture_is_refused_with_the_supported_list():
     model.config.model_type = "mamba"
     with pytest.raises(ValueError, match=r"no hook sites known for model_type 'mamba'.*gpt2"):
         find_sites(model)
+
+
+def test_a_site_given_by_name_is_the_same_site(tiny_model):
+    widths: list[int] = []
+    hooks = MemoryHooks(tiny_model)
+    context = MemoryContext()
+    context.add(0, "residual", Named("probe"), lambda hidden: widths.append(hidden.shape[-1]) or hidden)
+    try:
+        with hooks.using(context):
+            tiny_model(**_inputs(tiny_model))
+    finally:
+        hooks.remove()
+    assert widths == [tiny_model.config.hidden_size]
+
+
+def test_a_memory_at_a_layer_that_does_not_exist_is_blamed(tiny_model):
+    hooks = MemoryHooks(tiny_model)
+    context = MemoryContext()
+    context.add(999, Site.RESIDUAL, Named("too-deep"), lambda hidden: hidden)
+    expected = r"'too-deep' failed at layer 999.*does not exist"
+    with pytest.raises(MemoryHookError, match=expected), hooks.using(context):
+        pass

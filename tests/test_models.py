@@ -62,3 +62,8 @@ def test_different_weights_have_different_fingerprints(tmp_path, tiny_llama_dir,
     first = load_model(ModelConfig(model=str(tiny_llama_dir), device="cpu"))
     second = load_model(ModelConfig(model=str(tmp_path), device="cpu"))
     assert first.fingerprint != second.fingerprint
+
+
+def test_a_missing_model_folder_says_so(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no model folder at"):
+        load_model(ModelConfig(model=str(tmp_path / "nope"), device="cpu"))

@@ -260,8 +260,11 @@ def test_cli_generate_prints_the_completion(address, client, capsys):
     assert cli_main(["generate", "--server", address, "--stream", "--max-new-tokens", "4", "hello"]) == 0
     assert cli_main(["generate", "--server", address, "--top-p", "2", "hello"]) == 1
     assert "INVALID_ARGUMENT: sampling.top_p must be in (0, 1]" in capsys.readouterr().err
-    assert cli_main(["generate", "--server", address, "--seed", "-1", "hello"]) == 2
-    assert "error: " in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exited:
+        cli_main(["generate", "--server", address, "--seed", "-1", "hello"])
+    assert exited.value.code == 2 and "--seed: must be >= 0" in capsys.readouterr().err
+    assert cli_main(["generate", "--server", address, "-v", "--stream", "--max-new-tokens", "3", "hi"]) == 0
+    assert "generated tokens; seed" in capsys.readouterr().err
 
 
 def test_info_describes_the_model_and_limits(address, capsys):
@@ -283,3 +286,16 @@ def test_shutdown_lets_in_flight_requests_finish_and_refuses_new_ones(tiny_llama
         with pytest.raises(grpc.RpcError) as info:
             client.generate("too late", max_new_tokens=1)
     assert info.value.code() is grpc.StatusCode.UNAVAILABLE
+
+
+def test_requests_outlasting_the_grace_period_end_cancelled_with_the_reason(tiny_llama_dir):
+    peer = ServerThread(tiny_server_config(tiny_llama_dir))
+    with Client(f"127.0.0.1:{peer.running.port}", timeout=60) as client:
+        in_flight = client._stub.Generate.future(_long_request())
+        while not peer.running.engine.running:
+            time.sleep(0.01)
+        peer.close(grace=0.0)
+        with pytest.raises(grpc.RpcError) as info:
+            in_flight.result()
+    assert info.value.code() is grpc.StatusCode.CANCELLED
+    assert "shut down before the request finished" in info.value.details()
