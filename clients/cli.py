@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -19,12 +20,19 @@ def _serve(args: argparse.Namespace) -> int:
     from memserve.app import ServerConfig, serve
     from memserve.engine import EngineConfig
     from memserve.models import ModelConfig
+    from memserve.store_runtime import StoreConfig
 
     config = ServerConfig(
         host=args.host,
         port=args.port,
         metrics_port=None if args.metrics_port == 0 else args.metrics_port,
-        redis_url=args.redis_url,
+        store=StoreConfig(
+            redis_url=args.redis_url,
+            data_dir=args.data_dir,
+            cache_bytes=args.cache_mb << 20,
+            workers=args.workers,
+            plugins=tuple(args.plugin),
+        ),
         model=ModelConfig(model=args.model, dtype=args.dtype, device=args.device, cache_dir=args.cache_dir),
         engine=EngineConfig(
             max_batch_size=args.max_batch_size,
@@ -36,6 +44,28 @@ def _serve(args: argparse.Namespace) -> int:
         ),
     )
     asyncio.run(serve(config))
+    return 0
+
+
+def _worker(args: argparse.Namespace) -> int:
+    from memserve.models import ModelConfig
+    from memserve.worker import WorkerConfig, run_worker
+
+    if not args.redis_url:
+        raise ValueError(
+            "a standalone worker needs --redis-url (or $MEMSERVE_REDIS_URL); "
+            "a server on the embedded Redis runs its own worker"
+        )
+    run_worker(
+        args.redis_url,
+        ModelConfig(model=args.model, dtype=args.dtype, device=args.device, cache_dir=args.cache_dir),
+        WorkerConfig(
+            heartbeat_interval=args.heartbeat_interval,
+            claim_idle=args.claim_idle,
+            max_attempts=args.max_attempts,
+        ),
+        plugins=tuple(args.plugin),
+    )
     return 0
 
 
@@ -89,32 +119,27 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     serve = commands.add_parser("serve", help="run the gRPC server")
-    serve.add_argument(
-        "--model",
-        default="default",
-        help="'default' (SmolLM2-135M-Instruct, offline), a Hugging Face id or a local path",
-    )
+    _model_options(serve)
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: all interfaces)")
     serve.add_argument("--port", type=int, default=50051)
     serve.add_argument("--metrics-port", type=int, default=9464, help="Prometheus /metrics port; 0 = off")
+    _redis_option(serve, "default: an embedded Redis, persisted under --data-dir")
     serve.add_argument(
-        "--redis-url",
-        default=None,
-        help="memory store, e.g. redis://host:6379/0 (default: embedded Redis, once the store lands)",
-    )
-    serve.add_argument(
-        "--dtype",
-        default="auto",
-        choices=["auto", "fp32", "bf16", "fp16"],
-        help="auto = fp32 on CPU, bf16 on CUDA; fp16 is CUDA only",
-    )
-    serve.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    serve.add_argument(
-        "--cache-dir",
+        "--data-dir",
         type=Path,
         default=None,
-        help="where the converted default model lives (default: user cache dir or $MEMSERVE_CACHE_DIR)",
+        help="where the embedded Redis keeps memories and jobs (default: $MEMSERVE_DATA_DIR or the user data dir)",
     )
+    serve.add_argument(
+        "--cache-mb", type=_non_negative, default=1024, help="loaded memories kept ready (MiB)"
+    )
+    serve.add_argument(
+        "--workers",
+        type=_non_negative,
+        default=None,
+        help="trainer workers inside the server (default: 1 with the embedded Redis, 0 with --redis-url)",
+    )
+    _plugin_option(serve)
     serve.add_argument("--max-batch-size", type=int, default=16)
     serve.add_argument("--max-queue-size", type=int, default=64)
     serve.add_argument("--default-max-new-tokens", type=int, default=128)
@@ -133,6 +158,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     serve.set_defaults(run=_serve)
+
+    worker = commands.add_parser("worker", help="run a trainer worker against a Redis")
+    _model_options(worker)
+    _redis_option(worker, "required")
+    worker.add_argument("--heartbeat-interval", type=float, default=2.0, help="seconds between heartbeats")
+    worker.add_argument(
+        "--claim-idle", type=float, default=15.0, help="take over a job whose worker is silent this long (s)"
+    )
+    worker.add_argument(
+        "--max-attempts", type=int, default=3, help="fail a job whose workers died this often"
+    )
+    _plugin_option(worker)
+    worker.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    worker.set_defaults(run=_worker)
 
     generate = commands.add_parser("generate", help="generate text with a running server")
     generate.add_argument("prompt", help="the prompt; '-' reads it from standard input")
@@ -164,6 +203,45 @@ def _non_negative(text: str) -> int:
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
     return value
+
+
+def _model_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model",
+        default="default",
+        help="'default' (SmolLM2-135M-Instruct, offline), a Hugging Face id or a local path",
+    )
+    parser.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "fp32", "bf16", "fp16"],
+        help="auto = fp32 on CPU, bf16 on CUDA; fp16 is CUDA only",
+    )
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    parser.add_argument(
+        "--cache-dir",
+        type=Path,
+        default=None,
+        help="where the converted default model lives (default: user cache dir or $MEMSERVE_CACHE_DIR)",
+    )
+
+
+def _redis_option(parser: argparse.ArgumentParser, default: str) -> None:
+    parser.add_argument(
+        "--redis-url",
+        default=os.environ.get("MEMSERVE_REDIS_URL"),
+        help="the memory store: redis://host:6379/0, rediss://, unix:///path or redis+cluster://host:port "
+        f"(default: $MEMSERVE_REDIS_URL; {default})",
+    )
+
+
+def _plugin_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--plugin",
+        action="append",
+        default=[],
+        help="a module that registers extra memory kinds (repeatable; also $MEMSERVE_PLUGINS)",
+    )
 
 
 def _server_option(parser: argparse.ArgumentParser) -> None:

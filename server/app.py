@@ -15,8 +15,9 @@ from prometheus_client import start_http_server
 
 from memserve.engine import Engine, EngineConfig
 from memserve.interceptor import ErrorInterceptor
-from memserve.models import ModelConfig, load_model
+from memserve.models import LoadedModel, ModelConfig, load_model
 from memserve.service import GenerationService, JobService, MemoryService
+from memserve.store_runtime import StoreConfig, StoreRuntime
 from memserve.v1 import (
     generation_pb2,
     generation_pb2_grpc,
@@ -42,8 +43,8 @@ class ServerConfig:
     port: int = 50051
     metrics_port: int | None = 9464
     """Prometheus /metrics port; None = no metrics endpoint."""
-    redis_url: str | None = None
-    """The memory store; None = the embedded Redis (once the store lands)."""
+    store: StoreConfig | None = field(default_factory=StoreConfig)
+    """The memory store (Redis URL, cache, workers); None = serve without memories."""
     max_message_bytes: int = 16 << 20
     """Largest gRPC message either way; artifacts travel in chunks well below it."""
     shutdown_grace_seconds: float = 10.0
@@ -56,12 +57,18 @@ class RunningServer:
     """A started server; `port` is the bound port (useful with port 0)."""
 
     def __init__(
-        self, server: grpc.aio.Server, engine: Engine, health_servicer: health.aio.HealthServicer, port: int
+        self,
+        server: grpc.aio.Server,
+        engine: Engine,
+        health_servicer: health.aio.HealthServicer,
+        port: int,
+        runtime: StoreRuntime | None,
     ) -> None:
         self.server = server
         self.engine = engine
         self.health = health_servicer
         self.port = port
+        self.runtime = runtime
 
     async def stop(self, grace: float) -> None:
         """Refuses new requests at once, gives in-flight ones `grace` seconds, then ends them.
@@ -77,12 +84,12 @@ class RunningServer:
             await asyncio.sleep(0.05)
         await asyncio.to_thread(self.engine.stop)
         await transport
+        if self.runtime is not None:
+            await asyncio.to_thread(self.runtime.close)
 
 
 async def start_server(config: ServerConfig) -> RunningServer:
     started = time.perf_counter()
-    if config.redis_url:
-        log.warning("--redis-url is accepted but not used yet: the memory store lands in a later release")
     loaded = await asyncio.to_thread(load_model, config.model)
     log.info(
         "loaded %s (%s, %s) in %.1f s",
@@ -92,6 +99,21 @@ async def start_server(config: ServerConfig) -> RunningServer:
         time.perf_counter() - started,
     )
     engine = Engine(loaded.model, loaded.tokenizer, config.engine)
+    loop = asyncio.get_running_loop()
+    runtime = None
+    if config.store is not None:
+        runtime = await asyncio.to_thread(StoreRuntime, config.store, loaded, engine.hooks, loop)
+    try:
+        return await _start(config, loaded, engine, runtime, started)
+    except BaseException:
+        if runtime is not None:
+            await asyncio.to_thread(runtime.close)
+        raise
+
+
+async def _start(
+    config: ServerConfig, loaded: LoadedModel, engine: Engine, runtime: StoreRuntime | None, started: float
+) -> RunningServer:
     server = grpc.aio.server(
         interceptors=[ErrorInterceptor()],
         options=[
@@ -101,9 +123,12 @@ async def start_server(config: ServerConfig) -> RunningServer:
             ("grpc.so_reuseport", 0),
         ],
     )
-    generation_pb2_grpc.add_GenerationServiceServicer_to_server(GenerationService(engine, loaded), server)
-    memory_pb2_grpc.add_MemoryServiceServicer_to_server(MemoryService(), server)
-    jobs_pb2_grpc.add_JobServiceServicer_to_server(JobService(), server)
+    generation_pb2_grpc.add_GenerationServiceServicer_to_server(
+        GenerationService(engine, loaded, runtime), server
+    )
+    if runtime is not None:
+        memory_pb2_grpc.add_MemoryServiceServicer_to_server(MemoryService(runtime), server)
+        jobs_pb2_grpc.add_JobServiceServicer_to_server(JobService(runtime), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
@@ -140,7 +165,7 @@ async def start_server(config: ServerConfig) -> RunningServer:
         port,
         time.perf_counter() - started,
     )
-    return RunningServer(server, engine, health_servicer, port)
+    return RunningServer(server, engine, health_servicer, port, runtime)
 
 
 async def serve(config: ServerConfig) -> None:

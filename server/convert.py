@@ -8,8 +8,12 @@ from __future__ import annotations
 
 import math
 import time
+from typing import Any
 
+from google.protobuf.json_format import MessageToDict
 from google.protobuf.message import Message
+from google.protobuf.struct_pb2 import Struct
+from google.protobuf.timestamp_pb2 import Timestamp
 from google.protobuf.unknown_fields import UnknownFieldSet
 from transformers import PreTrainedTokenizerBase
 
@@ -21,9 +25,13 @@ from memserve.engine import (
     StoppingParams,
     TokenEvent,
 )
-from memserve.errors import InvalidArgument, Unimplemented
+from memserve.errors import InvalidArgument
+from memserve.kinds import MemoryKey, MemoryRefSpec
+from memserve.memory_store.artifact import MemoryMeta, check_name
+from memserve.memory_store.jobs import Job, JobState
 from memserve.sampling import SamplingParams
 from memserve.v1 import generation_pb2 as pb
+from memserve.v1 import jobs_pb2, memory_pb2, memory_ref_pb2
 
 MAX_STOP_SEQUENCES = 16
 MAX_STOP_SEQUENCE_CHARS = 256
@@ -77,11 +85,6 @@ def generation_request_from_pb(
         )
     if len(request.request_id) > MAX_REQUEST_ID_CHARS:
         raise InvalidArgument(f"request_id is longer than {MAX_REQUEST_ID_CHARS} characters")
-    if request.memories:
-        raise Unimplemented(
-            "memory references are not served yet: the memory store and the memory kinds "
-            "land in later releases; send the request without `memories`"
-        )
     if request.response.top_logprobs > MAX_TOP_LOGPROBS:
         raise InvalidArgument(
             f"response.top_logprobs must be at most {MAX_TOP_LOGPROBS}, got {request.response.top_logprobs}"
@@ -162,3 +165,129 @@ def token_to_pb(event: TokenEvent) -> pb.Token:
 
 def usage_to_pb(event: FinishedEvent) -> pb.Usage:
     return pb.Usage(prompt_tokens=event.prompt_tokens, generated_tokens=event.generated_tokens)
+
+
+MAX_SCALE = 100.0
+MAX_DOCREP_VALUES = 1024
+MAX_MIX_DOCUMENTS = 16
+
+
+def memory_refs_from_pb(refs: Any) -> list[MemoryRefSpec]:
+    """Checks the shape of each reference; the store and the kinds check the rest."""
+    return [_memory_ref_from_pb(ref, f"memories[{i}]") for i, ref in enumerate(refs)]
+
+
+def _memory_ref_from_pb(ref: memory_ref_pb2.MemoryRef, where: str) -> MemoryRefSpec:
+    scale = ref.scale if ref.HasField("scale") else 1.0
+    if not math.isfinite(scale) or abs(scale) > MAX_SCALE:
+        raise InvalidArgument(f"{where}.scale must be finite and within ±{MAX_SCALE:g}, got {scale}")
+    target = ref.WhichOneof("target")
+    if target is None:
+        raise InvalidArgument(f"{where} names no memory: set document, local, adapter or name")
+    key = None
+    if target == "document":
+        name, kind = ref.document.bank, "document"
+        key = _document_key(ref.document, where)
+    elif target == "local":
+        name, kind = ref.local.set, "local"
+    elif target == "adapter":
+        name, kind = ref.adapter.name, "adapter"
+    else:
+        name, kind = ref.name, None
+    check_name(name, f"{where}: memory name")
+    return MemoryRefSpec(name=name, kind=kind, version=ref.version, scale=scale, key=key)
+
+
+def _document_key(ref: memory_ref_pb2.DocumentRef, where: str) -> MemoryKey:
+    which = ref.WhichOneof("key")
+    if which == "document_id":
+        check_name(ref.document_id, f"{where}.document.document_id")
+        return MemoryKey(document_id=ref.document_id)
+    if which == "docrep":
+        values = tuple(ref.docrep.values)
+        if not values or len(values) > MAX_DOCREP_VALUES:
+            raise InvalidArgument(f"{where}.document.docrep must have 1 to {MAX_DOCREP_VALUES} values")
+        if not all(math.isfinite(v) for v in values):
+            raise InvalidArgument(f"{where}.document.docrep has NaN or infinite values")
+        return MemoryKey(docrep=values)
+    if which == "mix":
+        parts = tuple((d.document_id, d.weight) for d in ref.mix.documents)
+        if not 1 <= len(parts) <= MAX_MIX_DOCUMENTS:
+            raise InvalidArgument(f"{where}.document.mix must name 1 to {MAX_MIX_DOCUMENTS} documents")
+        for document_id, weight in parts:
+            check_name(document_id, f"{where}.document.mix: document_id")
+            if not math.isfinite(weight) or weight < 0:
+                raise InvalidArgument(f"{where}.document.mix weights must be finite and >= 0, got {weight}")
+        if sum(w for _, w in parts) <= 0:
+            raise InvalidArgument(f"{where}.document.mix weights sum to 0: give at least one a weight")
+        return MemoryKey(mix=parts)
+    raise InvalidArgument(f"{where}.document names no key: set document_id, docrep or mix")
+
+
+def _timestamp(seconds: float) -> Timestamp | None:
+    if not seconds:
+        return None
+    stamp = Timestamp()
+    stamp.FromNanoseconds(int(seconds * 1e9))
+    return stamp
+
+
+def _struct(data: dict[str, Any]) -> Struct:
+    struct = Struct()
+    struct.update(data)
+    return struct
+
+
+def memory_info_to_pb(meta: MemoryMeta, versions: list[int] | None = None) -> memory_pb2.MemoryInfo:
+    return memory_pb2.MemoryInfo(
+        name=meta.name,
+        kind=meta.kind,
+        version=meta.version,
+        tenant=meta.tenant,
+        base_model=meta.base_model,
+        sha256=meta.sha256,
+        size_bytes=meta.size_bytes,
+        hyperparameters=_struct(meta.hyperparameters),
+        metrics=_struct(meta.metrics),
+        created_at=_timestamp(meta.created_at),
+        source_job=meta.source_job,
+        versions=versions or [meta.version],
+        details=_struct(meta.details),
+    )
+
+
+JOB_STATES = {
+    JobState.QUEUED: jobs_pb2.JOB_STATE_QUEUED,
+    JobState.RUNNING: jobs_pb2.JOB_STATE_RUNNING,
+    JobState.SUCCEEDED: jobs_pb2.JOB_STATE_SUCCEEDED,
+    JobState.FAILED: jobs_pb2.JOB_STATE_FAILED,
+    JobState.CANCELLED: jobs_pb2.JOB_STATE_CANCELLED,
+}
+JOB_STATES_FROM_PB = {v: k for k, v in JOB_STATES.items()}
+
+
+def job_to_pb(job: Job) -> jobs_pb2.Job:
+    progress = job.progress
+    return jobs_pb2.Job(
+        id=job.id,
+        kind=job.kind,
+        memory_name=job.memory_name,
+        state=JOB_STATES[job.state],
+        progress=jobs_pb2.JobProgress(
+            step=progress.step,
+            total=progress.total,
+            loss=progress.loss,
+            eta_seconds=progress.eta_seconds,
+            message=progress.message,
+        ),
+        error=job.error,
+        result_version=job.result_version,
+        created_at=_timestamp(job.created_at),
+        started_at=_timestamp(job.started_at),
+        finished_at=_timestamp(job.finished_at),
+        worker=job.worker,
+    )
+
+
+def struct_to_dict(struct: Struct) -> dict[str, Any]:
+    return MessageToDict(struct)

@@ -17,6 +17,7 @@ is a single attribute check, and a site no memory has used has no hook at all.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -128,7 +129,9 @@ class MemoryHooks:
 
     def __init__(self, model: nn.Module) -> None:
         self.sites = find_sites(model)
-        self._context: MemoryContext | None = None
+        # Per thread: a trainer running the same model in another thread (the
+        # in-process worker) must never see the serving engine's routing.
+        self._local = threading.local()
         self._handles: dict[tuple[int, Site], torch.utils.hooks.RemovableHandle] = {}
 
     @property
@@ -169,11 +172,11 @@ class MemoryHooks:
                     self.install(layer, site)
                 except ValueError as exc:  # blame the memory that asked for a site that does not exist
                     raise MemoryHookError(bound[0].memory, f"at layer {layer} ({site.value})", exc) from exc
-        self._context = context if context else None
+        self._local.context = context if context else None
         try:
             yield
         finally:
-            self._context = None
+            self._local.context = None
 
     def remove(self) -> None:
         for handle in self._handles.values():
@@ -182,7 +185,7 @@ class MemoryHooks:
 
     def _block_hook(self, layer: int) -> Callable[..., Any]:
         def hook(module: nn.Module, args: Any, output: Any) -> Any:
-            context = self._context
+            context = getattr(self._local, "context", None)
             if context is None or (layer, Site.RESIDUAL) not in context.ops:
                 return None
             # Most blocks return the hidden states; some (older GPT-2) a tuple led by them.
@@ -194,7 +197,7 @@ class MemoryHooks:
 
     def _input_hook(self, layer: int, site: Site) -> Callable[..., Any]:
         def hook(module: nn.Module, args: Sequence[Any]) -> Any:
-            context = self._context
+            context = getattr(self._local, "context", None)
             if context is None or (layer, site) not in context.ops:
                 return None
             return (_apply(context, layer, site, args[0]), *args[1:])

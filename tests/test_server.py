@@ -18,6 +18,7 @@ from memserve.clients import AsyncClient, Client
 from memserve.clients.cli import main as cli_main
 from memserve.engine import EngineConfig
 from memserve.models import ModelConfig
+from memserve.store_runtime import StoreConfig
 from memserve.v1 import generation_pb2 as pb
 from memserve.v1 import jobs_pb2, jobs_pb2_grpc, memory_pb2, memory_pb2_grpc, memory_ref_pb2
 
@@ -42,10 +43,12 @@ class ServerThread:
         self.thread.join(10)
 
 
-def tiny_server_config(model_dir, **engine: int) -> ServerConfig:
+def tiny_server_config(model_dir, store: StoreConfig | None = None, **engine: int) -> ServerConfig:
+    """A server on the tiny Llama; without `store`, it serves without memories."""
     return ServerConfig(
         port=0,
         metrics_port=None,
+        store=store,
         model=ModelConfig(model=str(model_dir), device="cpu"),
         engine=EngineConfig(max_new_tokens_limit=2000, **engine),
     )

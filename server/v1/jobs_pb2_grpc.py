@@ -55,6 +55,11 @@ class JobServiceStub:
                 request_serializer=memserve_dot_v1_dot_jobs__pb2.ListJobsRequest.SerializeToString,
                 response_deserializer=memserve_dot_v1_dot_jobs__pb2.ListJobsResponse.FromString,
                 _registered_method=True)
+        self.SubmitJob = channel.unary_unary(
+                '/memserve.v1.JobService/SubmitJob',
+                request_serializer=memserve_dot_v1_dot_jobs__pb2.SubmitJobRequest.SerializeToString,
+                response_deserializer=memserve_dot_v1_dot_jobs__pb2.Job.FromString,
+                _registered_method=True)
 
 
 class JobServiceServicer:
@@ -89,6 +94,15 @@ class JobServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SubmitJob(self, request, context):
+        """Queues a training job of any registered memory kind from a kind-specific
+        spec. The built-in kinds also have typed Register* RPCs in MemoryService;
+        this is how plugin kinds are trained.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_JobServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -111,6 +125,11 @@ def add_JobServiceServicer_to_server(servicer, server):
                     servicer.ListJobs,
                     request_deserializer=memserve_dot_v1_dot_jobs__pb2.ListJobsRequest.FromString,
                     response_serializer=memserve_dot_v1_dot_jobs__pb2.ListJobsResponse.SerializeToString,
+            ),
+            'SubmitJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.SubmitJob,
+                    request_deserializer=memserve_dot_v1_dot_jobs__pb2.SubmitJobRequest.FromString,
+                    response_serializer=memserve_dot_v1_dot_jobs__pb2.Job.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -221,6 +240,33 @@ class JobService:
             '/memserve.v1.JobService/ListJobs',
             memserve_dot_v1_dot_jobs__pb2.ListJobsRequest.SerializeToString,
             memserve_dot_v1_dot_jobs__pb2.ListJobsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SubmitJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/memserve.v1.JobService/SubmitJob',
+            memserve_dot_v1_dot_jobs__pb2.SubmitJobRequest.SerializeToString,
+            memserve_dot_v1_dot_jobs__pb2.Job.FromString,
             options,
             channel_credentials,
             insecure,

@@ -52,15 +52,17 @@ class AdapterRef(_message.Message):
     def __init__(self, name: _Optional[str] = ...) -> None: ...
 
 class MemoryRef(_message.Message):
-    __slots__ = ("document", "local", "adapter", "scale", "version")
+    __slots__ = ("document", "local", "adapter", "name", "scale", "version")
     DOCUMENT_FIELD_NUMBER: _ClassVar[int]
     LOCAL_FIELD_NUMBER: _ClassVar[int]
     ADAPTER_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
     SCALE_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     document: DocumentRef
     local: LocalMemoryRef
     adapter: AdapterRef
+    name: str
     scale: float
     version: int
-    def __init__(self, document: _Optional[_Union[DocumentRef, _Mapping]] = ..., local: _Optional[_Union[LocalMemoryRef, _Mapping]] = ..., adapter: _Optional[_Union[AdapterRef, _Mapping]] = ..., scale: _Optional[float] = ..., version: _Optional[int] = ...) -> None: ...
+    def __init__(self, document: _Optional[_Union[DocumentRef, _Mapping]] = ..., local: _Optional[_Union[LocalMemoryRef, _Mapping]] = ..., adapter: _Optional[_Union[AdapterRef, _Mapping]] = ..., name: _Optional[str] = ..., scale: _Optional[float] = ..., version: _Optional[int] = ...) -> None: ...

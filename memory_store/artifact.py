@@ -1,0 +1,144 @@
+"""Memory artifacts: tensors as safetensors, metadata as JSON, and the export file.
+
+An artifact is immutable once published. Its tensor blob is a safetensors file
+(never a pickle); its sha256 is taken over that blob and checked on every load,
+so a corrupted blob is refused instead of applied. The export file is a single
+safetensors file whose header also carries the metadata, so one file describes
+itself and any safetensors reader can open it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import time
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+
+from memserve.errors import DataLoss, InvalidArgument
+
+FORMAT_VERSION = 1
+EXPORT_METADATA_KEY = "memserve.meta"
+
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+TENANT_PATTERN = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
+DEFAULT_TENANT = "default"
+
+
+def check_name(name: str, what: str = "memory name") -> str:
+    if not NAME_PATTERN.fullmatch(name):
+        raise InvalidArgument(
+            f"{what} {name!r} is not valid: use 1-128 letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit"
+        )
+    return name
+
+
+def check_tenant(tenant: str) -> str:
+    if not TENANT_PATTERN.fullmatch(tenant):
+        raise InvalidArgument(
+            f"tenant {tenant!r} is not valid: use 1-63 lowercase letters, digits, '_' or '-', "
+            "starting with a letter or digit"
+        )
+    return tenant
+
+
+@dataclass(frozen=True)
+class MemoryMeta:
+    """What the store keeps beside a memory's tensors (JSON, never pickled)."""
+
+    kind: str
+    name: str
+    base_model: str
+    tenant: str = DEFAULT_TENANT
+    version: int = 0  # assigned when published
+    sha256: str = ""  # of the tensor blob, set by `encode`
+    size_bytes: int = 0
+    hyperparameters: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    details: dict[str, Any] = field(default_factory=dict)
+    created_at: float = 0.0
+    source_job: str = ""
+    format_version: int = FORMAT_VERSION
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True, allow_nan=False)
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> MemoryMeta:
+        try:
+            data = json.loads(text)
+            known = {f for f in cls.__dataclass_fields__}
+            return cls(**{k: v for k, v in data.items() if k in known})
+        except (ValueError, TypeError) as exc:
+            raise DataLoss(f"memory metadata is not valid JSON of a memory: {exc}") from exc
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """One memory version: metadata and its tensors (on the CPU, as stored)."""
+
+    meta: MemoryMeta
+    tensors: dict[str, torch.Tensor]
+
+
+def encode(meta: MemoryMeta, tensors: dict[str, torch.Tensor]) -> tuple[MemoryMeta, bytes]:
+    """Serialises the tensors; returns the metadata completed with sha256, size and time."""
+    if not tensors:
+        raise InvalidArgument("a memory needs at least one tensor")
+    blob = save_safetensors({k: v.detach().contiguous().cpu() for k, v in tensors.items()})
+    meta = replace(
+        meta,
+        sha256=hashlib.sha256(blob).hexdigest(),
+        size_bytes=len(blob),
+        created_at=meta.created_at or time.time(),
+    )
+    return meta, blob
+
+
+def decode(meta: MemoryMeta, blob: bytes) -> Artifact:
+    """Checks the blob against the metadata's sha256, then reads it (DATA_LOSS if either fails)."""
+    digest = hashlib.sha256(blob).hexdigest()
+    if digest != meta.sha256:
+        raise DataLoss(
+            f"memory {meta.name!r} version {meta.version} is corrupted: its blob has sha256 "
+            f"{digest[:12]}…, its metadata says {meta.sha256[:12]}…; it was not applied"
+        )
+    try:
+        tensors = load_safetensors(blob)
+    except (SafetensorError, ValueError) as exc:
+        raise DataLoss(
+            f"memory {meta.name!r} version {meta.version} is not a valid safetensors blob"
+        ) from exc
+    return Artifact(meta, tensors)
+
+
+def export_bytes(artifact: Artifact) -> bytes:
+    """One self-describing file: the tensors, with the metadata in the safetensors header."""
+    metadata = {EXPORT_METADATA_KEY: artifact.meta.to_json()}
+    return save_safetensors(dict(artifact.tensors), metadata=metadata)
+
+
+def import_bytes(data: bytes) -> Artifact:
+    """Reads an export file; the tensors are checked against the sha256 the file carries."""
+    try:
+        header_size = int.from_bytes(data[:8], "little")
+        header = json.loads(data[8 : 8 + header_size])
+        meta = MemoryMeta.from_json(header["__metadata__"][EXPORT_METADATA_KEY])
+        tensors = load_safetensors(data)
+    except (SafetensorError, ValueError, KeyError, TypeError) as exc:
+        raise InvalidArgument(
+            f"not a memserve export file (a safetensors file with memserve metadata in its header): {exc}"
+        ) from exc
+    checked, _ = encode(meta, tensors)
+    if checked.sha256 != meta.sha256:
+        raise DataLoss(
+            f"the export file of {meta.name!r} is corrupted: its tensors do not match the sha256 it carries"
+        )
+    return Artifact(meta, tensors)

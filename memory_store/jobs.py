@@ -1,0 +1,368 @@
+"""Training jobs on Redis Streams.
+
+- ``memserve:{jobs}:stream``: one entry per queued job, read by the consumer
+  group ``workers``. An entry stays pending until its worker acknowledges it;
+  a running worker heartbeats by re-claiming its own entry (which resets the
+  entry's idle time), so an entry idle for longer than ``claim_idle`` belongs to
+  a dead worker and another worker takes it over with XAUTOCLAIM.
+- ``memserve:{jobs}:job:<id>``: the job record (hash), the source of truth for
+  its state. Every state change goes through a Lua script that checks who owns
+  the job, so a worker that was presumed dead cannot overwrite its successor.
+- ``memserve:{jobs}:index``: job ids by creation time, for listing.
+- ``memserve:{jobs}:worker:<name>``: one key per live worker, expiring unless
+  refreshed.
+- channel ``memserve:jobs``: the id of each job whose record changed.
+
+All job keys share the ``{jobs}`` hash tag: one Redis Cluster slot.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+from redis.exceptions import RedisError, ResponseError
+
+from memserve.errors import FailedPrecondition, InvalidArgument, NotFound
+from memserve.memory_store.artifact import DEFAULT_TENANT
+from memserve.memory_store.redis_store import RedisClient, unavailable
+
+JOBS_CHANNEL = "memserve:jobs"
+STREAM = "memserve:{jobs}:stream"
+INDEX = "memserve:{jobs}:index"
+GROUP = "workers"
+WORKER_PREFIX = "memserve:{jobs}:worker:"
+
+
+def job_key(job_id: str) -> str:
+    return f"memserve:{{jobs}}:job:{job_id}"
+
+
+class JobState(StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def final(self) -> bool:
+        return self in (JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED)
+
+
+@dataclass(frozen=True)
+class Progress:
+    step: int = 0
+    total: int = 0
+    loss: float = 0.0
+    eta_seconds: float = 0.0
+    message: str = ""
+
+
+@dataclass(frozen=True)
+class Job:
+    id: str
+    kind: str
+    tenant: str
+    memory_name: str
+    state: JobState
+    spec: dict[str, Any] = field(repr=False, default_factory=dict)
+    progress: Progress = Progress()
+    error: str = ""
+    result_version: int = 0
+    created_at: float = 0.0
+    started_at: float = 0.0
+    finished_at: float = 0.0
+    worker: str = ""
+    attempts: int = 0
+    cancel_requested: bool = False
+
+    @classmethod
+    def from_hash(cls, data: dict[bytes, bytes]) -> Job:
+        get = {k.decode(): v.decode() for k, v in data.items()}
+        progress = json.loads(get.get("progress") or "{}")
+        return cls(
+            id=get["id"],
+            kind=get["kind"],
+            tenant=get.get("tenant", DEFAULT_TENANT),
+            memory_name=get["memory_name"],
+            state=JobState(get["state"]),
+            spec=json.loads(get.get("spec") or "{}"),
+            progress=Progress(**progress),
+            error=get.get("error", ""),
+            result_version=int(get.get("result_version") or 0),
+            created_at=float(get.get("created_at") or 0),
+            started_at=float(get.get("started_at") or 0),
+            finished_at=float(get.get("finished_at") or 0),
+            worker=get.get("worker", ""),
+            attempts=int(get.get("attempts") or 0),
+            cancel_requested=get.get("cancel") == "1",
+        )
+
+
+# Starts an attempt. KEYS[1] the job; ARGV: worker, now, max attempts.
+# Returns 'run', or 'skip' when the job must not run (final, cancelled, or out of attempts).
+_START = """
+local state = redis.call('HGET', KEYS[1], 'state')
+if not state or state == 'succeeded' or state == 'failed' or state == 'cancelled' then
+  return 'skip'
+end
+if redis.call('HGET', KEYS[1], 'cancel') == '1' then
+  redis.call('HSET', KEYS[1], 'state', 'cancelled', 'finished_at', ARGV[2])
+  return 'skip'
+end
+local attempts = redis.call('HINCRBY', KEYS[1], 'attempts', 1)
+if attempts > tonumber(ARGV[3]) then
+  redis.call('HSET', KEYS[1], 'state', 'failed', 'finished_at', ARGV[2], 'error',
+    'gave up after ' .. ARGV[3] .. ' attempts: the workers running it died')
+  return 'skip'
+end
+redis.call('HSET', KEYS[1], 'state', 'running', 'worker', ARGV[1])
+if not redis.call('HGET', KEYS[1], 'started_at') then
+  redis.call('HSET', KEYS[1], 'started_at', ARGV[2])
+end
+return 'run'
+"""
+
+# Updates a running job this worker owns. KEYS[1] the job; ARGV: worker, then
+# field/value pairs. Returns 'ok', 'cancel' (cancellation was asked for; nothing
+# written) or 'lost' (another worker owns it now, or it is final).
+_UPDATE = """
+if redis.call('HGET', KEYS[1], 'worker') ~= ARGV[1] or redis.call('HGET', KEYS[1], 'state') ~= 'running' then
+  return 'lost'
+end
+if redis.call('HGET', KEYS[1], 'cancel') == '1' then return 'cancel' end
+for i = 2, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+return 'ok'
+"""
+
+# Ends a running job this worker owns. KEYS[1] the job; ARGV: worker, then field/value pairs.
+_FINISH = """
+if redis.call('HGET', KEYS[1], 'worker') ~= ARGV[1] or redis.call('HGET', KEYS[1], 'state') ~= 'running' then
+  return 'lost'
+end
+for i = 2, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+return 'ok'
+"""
+
+# Cancels: a queued job at once; a running one is flagged for its worker.
+_CANCEL = """
+local state = redis.call('HGET', KEYS[1], 'state')
+if not state then return 'missing' end
+if state == 'queued' then
+  redis.call('HSET', KEYS[1], 'state', 'cancelled', 'cancel', '1', 'finished_at', ARGV[1])
+  return 'cancelled'
+end
+if state == 'running' then redis.call('HSET', KEYS[1], 'cancel', '1') end
+return state
+"""
+
+
+class JobQueue:
+    """The Redis side of jobs: what servers (submit, read, cancel) and workers (claim, report) do."""
+
+    def __init__(self, client: RedisClient, *, retention_seconds: float = 7 * 24 * 3600) -> None:
+        self.client = client
+        self.retention_seconds = retention_seconds
+        self._start = client.register_script(_START)
+        self._update = client.register_script(_UPDATE)
+        self._finish = client.register_script(_FINISH)
+        self._cancel = client.register_script(_CANCEL)
+        self._group_ready = False
+
+    def ensure_group(self) -> None:
+        if self._group_ready:
+            return
+        try:
+            self.client.xgroup_create(STREAM, GROUP, id="0", mkstream=True)
+        except ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+        except RedisError as exc:
+            raise unavailable(exc) from exc
+        self._group_ready = True
+
+    # --- servers ------------------------------------------------------------
+    def submit(
+        self, kind: str, memory_name: str, spec: dict[str, Any], *, tenant: str = DEFAULT_TENANT
+    ) -> Job:
+        self.ensure_group()
+        job_id = uuid.uuid4().hex[:16]
+        now = time.time()
+        record = {
+            "id": job_id,
+            "kind": kind,
+            "tenant": tenant,
+            "memory_name": memory_name,
+            "state": JobState.QUEUED.value,
+            "spec": json.dumps(spec, allow_nan=False),
+            "created_at": repr(now),
+        }
+        try:
+            self.client.hset(job_key(job_id), mapping=record)
+            self.client.zadd(INDEX, {job_id: now})
+            self.client.xadd(STREAM, {"job": job_id})
+        except RedisError as exc:
+            raise unavailable(exc) from exc
+        self._notify(job_id)
+        return self.get(job_id)
+
+    def get(self, job_id: str) -> Job:
+        if not job_id or len(job_id) > 64:
+            raise InvalidArgument("job_id is empty or too long")
+        try:
+            data = self.client.hgetall(job_key(job_id))
+        except RedisError as exc:
+            raise unavailable(exc) from exc
+        if not data:
+            raise NotFound(f"job {job_id!r} does not exist (or has expired)")
+        return Job.from_hash(data)
+
+    def cancel(self, job_id: str) -> Job:
+        try:
+            outcome = self._cancel(keys=[job_key(job_id)], args=[repr(time.time())])
+        except RedisError as exc:
+            raise unavailable(exc) from exc
+        if outcome == b"missing":
+            raise NotFound(f"job {job_id!r} does not exist (or has expired)")
+        self._notify(job_id)
+        return self.get(job_id)
+
+    def list(
+        self, *, state: JobState | None = None, kind: str = "", tenant: str | None = None,
+        page_size: int = 50, page_token: str = "",
+    ) -> tuple[list[Job], str]:  # fmt: skip
+        """Newest first; `page_token` is the offset into the index."""
+        if page_size <= 0:
+            raise InvalidArgument("page_size must be positive")
+        try:
+            offset = int(page_token or 0)
+        except ValueError:
+            raise InvalidArgument(f"page_token {page_token!r} is not one this server gave") from None
+        jobs: list[Job] = []
+        try:
+            while len(jobs) < page_size:
+                ids = self.client.zrevrange(INDEX, offset, offset + page_size - 1)
+                if not ids:
+                    return jobs, ""
+                for raw in ids:
+                    offset += 1
+                    data = self.client.hgetall(job_key(raw.decode()))
+                    if not data:  # expired: forget it
+                        self.client.zrem(INDEX, raw)
+                        offset -= 1
+                        continue
+                    job = Job.from_hash(data)
+                    if (
+                        (state is None or job.state == state)
+                        and (not kind or job.kind == kind)
+                        and (tenant is None or job.tenant == tenant)
+                    ):
+                        jobs.append(job)
+                        if len(jobs) == page_size:
+                            break
+            more = self.client.zrevrange(INDEX, offset, offset)
+        except RedisError as exc:
+            raise unavailable(exc) from exc
+        return jobs, str(offset) if more else ""
+
+    def depth(self) -> int:
+        """Jobs waiting for a worker (not yet delivered to any)."""
+        try:
+            return sum(int(g.get("lag") or 0) for g in self.client.xinfo_groups(STREAM))
+        except ResponseError:
+            return 0
+
+    def workers_alive(self) -> list[str]:
+        try:
+            return sorted(
+                k.decode()[len(WORKER_PREFIX) :] for k in self.client.scan_iter(f"{WORKER_PREFIX}*")
+            )
+        except RedisError as exc:
+            raise unavailable(exc) from exc
+
+    def _notify(self, job_id: str) -> None:
+        try:
+            self.client.publish(JOBS_CHANNEL, job_id)
+        except RedisError:
+            pass  # watchers also poll
+
+    # --- workers ------------------------------------------------------------
+    def next_entry(self, consumer: str, *, claim_idle: float, block: float) -> tuple[str, str] | None:
+        """(stream entry id, job id) of a job to run: first one a dead worker left, else a new one."""
+        self.ensure_group()
+        try:
+            reclaimed = self.client.xautoclaim(
+                STREAM, GROUP, consumer, min_idle_time=int(claim_idle * 1000), start_id="0-0", count=1
+            )
+            for entry in reclaimed[1]:
+                if entry and entry[1]:
+                    return entry[0].decode(), entry[1][b"job"].decode()
+            delivered = self.client.xreadgroup(
+                GROUP, consumer, {STREAM: ">"}, count=1, block=int(block * 1000)
+            )
+        except RedisError as exc:
+            raise unavailable(exc) from exc
+        for _stream, entries in delivered or ():
+            for entry_id, fields in entries:
+                return entry_id.decode(), fields[b"job"].decode()
+        return None
+
+    def heartbeat(self, consumer: str, entry_id: str | None, ttl: float) -> None:
+        """Says this worker is alive, and that it still runs `entry_id` (resets its idle time)."""
+        self.client.set(WORKER_PREFIX + consumer, repr(time.time()), px=int(ttl * 1000))
+        if entry_id is not None:
+            self.client.xclaim(STREAM, GROUP, consumer, 0, [entry_id], justid=True)
+
+    def leave(self, consumer: str) -> None:
+        try:
+            self.client.delete(WORKER_PREFIX + consumer)
+            self.client.xgroup_delconsumer(STREAM, GROUP, consumer)
+        except RedisError:
+            pass
+
+    def start_attempt(self, job_id: str, consumer: str, max_attempts: int) -> bool:
+        outcome = self._start(keys=[job_key(job_id)], args=[consumer, repr(time.time()), max_attempts])
+        self._notify(job_id)
+        return bool(outcome == b"run")
+
+    def report(self, job_id: str, consumer: str, progress: Progress) -> str:
+        """Writes progress; returns 'ok', 'cancel' or 'lost' (see _UPDATE)."""
+        payload = json.dumps(progress.__dict__, allow_nan=False)
+        outcome = self._update(keys=[job_key(job_id)], args=[consumer, "progress", payload]).decode()
+        if outcome == "ok":
+            self._notify(job_id)
+        return str(outcome)
+
+    def finish(
+        self, job_id: str, entry_id: str, consumer: str, state: JobState, *, error: str = "",
+        result_version: int = 0, progress: Progress | None = None,
+    ) -> bool:  # fmt: skip
+        """Ends the job (if this worker still owns it) and acknowledges its stream entry."""
+        fields: list[str] = ["state", state.value, "finished_at", repr(time.time())]
+        if error:
+            fields += ["error", error[:4000]]
+        if result_version:
+            fields += ["result_version", str(result_version)]
+        if progress is not None:
+            fields += ["progress", json.dumps(progress.__dict__, allow_nan=False)]
+        owned = self._finish(keys=[job_key(job_id)], args=[consumer, *fields]) == b"ok"
+        if owned:
+            self.client.expire(job_key(job_id), int(self.retention_seconds))
+        self.acknowledge(entry_id)
+        self._notify(job_id)
+        return bool(owned)
+
+    def acknowledge(self, entry_id: str) -> None:
+        self.client.xack(STREAM, GROUP, entry_id)
+        self.client.xdel(STREAM, entry_id)
+
+    def require_group(self) -> None:
+        try:
+            self.ensure_group()
+        except ResponseError as exc:
+            raise FailedPrecondition(f"the job stream cannot be used: {exc}") from exc

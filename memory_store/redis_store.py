@@ -1,0 +1,397 @@
+"""The memory store on Redis (standalone ≥ 6.2 or Redis Cluster).
+
+Key layout, per tenant ``t`` and memory name ``n`` (the braces are a Redis
+Cluster hash tag: one memory's keys live on one slot, so its Lua script runs
+on one node):
+
+- ``memserve:m:{t/n}:meta``  hash: ``current`` → version, ``next`` → last
+  allocated version, ``v<N>`` → metadata JSON of version N, ``job:<id>`` → the
+  version that job published (so a retried job never publishes twice);
+- ``memserve:m:{t/n}:blob:<sha256>``  the safetensors blob, content-addressed:
+  it is written before the version that points to it, so a reader never sees a
+  version without its blob;
+- ``memserve:idx:{t}``  sorted set of the tenant's names (all scores 0: listing
+  by prefix is a lexicographic range);
+- channel ``memserve:changes``  one JSON message per published or deleted version.
+
+Nothing read from Redis is ever unpickled: metadata is JSON, tensors are safetensors.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import Any
+
+import redis
+from redis.backoff import ExponentialBackoff
+from redis.cluster import RedisCluster
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.retry import Retry
+
+from memserve.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from memserve.memory_store.artifact import (
+    DEFAULT_TENANT,
+    Artifact,
+    MemoryMeta,
+    check_name,
+    check_tenant,
+    decode,
+    encode,
+)
+
+log = logging.getLogger(__name__)
+
+CHANGES_CHANNEL = "memserve:changes"
+CLUSTER_SCHEME = "redis+cluster://"
+
+RedisClient = redis.Redis | RedisCluster
+
+# Atomic publish of one version: KEYS[1] the memory's meta hash, KEYS[2] its blob.
+# ARGV: job id ('' = none), metadata JSON, make-current flag. The JSON is stored
+# as sent (a Lua re-encode would turn [] into {} and round floats); the version
+# is the field's name and is filled in when read.
+_PUBLISH = """
+if ARGV[1] ~= '' then
+  local done = redis.call('HGET', KEYS[1], 'job:' .. ARGV[1])
+  if done then return {tonumber(done), 0} end
+end
+if redis.call('EXISTS', KEYS[2]) == 0 then
+  return redis.error_reply('blob missing')
+end
+local version = redis.call('HINCRBY', KEYS[1], 'next', 1)
+redis.call('HSET', KEYS[1], 'v' .. version, ARGV[2])
+if ARGV[3] == '1' then redis.call('HSET', KEYS[1], 'current', version) end
+if ARGV[1] ~= '' then redis.call('HSET', KEYS[1], 'job:' .. ARGV[1], version) end
+return {version, 1}
+"""
+
+# Deletes version ARGV[1] (or all when '0') of KEYS[1]; returns the blob shas no
+# longer referenced and the count deleted. `current` moves to the newest remaining.
+_DELETE = """
+local fields = redis.call('HGETALL', KEYS[1])
+local versions, shas = {}, {}
+for i = 1, #fields, 2 do
+  local f = fields[i]
+  if string.sub(f, 1, 1) == 'v' then
+    local v = tonumber(string.sub(f, 2))
+    versions[v] = cjson.decode(fields[i + 1])['sha256']
+  end
+end
+local deleted, keep_shas = 0, {}
+for v, sha in pairs(versions) do
+  if ARGV[1] == '0' or tonumber(ARGV[1]) == v then
+    redis.call('HDEL', KEYS[1], 'v' .. v)
+    deleted = deleted + 1
+  else
+    keep_shas[sha] = true
+  end
+end
+local orphaned = {}
+for v, sha in pairs(versions) do
+  if (ARGV[1] == '0' or tonumber(ARGV[1]) == v) and not keep_shas[sha] then
+    table.insert(orphaned, sha); keep_shas[sha] = true
+  end
+end
+local newest = 0
+for v, sha in pairs(versions) do
+  if not (ARGV[1] == '0' or tonumber(ARGV[1]) == v) and v > newest then newest = v end
+end
+if newest == 0 then
+  redis.call('HDEL', KEYS[1], 'current')
+else
+  redis.call('HSET', KEYS[1], 'current', newest)
+end
+return {deleted, orphaned}
+"""
+
+
+def connect(url: str, *, decode_responses: bool = False) -> RedisClient:
+    """A client for `url`: redis://, rediss:// or unix:// for one server,
+    redis+cluster://host:port for a cluster (any node; the rest are discovered).
+
+    Retries with a short backoff, so a blip is absorbed and an outage fails fast.
+    """
+    options: dict[str, Any] = {
+        "socket_connect_timeout": 1.0,
+        "socket_timeout": 10.0,
+        "retry": Retry(ExponentialBackoff(cap=0.5, base=0.05), 2),
+        "retry_on_error": [RedisConnectionError, RedisTimeoutError],
+        "decode_responses": decode_responses,
+    }
+    if url.startswith(CLUSTER_SCHEME):
+        return RedisCluster.from_url("redis://" + url[len(CLUSTER_SCHEME) :], **options)
+    if not url.startswith(("redis://", "rediss://", "unix://")):
+        raise InvalidArgument(
+            f"Redis URL {url!r} is not valid: use redis://host:port, rediss://, unix:///path, "
+            "or redis+cluster://host:port"
+        )
+    return redis.Redis.from_url(url, health_check_interval=10, **options)
+
+
+def unavailable(exc: RedisError) -> Unavailable:
+    return Unavailable(f"the memory store (Redis) is unreachable: {exc}; retry shortly")
+
+
+@dataclass(frozen=True)
+class Change:
+    """One message of the changes channel."""
+
+    tenant: str
+    name: str
+    version: int  # 0 with op "delete": every version
+    op: str  # "publish" | "delete"
+
+
+@dataclass(frozen=True)
+class Page:
+    memories: list[MemoryMeta]
+    next_token: str
+
+
+class RedisStore:
+    """Versioned, immutable memory artifacts in Redis. Thread-safe (redis-py pools)."""
+
+    def __init__(self, client: RedisClient) -> None:
+        self.client = client
+        self._publish = client.register_script(_PUBLISH)
+        self._delete = client.register_script(_DELETE)
+
+    @classmethod
+    def from_url(cls, url: str) -> RedisStore:
+        return cls(connect(url))
+
+    # --- keys ---------------------------------------------------------------
+    @staticmethod
+    def _meta_key(tenant: str, name: str) -> str:
+        return f"memserve:m:{{{tenant}/{name}}}:meta"
+
+    @staticmethod
+    def _blob_key(tenant: str, name: str, sha256: str) -> str:
+        return f"memserve:m:{{{tenant}/{name}}}:blob:{sha256}"
+
+    @staticmethod
+    def _index_key(tenant: str) -> str:
+        return f"memserve:idx:{{{tenant}}}"
+
+    # --- writing ------------------------------------------------------------
+    def publish(
+        self, meta: MemoryMeta, tensors: dict[str, Any], *, job_id: str = "", make_current: bool = True
+    ) -> MemoryMeta:
+        """Stores a new version atomically and announces it; returns its metadata.
+
+        With `job_id`, publishing is idempotent: a second call for the same job
+        returns the version the first one published and writes nothing.
+        """
+        check_tenant(meta.tenant)
+        check_name(meta.name)
+        meta, blob = encode(replace(meta, source_job=job_id or meta.source_job), tensors)
+        return self.publish_blob(meta, blob, job_id=job_id, make_current=make_current)
+
+    def publish_blob(
+        self, meta: MemoryMeta, blob: bytes, *, job_id: str = "", make_current: bool = True
+    ) -> MemoryMeta:
+        tenant, name = meta.tenant, meta.name
+        meta_key = self._meta_key(tenant, name)
+        blob_key = self._blob_key(tenant, name, meta.sha256)
+        try:
+            # The index and the blob first: both are harmless without a version, and
+            # the version (written last, atomically) is what makes the memory visible.
+            self.client.zadd(self._index_key(tenant), {name: 0})
+            self.client.set(blob_key, blob)
+            version, new = self._publish(
+                keys=[meta_key, blob_key], args=[job_id, meta.to_json(), "1" if make_current else "0"]
+            )
+        except RedisError as exc:
+            raise unavailable(exc) from exc
+        published = replace(meta, version=int(version))
+        if new:
+            self._announce(Change(tenant, name, published.version, "publish"))
+        else:  # a retried job: the version its first attempt published
+            published = self.meta(name, published.version, tenant=tenant)
+        return published
+
+    def delete(self, name: str, version: int = 0, *, tenant: str = DEFAULT_TENANT) -> int:
+        """Deletes one version (or all with 0); returns how many were deleted."""
+        meta_key = self._meta_key(tenant, name)
+        try:
+            deleted, orphaned = self._delete(keys=[meta_key], args=[str(version)])
+            for sha in orphaned:
+                self.client.delete(
+                    self._blob_key(tenant, name, sha.decode() if isinstance(sha, bytes) else sha)
+                )
+            if not self.client.hexists(meta_key, "current"):
+                # The hash itself stays, with its version counter: a version number is
+                # never reused, so what a server cached under it can never go stale.
+                self.client.zrem(self._index_key(tenant), name)
+        except RedisError as exc:
+            raise unavailable(exc) from exc
+        if not deleted:
+            what = f"version {version} of memory" if version else "memory"
+            raise NotFound(f"{what} {name!r} does not exist (tenant {tenant!r})")
+        self._announce(Change(tenant, name, version, "delete"))
+        return int(deleted)
+
+    def _announce(self, change: Change) -> None:
+        message = json.dumps(change.__dict__)
+        try:
+            self.client.publish(CHANGES_CHANNEL, message)
+        except RedisError:
+            # The write itself succeeded; servers that missed the event resync when
+            # their subscription reconnects.
+            log.warning("could not announce %s", message)
+
+    # --- reading ------------------------------------------------------------
+    def current_version(self, name: str, *, tenant: str = DEFAULT_TENANT) -> int:
+        try:
+            version = self.client.hget(self._meta_key(tenant, name), "current")
+        except RedisError as exc:
+            raise unavailable(exc) from exc
+        if version is None:
+            raise NotFound(f"memory {name!r} does not exist (tenant {tenant!r})")
+        return int(version)
+
+    def meta(self, name: str, version: int = 0, *, tenant: str = DEFAULT_TENANT) -> MemoryMeta:
+        """The metadata of a version (0 = current)."""
+        version = version or self.current_version(name, tenant=tenant)
+        try:
+            text = self.client.hget(self._meta_key(tenant, name), f"v{version}")
+        except RedisError as exc:
+            raise unavailable(exc) from exc
+        if text is None:
+            raise NotFound(f"memory {name!r} has no version {version} (tenant {tenant!r})")
+        return replace(MemoryMeta.from_json(text), version=version)
+
+    def published_by_job(self, name: str, job_id: str, *, tenant: str = DEFAULT_TENANT) -> int | None:
+        """The version job `job_id` published of `name`, if it did."""
+        try:
+            version = self.client.hget(self._meta_key(tenant, name), f"job:{job_id}")
+        except RedisError as exc:
+            raise unavailable(exc) from exc
+        return int(version) if version is not None else None
+
+    def versions(self, name: str, *, tenant: str = DEFAULT_TENANT) -> list[int]:
+        try:
+            fields = self.client.hkeys(self._meta_key(tenant, name))
+        except RedisError as exc:
+            raise unavailable(exc) from exc
+        names = (f.decode() if isinstance(f, bytes) else f for f in fields)
+        return sorted(int(f[1:]) for f in names if f.startswith("v"))
+
+    def load(self, name: str, version: int = 0, *, tenant: str = DEFAULT_TENANT) -> Artifact:
+        """The artifact, checked against its sha256 (DATA_LOSS when it does not match)."""
+        meta = self.meta(name, version, tenant=tenant)
+        try:
+            blob = self.client.get(self._blob_key(tenant, name, meta.sha256))
+        except RedisError as exc:
+            raise unavailable(exc) from exc
+        if blob is None:
+            raise NotFound(f"memory {name!r} version {meta.version} has lost its blob; publish it again")
+        return decode(meta, blob)
+
+    def list(
+        self,
+        *,
+        tenant: str = DEFAULT_TENANT,
+        kind: str = "",
+        name_prefix: str = "",
+        page_size: int = 100,
+        page_token: str = "",
+    ) -> Page:
+        """The current version of each memory, by name; `page_token` is the last name seen."""
+        if page_size <= 0:
+            raise InvalidArgument("page_size must be positive")
+        low = f"({page_token}" if page_token else (f"[{name_prefix}" if name_prefix else "-")
+        high = f"[{name_prefix}\xff" if name_prefix else "+"
+        found: list[MemoryMeta] = []
+        last = page_token
+        try:
+            while len(found) < page_size:
+                names = self.client.zrangebylex(self._index_key(tenant), low, high, start=0, num=page_size)
+                if not names:
+                    return Page(found, "")
+                for raw in names:
+                    last = raw.decode() if isinstance(raw, bytes) else raw
+                    try:
+                        meta = self.meta(last, tenant=tenant)
+                    except NotFound:  # deleted, or being published
+                        continue
+                    if not kind or meta.kind == kind:
+                        found.append(meta)
+                        if len(found) == page_size:
+                            break
+                low = f"({last}"
+        except RedisError as exc:
+            raise unavailable(exc) from exc
+        more = self.client.zrangebylex(self._index_key(tenant), f"({last}", high, start=0, num=1)
+        return Page(found, last if more else "")
+
+    def check_base_model(self, meta: MemoryMeta, fingerprint: str) -> None:
+        if meta.base_model != fingerprint:
+            raise FailedPrecondition(
+                f"memory {meta.name!r} version {meta.version} was trained for base model "
+                f"{meta.base_model[:16]}…, this server runs {fingerprint[:16]}…; "
+                "train it again for this model"
+            )
+
+
+def parse_change(data: bytes | str) -> Change | None:
+    try:
+        fields = json.loads(data)
+        return Change(str(fields["tenant"]), str(fields["name"]), int(fields["version"]), str(fields["op"]))
+    except (ValueError, KeyError, TypeError):
+        log.warning("ignoring a malformed change event: %r", data[:200])
+        return None
+
+
+def listen(
+    client: RedisClient,
+    handlers: dict[str, Callable[[bytes], None]],
+    on_connect: Callable[[], None],
+    stop: threading.Event,
+) -> None:
+    """Calls each channel's handler with each message until `stop` is set (blocking: run it in a thread).
+
+    Reconnects by itself. Messages published while disconnected are lost, so
+    `on_connect` runs after each (re)subscription: drop what may have gone stale.
+    """
+    delay = 0.1
+    while not stop.is_set():
+        pubsub = client.pubsub(ignore_subscribe_messages=True)
+        try:
+            pubsub.subscribe(*handlers)
+            on_connect()
+            delay = 0.1
+            while not stop.is_set():
+                message = pubsub.get_message(timeout=0.5)
+                if message is None or message.get("type") != "message":
+                    continue
+                channel = message["channel"]
+                handlers[channel.decode() if isinstance(channel, bytes) else channel](message["data"])
+        except RedisError as exc:
+            log.warning("Redis events interrupted (%s); reconnecting", exc)
+            stop.wait(delay)
+            delay = min(delay * 2, 2.0)
+        finally:
+            try:
+                pubsub.close()
+            except RedisError:
+                pass
+
+
+def wait_for_redis(client: RedisClient, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            client.ping()
+            return
+        except RedisError as exc:
+            if time.monotonic() > deadline:
+                raise Unavailable(f"Redis did not answer within {timeout:.0f} s: {exc}") from exc
+            time.sleep(0.05)
