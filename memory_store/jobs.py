@@ -18,6 +18,7 @@ All job keys share the ``{jobs}`` hash tag: one Redis Cluster slot.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 import uuid
@@ -272,10 +273,17 @@ class JobQueue:
 
     def depth(self) -> int:
         """Jobs waiting for a worker (not yet delivered to any)."""
+        # Finished entries are deleted, so the stream holds exactly the waiting and the
+        # running (pending) ones. (XINFO's `lag` would say this directly, from Redis 7 on.)
         try:
-            return sum(int(g.get("lag") or 0) for g in self.client.xinfo_groups(STREAM))
-        except ResponseError:
+            groups = self.client.xinfo_groups(STREAM)
+            length = self.client.xlen(STREAM)
+        except ResponseError:  # no stream yet
             return 0
+        except RedisError as exc:
+            raise unavailable(exc) from exc
+        pending = sum(int(g.get("pending") or 0) for g in groups)
+        return max(length - pending, 0)
 
     def workers_alive(self) -> list[str]:
         try:
@@ -286,10 +294,8 @@ class JobQueue:
             raise unavailable(exc) from exc
 
     def _notify(self, job_id: str) -> None:
-        try:
+        with contextlib.suppress(RedisError):  # watchers also poll
             self.client.publish(JOBS_CHANNEL, job_id)
-        except RedisError:
-            pass  # watchers also poll
 
     # --- workers ------------------------------------------------------------
     def next_entry(self, consumer: str, *, claim_idle: float, block: float) -> tuple[str, str] | None:

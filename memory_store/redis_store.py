@@ -19,6 +19,7 @@ Nothing read from Redis is ever unpickled: metadata is JSON, tensors are safeten
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import threading
@@ -379,10 +380,8 @@ def listen(
             stop.wait(delay)
             delay = min(delay * 2, 2.0)
         finally:
-            try:
+            with contextlib.suppress(RedisError):
                 pubsub.close()
-            except RedisError:
-                pass
 
 
 def wait_for_redis(client: RedisClient, timeout: float) -> None:

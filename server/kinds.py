@@ -124,7 +124,7 @@ class MemoryKind(ABC):
 
     @abstractmethod
     def validate_spec(self, spec: dict[str, Any]) -> dict[str, Any]:
-        """Checks a training spec before it is queued (InvalidArgument with the fix); returns it normalised."""
+        """Checks a training spec before it is queued (InvalidArgument, with the fix); returns it."""
 
     @abstractmethod
     def train(self, spec: dict[str, Any], context: TrainContext) -> Trained:

@@ -217,7 +217,7 @@ class MemoryService(memory_pb2_grpc.MemoryServiceServicer):
             data += chunk.data
             if len(data) > self.runtime.config.max_upload_bytes:
                 raise ResourceExhausted(
-                    f"the upload is larger than {self.runtime.config.max_upload_bytes} bytes (--max-upload-bytes)"
+                    f"the upload is larger than the {self.runtime.config.max_upload_bytes} bytes allowed"
                 )
         if not data:
             raise InvalidArgument("PutMemory received no data: send the export file in chunks")

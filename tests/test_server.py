@@ -20,7 +20,7 @@ from memserve.engine import EngineConfig
 from memserve.models import ModelConfig
 from memserve.store_runtime import StoreConfig
 from memserve.v1 import generation_pb2 as pb
-from memserve.v1 import jobs_pb2, jobs_pb2_grpc, memory_pb2, memory_pb2_grpc, memory_ref_pb2
+from memserve.v1 import memory_pb2, memory_pb2_grpc, memory_ref_pb2
 
 LONG = {"max_new_tokens": 2000, "ignore_eos": True}
 
@@ -175,28 +175,17 @@ def test_unknown_fields_are_refused(address):
     assert "numbers [111]" in info.value.details()
 
 
-def test_memory_references_and_memory_rpcs_say_unimplemented(address):
+def test_a_server_without_a_store_refuses_memory_references(address):
     request = pb.GenerateRequest(prompt="hi")
     request.memories.add(document=memory_ref_pb2.DocumentRef(bank="b", document_id="d"))
     with grpc.insecure_channel(address) as channel:
-        generation = pb_stub(channel)
         with pytest.raises(grpc.RpcError) as info:
-            generation.Generate(request)
+            pb_stub(channel).Generate(request)
+        assert info.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+        assert "without a memory store" in info.value.details()
+        with pytest.raises(grpc.RpcError) as info:
+            memory_pb2_grpc.MemoryServiceStub(channel).ListMemories(memory_pb2.ListMemoriesRequest())
         assert info.value.code() is grpc.StatusCode.UNIMPLEMENTED
-        assert "not served yet" in info.value.details()
-        memories = memory_pb2_grpc.MemoryServiceStub(channel)
-        jobs = jobs_pb2_grpc.JobServiceStub(channel)
-        for call in (
-            lambda: memories.RegisterDocuments(memory_pb2.RegisterDocumentsRequest(bank="b")),
-            lambda: memories.ListMemories(memory_pb2.ListMemoriesRequest()),
-            lambda: list(memories.ExportMemory(memory_pb2.ExportMemoryRequest(name="x"))),
-            lambda: jobs.GetJob(jobs_pb2.GetJobRequest(job_id="j")),
-            lambda: list(jobs.WatchJob(jobs_pb2.WatchJobRequest(job_id="j"))),
-        ):
-            with pytest.raises(grpc.RpcError) as info:
-                call()
-            assert info.value.code() is grpc.StatusCode.UNIMPLEMENTED
-            assert "not implemented yet" in info.value.details()
 
 
 def pb_stub(channel: grpc.Channel):

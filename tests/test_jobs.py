@@ -1,0 +1,156 @@
+"""Trainer workers on Redis Streams: run, fail, cancel, die mid-job and be replaced."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+import tests.kinds  # noqa: F401  (registers the test-bias kind)
+from memserve.memory_store.artifact import MemoryMeta
+from memserve.memory_store.jobs import Job, JobQueue, JobState, Progress
+from memserve.memory_store.redis_store import RedisStore
+from memserve.models import LoadedModel, ModelConfig, load_model
+from memserve.worker import Worker, WorkerConfig
+from tests.conftest import wait_until
+
+REPO = Path(__file__).resolve().parent.parent
+FAST = WorkerConfig(heartbeat_interval=0.2, claim_idle=1.5, report_interval=0.0)
+
+
+@pytest.fixture(scope="module")
+def tiny_loaded(tiny_llama_dir) -> LoadedModel:
+    return load_model(ModelConfig(model=str(tiny_llama_dir), device="cpu"))
+
+
+@pytest.fixture
+def store(redis_url: str) -> Iterator[RedisStore]:
+    store = RedisStore.from_url(redis_url)
+    yield store
+    store.client.close()
+
+
+@pytest.fixture
+def queue(store: RedisStore) -> JobQueue:
+    return JobQueue(store.client)
+
+
+@pytest.fixture
+def worker(store, queue, tiny_loaded) -> Iterator[Worker]:
+    worker = Worker(store, queue, lambda: tiny_loaded, config=FAST, name="in-thread")
+    stop = threading.Event()
+    thread = threading.Thread(target=worker.run, args=(stop,), daemon=True)
+    thread.start()
+    yield worker
+    stop.set()
+    thread.join(10)
+
+
+def wait_final(queue: JobQueue, job_id: str, timeout: float = 30) -> Job:
+    wait_until(lambda: queue.get(job_id).state.final, timeout)
+    return queue.get(job_id)
+
+
+def test_a_worker_trains_and_publishes(worker, queue, store, tiny_loaded):
+    job = queue.submit("test-bias", "bias", {"steps": 5, "layer": 1, "seed": 3})
+    done = wait_final(queue, job.id)
+    assert done.state is JobState.SUCCEEDED, done.error
+    assert done.result_version == 1 and done.worker == "in-thread" and done.attempts == 1
+    assert done.progress.step == done.progress.total == 5 and done.progress.message == "published"
+    assert done.started_at >= done.created_at and done.finished_at >= done.started_at
+    meta = store.meta("bias")
+    assert meta.source_job == job.id and meta.base_model == tiny_loaded.fingerprint
+    assert meta.hyperparameters == {"layer": 1, "value": 1.0, "seed": 3}
+    assert meta.metrics == {"final_loss": 0.2}
+    expected = torch.randn(64, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(store.load("bias").tensors["delta"], expected)
+
+
+def test_a_failing_job_records_why_and_the_worker_goes_on(worker, queue, store):
+    failing = queue.submit("test-bias", "bias", {"steps": 5, "fail_at": 2})
+    unknown = queue.submit("no-such-kind", "x", {})
+    assert wait_final(queue, failing.id).error == "RuntimeError: failing at step 2, as asked"
+    assert wait_final(queue, failing.id).progress.step == 2
+    assert "unknown memory kind 'no-such-kind'" in wait_final(queue, unknown.id).error
+    assert wait_final(queue, queue.submit("test-bias", "bias", {}).id).state is JobState.SUCCEEDED
+    assert store.versions("bias") == [1]
+
+
+def test_cancelling_a_running_job_stops_it_without_publishing(worker, queue, store):
+    job = queue.submit("test-bias", "bias", {"steps": 500, "step_seconds": 0.01})
+    wait_until(lambda: queue.get(job.id).progress.step > 2, 30)
+    assert queue.cancel(job.id).cancel_requested
+    done = wait_final(queue, job.id)
+    assert done.state is JobState.CANCELLED and 2 < done.progress.step < 500
+    assert store.versions("bias") == []
+
+
+def test_an_attempt_after_publishing_does_not_publish_again(worker, queue, store, tiny_loaded):
+    job = queue.submit("test-bias", "bias", {"steps": 1})
+    # As if an earlier attempt published and then died before marking the job done:
+    earlier = MemoryMeta(kind="test-bias", name="bias", base_model=tiny_loaded.fingerprint,
+                         hyperparameters={"layer": 0})  # fmt: skip
+    store.publish(earlier, {"delta": torch.zeros(64), "padding": torch.zeros(0, 64)}, job_id=job.id)
+    done = wait_final(queue, job.id)
+    assert done.state is JobState.SUCCEEDED and done.result_version == 1
+    assert store.versions("bias") == [1]
+
+
+def test_a_presumed_dead_worker_cannot_overwrite_its_successor(queue):
+    job = queue.submit("test-bias", "bias", {})
+    assert queue.start_attempt(job.id, "first", max_attempts=3)
+    assert queue.start_attempt(job.id, "second", max_attempts=3)  # took it over
+    assert queue.report(job.id, "first", Progress(1, 2)) == "lost"
+    assert queue.report(job.id, "second", Progress(1, 2)) == "ok"
+    assert not queue.finish(job.id, "0-1", "first", JobState.FAILED, error="zombie")
+    assert queue.get(job.id).state is JobState.RUNNING
+    assert queue.start_attempt(job.id, "third", max_attempts=3)
+    assert not queue.start_attempt(job.id, "fourth", max_attempts=3)  # a fourth death: give up
+    failed = queue.get(job.id)
+    assert failed.state is JobState.FAILED and "gave up after 3 attempts" in failed.error
+
+
+def _worker_process(redis_url: str, model_dir: Path, log: Path) -> subprocess.Popen[bytes]:
+    command = [
+        sys.executable, "-m", "memserve.clients.cli", "worker", "--redis-url", redis_url,
+        "--model", str(model_dir), "--device", "cpu", "--plugin", "tests.kinds",
+        "--heartbeat-interval", "0.2", "--claim-idle", "1.5",
+    ]  # fmt: skip
+    return subprocess.Popen(command, cwd=REPO, stdout=log.open("wb"), stderr=subprocess.STDOUT,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})  # fmt: skip
+
+
+def test_a_killed_workers_job_is_finished_by_another_with_one_version(queue, store, redis_url, tiny_llama_dir,
+                                                                       tmp_path):  # fmt: skip
+    job = queue.submit("test-bias", "bias", {"steps": 30, "step_seconds": 0.05, "seed": 7})
+    first = _worker_process(redis_url, tiny_llama_dir, tmp_path / "first.log")
+    second = None
+    try:
+        wait_until(lambda: queue.get(job.id).progress.step >= 5, 60)
+        doomed = queue.get(job.id).worker
+        first.send_signal(signal.SIGKILL)
+        first.wait(10)
+        assert queue.get(job.id).state is JobState.RUNNING  # nobody has noticed yet
+        second = _worker_process(redis_url, tiny_llama_dir, tmp_path / "second.log")
+        done = wait_final(queue, job.id, timeout=60)
+    finally:
+        for process in (first, second):
+            if process is not None and process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+                process.wait(20)
+    log = (tmp_path / "second.log").read_text()
+    assert done.state is JobState.SUCCEEDED, f"{done.error}\n{log}"
+    assert done.worker != doomed and done.attempts == 2
+    assert store.versions("bias") == [1]
+    assert store.meta("bias").source_job == job.id
+    assert torch.equal(
+        store.load("bias").tensors["delta"], torch.randn(64, generator=torch.Generator().manual_seed(7))
+    )
+    assert queue.depth() == 0
