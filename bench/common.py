@@ -5,6 +5,7 @@ from __future__ import annotations
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 
 import grpc
@@ -17,6 +18,8 @@ def launch_server(*options: str) -> tuple[subprocess.Popen, str]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    if "--redis-url" not in options:  # an embedded Redis of its own, not the user's
+        options = (*options, "--data-dir", tempfile.mkdtemp(prefix="memserve-bench-data-"))
     command = [
         sys.executable,
         "-m",
