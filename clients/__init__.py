@@ -1,5 +1,5 @@
 """Python clients (sync and asyncio) and the `memserve` command line."""
 
-from memserve.clients.client import AsyncClient, Chunk, Client, Completion, TokenInfo
+from memserve.clients.client import AsyncClient, Chunk, Client, Completion, JobInfo, MemoryInfo, TokenInfo
 
-__all__ = ["AsyncClient", "Chunk", "Client", "Completion", "TokenInfo"]
+__all__ = ["AsyncClient", "Chunk", "Client", "Completion", "JobInfo", "MemoryInfo", "TokenInfo"]

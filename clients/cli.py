@@ -4,15 +4,26 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import json
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import grpc
 
-from memserve.clients.client import DEFAULT_SERVER, Client, default_server
+from memserve.clients.client import (
+    DEFAULT_SERVER,
+    JOB_STATES,
+    Client,
+    JobInfo,
+    default_server,
+    parse_memory_version,
+)
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -81,19 +92,23 @@ def _generate(args: argparse.Namespace) -> int:
         "seed": args.seed,
         "stop": args.stop,
         "chat": args.chat,
+        "memories": args.memory,
     }
-    with Client(args.server) as client:
+    with _client(args) as client:
         if args.stream:
             seed = None
+            used: list[tuple[str, str, int]] = []
             for chunk in client.generate_stream(prompt, **options):
                 print(chunk.text, end="", flush=True)
-                seed = chunk.seed if seed is None else seed
+                if seed is None:  # the first chunk carries the seed and the memories used
+                    seed, used = chunk.seed, chunk.memories
                 finish = chunk
             print()
             summary = (finish.finish_reason, finish.prompt_tokens, finish.generated_tokens, seed)
         else:
             completion = client.generate(prompt, **options)
             print(completion.text)
+            used = completion.memories
             summary = (
                 completion.finish_reason,
                 completion.prompt_tokens,
@@ -101,6 +116,8 @@ def _generate(args: argparse.Namespace) -> int:
                 completion.seed,
             )
     if args.verbose:
+        for name, kind, version in used:
+            print(f"[memory {name} {kind} v{version}]", file=sys.stderr)
         reason, prompt_tokens, generated, seed = summary
         print(
             f"[{reason}; {prompt_tokens} prompt + {generated} generated tokens; seed {seed}]", file=sys.stderr
@@ -112,6 +129,260 @@ def _info(args: argparse.Namespace) -> int:
     with Client(args.server) as client:
         print(client.model_info(), end="")
     return 0
+
+
+def _client(args: argparse.Namespace) -> Client:
+    return Client(args.server, tenant=args.tenant)
+
+
+# --- memories ---
+
+
+def _memories_ls(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        memories = client.list_memories(kind=args.kind, prefix=args.prefix)
+    if args.json:
+        for memory in memories:
+            print(json.dumps(memory.to_dict()))
+        return 0
+    if not memories:
+        print("no memories", file=sys.stderr)
+        return 0
+    _print_table(
+        ("NAME", "KIND", "VERSION", "SIZE", "CREATED", "BASE"),
+        (
+            (m.name, m.kind, str(m.version), _size(m.size_bytes), _when(m.created_at), m.base_model[:12])
+            for m in memories
+        ),
+    )
+    return 0
+
+
+def _memories_show(args: argparse.Namespace) -> int:
+    name, version = args.memory
+    with _client(args) as client:
+        memory = client.get_memory(name, version)
+    if args.json:
+        print(json.dumps(memory.to_dict(), indent=2))
+        return 0
+    _print_fields(
+        [
+            ("name", memory.name),
+            ("kind", memory.kind),
+            ("version", memory.version),
+            ("versions", ", ".join(map(str, memory.versions))),
+            ("tenant", memory.tenant),
+            ("base model", memory.base_model),
+            ("sha256", memory.sha256),
+            ("size", f"{_size(memory.size_bytes)} ({memory.size_bytes} bytes)"),
+            ("created", _when(memory.created_at)),
+            ("source job", memory.source_job or "-"),
+        ],
+        [
+            ("hyperparameters", memory.hyperparameters),
+            ("metrics", memory.metrics),
+            ("details", memory.details),
+        ],
+    )
+    return 0
+
+
+def _memories_rm(args: argparse.Namespace) -> int:
+    name, version = args.memory
+    what = f"version {version} of {name}" if version else f"{name} (every version)"
+    with _client(args) as client:
+        if not args.yes:
+            if not sys.stdin.isatty():
+                raise ValueError(
+                    f"not deleting {what}: standard input is not a terminal, so nobody can confirm; "
+                    "pass -y to delete without asking"
+                )
+            # Asking about a memory that does not exist would be pointless: NOT_FOUND comes first.
+            versions = client.get_memory(name, version).versions
+            listed = f"version {version}" if version else f"versions {', '.join(map(str, versions))}"
+            answer = input(f"delete {name} {listed}? [y/N] ")
+            if answer.strip().lower() not in ("y", "yes"):
+                print("nothing deleted", file=sys.stderr)
+                return 1
+        deleted = client.delete_memory(name, version)
+    print(f"deleted {deleted} version{'' if deleted == 1 else 's'} of {name}")
+    return 0
+
+
+def _memories_export(args: argparse.Namespace) -> int:
+    name, version = args.memory
+    with _client(args) as client:
+        # Resolved first: a missing memory fails before any file is touched, and the export is
+        # pinned to the version the default file name says even if a new one lands meanwhile.
+        version = client.get_memory(name, version).version
+        path: Path = args.output or Path(f"{name}-v{version}.safetensors")
+        if path.exists() and not args.force:
+            raise ValueError(f"{path} already exists: pass --force to overwrite it, or -o another file")
+        size = client.export_memory_to(name, path, version)
+    print(f"{path} ({_size(size)}, {size} bytes)")
+    return 0
+
+
+def _memories_import(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        memory = client.import_memory(args.file, name=args.name or "")
+    print(f"imported {memory.name} version {memory.version} ({memory.kind}, {_size(memory.size_bytes)})")
+    return 0
+
+
+# --- jobs ---
+
+
+def _jobs_ls(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        jobs = client.list_jobs(state=args.state or "", kind=args.kind)
+    if args.json:
+        for job in jobs:
+            print(json.dumps(job.to_dict()))
+        return 0
+    if not jobs:
+        print("no jobs", file=sys.stderr)
+        return 0
+    _print_table(
+        ("ID", "KIND", "MEMORY", "STATE", "PROGRESS", "CREATED"),
+        ((j.id, j.kind, j.memory_name, j.state, _progress(j), _when(j.created_at)) for j in jobs),
+    )
+    return 0
+
+
+def _jobs_show(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        job = client.get_job(args.id)
+    if args.json:
+        print(json.dumps(job.to_dict(), indent=2))
+        return 0
+    _print_fields(
+        [
+            ("id", job.id),
+            ("kind", job.kind),
+            ("memory", job.memory_name),
+            ("state", job.state),
+            ("progress", _progress(job)),
+            ("loss", f"{job.loss:.6g}"),
+            ("eta", _duration(job.eta_seconds)),
+            ("message", job.message or "-"),
+            ("error", job.error or "-"),
+            ("result version", job.result_version or "-"),
+            ("created", _when(job.created_at)),
+            ("started", _when(job.started_at)),
+            ("finished", _when(job.finished_at)),
+            ("worker", job.worker or "-"),
+        ]
+    )
+    return 0
+
+
+def _jobs_cancel(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        job = client.cancel_job(args.id)
+    if job.state == "cancelled":
+        print(f"job {job.id}: cancelled")
+    elif job.final:
+        print(f"job {job.id} already {job.state}: nothing to cancel")
+    else:  # a running job stops at its worker's next progress report
+        print(
+            f"job {job.id}: cancellation requested (still {job.state}); "
+            f"`memserve jobs watch {job.id}` follows it"
+        )
+    return 0
+
+
+def _jobs_watch(args: argparse.Namespace) -> int:
+    with _client(args) as client, contextlib.closing(client.watch_job(args.id)) as updates:
+        last = _follow_with_bar(updates) if sys.stdout.isatty() else _follow_with_lines(updates)
+    if last is None or not last.final:
+        state = last.state if last else "unknown"
+        print(f"the watch ended before job {args.id} finished (last state: {state}); watch it again")
+        return 1
+    if last.state == "succeeded":
+        print(f"succeeded: published {last.memory_name} version {last.result_version}")
+        return 0
+    print(f"failed: {last.error}" if last.state == "failed" else last.state)
+    return 1
+
+
+def _follow_with_bar(updates: Iterable[JobInfo]) -> JobInfo | None:
+    from tqdm import tqdm  # only a watch on a terminal needs it
+
+    last: JobInfo | None = None
+    bar_format = "{desc} {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt}{postfix}"
+    with tqdm(total=None, unit="step", file=sys.stdout, dynamic_ncols=True, bar_format=bar_format) as bar:
+        for job in updates:
+            last = job
+            bar.total = job.total or None
+            bar.n = job.step
+            bar.set_description_str(job.state, refresh=False)
+            bar.set_postfix_str(_progress_details(job), refresh=False)
+            bar.refresh()  # updates arrive when the job changes: show each one now
+    return last
+
+
+def _follow_with_lines(updates: Iterable[JobInfo]) -> JobInfo | None:
+    last: JobInfo | None = None
+    for job in updates:
+        last = job
+        print(f"{job.state} {_progress(job)} {_progress_details(job)}".rstrip(), flush=True)
+    return last
+
+
+def _progress(job: JobInfo) -> str:
+    return f"{job.step}/{job.total}" if job.total else "-"
+
+
+def _progress_details(job: JobInfo) -> str:
+    parts: list[str] = []
+    if job.step:
+        parts += [f"loss {job.loss:.4g}", f"eta {_duration(job.eta_seconds)}"]
+    if job.message:
+        parts.append(job.message)
+    return ", ".join(parts)
+
+
+# --- output helpers ---
+
+
+def _print_table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> None:
+    table = [list(header), *(list(row) for row in rows)]
+    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    for row in table:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+
+
+def _print_fields(fields: Sequence[tuple[str, Any]], documents: Sequence[tuple[str, Any]] = ()) -> None:
+    width = max(len(label) for label, _ in fields) + 1
+    for label, value in fields:
+        print(f"{label + ':':<{width}} {value}")
+    for label, document in documents:
+        body = json.dumps(document, indent=2, sort_keys=True)
+        print(f"{label}:\n" + "\n".join(f"  {line}" for line in body.splitlines()))
+
+
+def _size(size: int) -> str:
+    if size < 1024:
+        return f"{size} B"
+    value = size / 1024
+    for unit in ("KiB", "MiB"):
+        if value < 1024:
+            return f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} GiB"
+
+
+def _when(moment: datetime | None) -> str:
+    return moment.strftime("%Y-%m-%d %H:%M:%SZ") if moment else "-"
+
+
+def _duration(seconds: float) -> str:
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    if hours:
+        return f"{hours}h{minutes:02d}m{secs:02d}s"
+    return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -128,7 +399,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--data-dir",
         type=Path,
         default=None,
-        help="where the embedded Redis keeps memories and jobs (default: $MEMSERVE_DATA_DIR or the user data dir)",
+        help="where the embedded Redis keeps memories and jobs "
+        "(default: $MEMSERVE_DATA_DIR or the user data dir)",
     )
     serve.add_argument(
         "--cache-mb", type=_non_negative, default=1024, help="loaded memories kept ready (MiB)"
@@ -176,6 +448,15 @@ def build_parser() -> argparse.ArgumentParser:
     generate = commands.add_parser("generate", help="generate text with a running server")
     generate.add_argument("prompt", help="the prompt; '-' reads it from standard input")
     _server_option(generate)
+    _tenant_option(generate)
+    generate.add_argument(
+        "--memory",
+        action="append",
+        default=[],
+        type=_memory_argument,
+        metavar="NAME[@VERSION]",
+        help="a stored memory to use, by name, optionally pinned to a version (repeatable)",
+    )
     generate.add_argument("--max-new-tokens", type=int, default=None, help="default: the server's (128)")
     generate.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     generate.add_argument("--top-k", type=_non_negative, default=0, help="0 = no limit")
@@ -189,13 +470,108 @@ def build_parser() -> argparse.ArgumentParser:
         help="send the prompt as a user message through the model's chat template",
     )
     generate.add_argument("--stream", action="store_true", help="print tokens as they come")
-    generate.add_argument("-v", "--verbose", action="store_true", help="print finish reason and token counts")
+    generate.add_argument(
+        "-v", "--verbose", action="store_true", help="print the memories used, finish reason and token counts"
+    )
     generate.set_defaults(run=_generate)
 
     info = commands.add_parser("info", help="describe the served model and the server's limits")
     _server_option(info)
     info.set_defaults(run=_info)
+
+    _memories_parser(commands)
+    _jobs_parser(commands)
     return parser
+
+
+def _memories_parser(commands: Any) -> None:
+    memories = commands.add_parser(
+        "memories", help="list, inspect, delete, export and import stored memories"
+    )
+    actions = memories.add_subparsers(dest="memories_command", required=True)
+
+    ls = _store_command(actions, "ls", "list memories (their current versions)")
+    ls.add_argument("--kind", default="", help="only memories of this kind")
+    ls.add_argument("--prefix", default="", help="only names starting with this")
+    ls.add_argument("--json", action="store_true", help="one JSON object per line")
+    ls.set_defaults(run=_memories_ls)
+
+    show = _store_command(actions, "show", "describe one memory version")
+    _memory_positional(show, "the current version unless pinned")
+    show.add_argument("--json", action="store_true", help="print one JSON object")
+    show.set_defaults(run=_memories_show)
+
+    rm = _store_command(actions, "rm", "delete a memory (every version, or the pinned one)")
+    _memory_positional(rm, "every version unless pinned")
+    rm.add_argument("-y", "--yes", action="store_true", help="do not ask for confirmation")
+    rm.set_defaults(run=_memories_rm)
+
+    export = _store_command(actions, "export", "save a memory version as a self-describing file")
+    _memory_positional(export, "the current version unless pinned")
+    export.add_argument(
+        "-o",
+        "--output",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="the file (default: NAME-vVERSION.safetensors here)",
+    )
+    export.add_argument("--force", action="store_true", help="overwrite the file if it exists")
+    export.set_defaults(run=_memories_export)
+
+    upload = _store_command(actions, "import", "upload an exported file as a new version")
+    upload.add_argument(
+        "file", type=Path, metavar="FILE", help="a file written by `memserve memories export`"
+    )
+    upload.add_argument("--name", default=None, help="the memory to publish it as (default: the file's)")
+    upload.set_defaults(run=_memories_import)
+
+
+def _jobs_parser(commands: Any) -> None:
+    jobs = commands.add_parser("jobs", help="follow and control training jobs")
+    actions = jobs.add_subparsers(dest="jobs_command", required=True)
+
+    ls = _store_command(actions, "ls", "list jobs, newest first")
+    ls.add_argument("--state", choices=JOB_STATES, default=None, help="only jobs in this state")
+    ls.add_argument("--kind", default="", help="only jobs of this memory kind")
+    ls.add_argument("--json", action="store_true", help="one JSON object per line")
+    ls.set_defaults(run=_jobs_ls)
+
+    show = _store_command(actions, "show", "describe one job")
+    show.add_argument("id", metavar="ID", help="the job id")
+    show.add_argument("--json", action="store_true", help="print one JSON object")
+    show.set_defaults(run=_jobs_show)
+
+    cancel = _store_command(actions, "cancel", "ask a queued or running job to stop")
+    cancel.add_argument("id", metavar="ID", help="the job id")
+    cancel.set_defaults(run=_jobs_cancel)
+
+    watch = _store_command(
+        actions, "watch", "follow a job's progress until it ends (exit 0 only if it succeeds)"
+    )
+    watch.add_argument("id", metavar="ID", help="the job id")
+    watch.set_defaults(run=_jobs_watch)
+
+
+def _store_command(actions: Any, name: str, help: str) -> argparse.ArgumentParser:
+    parser: argparse.ArgumentParser = actions.add_parser(name, help=help, description=help)
+    _server_option(parser)
+    _tenant_option(parser)
+    return parser
+
+
+def _memory_positional(parser: argparse.ArgumentParser, versions: str) -> None:
+    parser.add_argument(
+        "memory", type=_memory_argument, metavar="NAME[@VERSION]", help=f"the memory ({versions})"
+    )
+
+
+def _memory_argument(text: str) -> tuple[str, int]:
+    """NAME or NAME@VERSION, as argparse sees it: a bad version is a usage error."""
+    try:
+        return parse_memory_version(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _non_negative(text: str) -> int:
@@ -247,6 +623,14 @@ def _plugin_option(parser: argparse.ArgumentParser) -> None:
 def _server_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--server", default=None, help=f"server address (default: $MEMSERVE_SERVER or {DEFAULT_SERVER})"
+    )
+
+
+def _tenant_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--tenant",
+        default=os.environ.get("MEMSERVE_TENANT"),
+        help="the tenant whose memories and jobs to use (default: $MEMSERVE_TENANT or the server's default)",
     )
 
 

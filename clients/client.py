@@ -5,27 +5,76 @@
         print(client.generate("The capital of France is", max_new_tokens=8).text)
         for chunk in client.generate_stream("Once upon a time", temperature=0.8, seed=1):
             print(chunk.text, end="", flush=True)
+        print(client.generate("Once upon a time", memories=["story@2"]).memories)
+        for memory in client.list_memories(kind="adapter"):
+            print(memory.name, memory.version)
+        for job in client.watch_job(job_id):
+            print(job.state, job.step, job.total)
 
+Every call carries the tenant (`tenant=` or $MEMSERVE_TENANT) as `memserve-tenant` metadata.
 Errors arrive as `grpc.RpcError` with the server's status code and message.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, BinaryIO
 
 import grpc
+from google.protobuf.json_format import MessageToDict
+from google.protobuf.struct_pb2 import Struct
 
 from memserve.v1 import generation_pb2 as pb
-from memserve.v1 import generation_pb2_grpc
+from memserve.v1 import (
+    generation_pb2_grpc,
+    jobs_pb2,
+    jobs_pb2_grpc,
+    memory_pb2,
+    memory_pb2_grpc,
+    memory_ref_pb2,
+)
 
 DEFAULT_SERVER = "localhost:50051"
+TENANT_METADATA = "memserve-tenant"
+# The server streams exports in 1 MiB chunks; uploads use the same size.
+UPLOAD_CHUNK_BYTES = 1 << 20
+MAX_VERSION = (1 << 32) - 1  # versions are uint32 on the wire
+
+JOB_STATES = ("queued", "running", "succeeded", "failed", "cancelled")
+FINAL_JOB_STATES = frozenset({"succeeded", "failed", "cancelled"})
+
+MemorySpec = str | tuple[str, int] | memory_ref_pb2.MemoryRef
+"""A memory a request uses: "name", "name@version", (name, version) or a full MemoryRef."""
 
 
 def default_server() -> str:
     return os.environ.get("MEMSERVE_SERVER", DEFAULT_SERVER)
+
+
+def default_tenant() -> str | None:
+    """$MEMSERVE_TENANT, or None (the server's default tenant)."""
+    return os.environ.get("MEMSERVE_TENANT") or None
+
+
+def parse_memory_version(text: str) -> tuple[str, int]:
+    """Splits "name@version" into (name, version); a bare name gives version 0, the current one."""
+    name, at, version = text.partition("@")  # memory names cannot contain '@'
+    if not name:
+        raise ValueError(f"{text!r} names no memory: write NAME or NAME@VERSION")
+    if not at:
+        return name, 0
+    if not version.isdigit() or not 1 <= int(version) <= MAX_VERSION:
+        raise ValueError(
+            f"{text!r} has no valid version after '@': write NAME@VERSION with VERSION a positive "
+            "integer, or NAME alone for the current version"
+        )
+    return name, int(version)
 
 
 @dataclass(frozen=True)
@@ -45,6 +94,8 @@ class Completion:
     prompt_tokens: int
     generated_tokens: int
     seed: int
+    memories: list[tuple[str, str, int]] = field(default_factory=list)
+    """(name, kind, version) of each memory used, in the order of the request."""
 
 
 @dataclass(frozen=True)
@@ -59,6 +110,78 @@ class Chunk:
     """Set on the last chunk only."""
     generated_tokens: int = 0
     """Set on the last chunk only."""
+    memories: list[tuple[str, str, int]] = field(default_factory=list)
+    """Set on the first chunk only: (name, kind, version) of each memory used."""
+
+
+@dataclass(frozen=True)
+class MemoryInfo:
+    """One version of a stored memory."""
+
+    name: str
+    kind: str
+    version: int
+    tenant: str
+    base_model: str
+    """Fingerprint of the base model the memory was trained for."""
+    sha256: str
+    size_bytes: int
+    hyperparameters: dict[str, Any]
+    metrics: dict[str, Any]
+    created_at: datetime | None
+    """UTC."""
+    source_job: str
+    versions: list[int]
+    """Versions that exist, oldest first (a listing gives only this one)."""
+    details: dict[str, Any]
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-ready values (datetimes as ISO 8601 strings)."""
+        return _json_ready(self.__dict__)
+
+
+@dataclass(frozen=True)
+class JobInfo:
+    """A training job and its progress."""
+
+    id: str
+    kind: str
+    memory_name: str
+    state: str
+    """queued | running | succeeded | failed | cancelled"""
+    step: int
+    total: int
+    loss: float
+    eta_seconds: float
+    message: str
+    error: str
+    """Why the job failed (state failed)."""
+    result_version: int
+    """The version the job published (state succeeded)."""
+    created_at: datetime | None
+    started_at: datetime | None
+    finished_at: datetime | None
+    worker: str
+
+    @property
+    def final(self) -> bool:
+        return self.state in FINAL_JOB_STATES
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-ready values (datetimes as ISO 8601 strings)."""
+        return _json_ready(self.__dict__)
+
+
+def _json_ready(values: dict[str, Any]) -> dict[str, Any]:
+    return {k: v.isoformat() if isinstance(v, datetime) else v for k, v in values.items()}
+
+
+def memory_ref(memory: MemorySpec) -> memory_ref_pb2.MemoryRef:
+    """A by-name reference from "name", "name@version" or (name, version); a MemoryRef passes as is."""
+    if isinstance(memory, memory_ref_pb2.MemoryRef):
+        return memory
+    name, version = parse_memory_version(memory) if isinstance(memory, str) else memory
+    return memory_ref_pb2.MemoryRef(name=name, version=version)
 
 
 def build_request(
@@ -77,10 +200,12 @@ def build_request(
     top_logprobs: int = 0,
     request_id: str = "",
     chat: bool = False,
+    memories: Sequence[MemorySpec] = (),
 ) -> pb.GenerateRequest:
     """Builds a GenerateRequest; None leaves a value to the server's default.
 
     `chat=True` sends the prompt as a user message through the model's chat template.
+    `memories` are memory names, "name@version" pins, (name, version) pairs or MemoryRefs.
     """
     request = pb.GenerateRequest(prompt=prompt, request_id=request_id, chat=chat)
     request.sampling.temperature = temperature
@@ -95,6 +220,7 @@ def build_request(
     request.stopping.ignore_eos = ignore_eos
     request.response.logprobs = logprobs
     request.response.top_logprobs = top_logprobs
+    request.memories.extend(memory_ref(m) for m in memories)
     return request
 
 
@@ -116,6 +242,10 @@ def _tokens(tokens: Any) -> list[TokenInfo]:
     ]
 
 
+def _used_memories(memories: Any) -> list[tuple[str, str, int]]:
+    return [(m.name, m.kind, m.version) for m in memories]
+
+
 def _completion(response: pb.GenerateResponse) -> Completion:
     return Completion(
         text=response.text,
@@ -124,6 +254,7 @@ def _completion(response: pb.GenerateResponse) -> Completion:
         prompt_tokens=response.usage.prompt_tokens,
         generated_tokens=response.usage.generated_tokens,
         seed=response.seed,
+        memories=_used_memories(response.memories),
     )
 
 
@@ -135,23 +266,137 @@ def _chunk(response: pb.GenerateStreamResponse, first: bool) -> Chunk:
         seed=response.seed if first else None,
         prompt_tokens=response.usage.prompt_tokens,
         generated_tokens=response.usage.generated_tokens,
+        memories=_used_memories(response.memories),
     )
 
 
-class Client:
-    """Blocking client. Keyword arguments of `generate` are those of `build_request`."""
+def _datetime(message: Any, name: str) -> datetime | None:
+    return getattr(message, name).ToDatetime(tzinfo=UTC) if message.HasField(name) else None
 
-    def __init__(self, address: str | None = None, timeout: float | None = None) -> None:
+
+def _memory_info(info: memory_pb2.MemoryInfo) -> MemoryInfo:
+    return MemoryInfo(
+        name=info.name,
+        kind=info.kind,
+        version=info.version,
+        tenant=info.tenant,
+        base_model=info.base_model,
+        sha256=info.sha256,
+        size_bytes=info.size_bytes,
+        hyperparameters=MessageToDict(info.hyperparameters),
+        metrics=MessageToDict(info.metrics),
+        created_at=_datetime(info, "created_at"),
+        source_job=info.source_job,
+        versions=list(info.versions),
+        details=MessageToDict(info.details),
+    )
+
+
+def _job_state_name(state: int) -> str:
+    return jobs_pb2.JobState.Name(state).removeprefix("JOB_STATE_").lower()
+
+
+def _job_state_pb(state: str) -> int:
+    if not state:
+        return jobs_pb2.JOB_STATE_UNSPECIFIED
+    if state not in JOB_STATES:
+        raise ValueError(f"unknown job state {state!r}: use one of {', '.join(JOB_STATES)}")
+    return jobs_pb2.JobState.Value(f"JOB_STATE_{state.upper()}")
+
+
+def _job_info(job: jobs_pb2.Job) -> JobInfo:
+    return JobInfo(
+        id=job.id,
+        kind=job.kind,
+        memory_name=job.memory_name,
+        state=_job_state_name(job.state),
+        step=job.progress.step,
+        total=job.progress.total,
+        loss=job.progress.loss,
+        eta_seconds=job.progress.eta_seconds,
+        message=job.progress.message,
+        error=job.error,
+        result_version=job.result_version,
+        created_at=_datetime(job, "created_at"),
+        started_at=_datetime(job, "started_at"),
+        finished_at=_datetime(job, "finished_at"),
+        worker=job.worker,
+    )
+
+
+def _submit_request(kind: str, memory_name: str, spec: dict[str, Any]) -> jobs_pb2.SubmitJobRequest:
+    struct = Struct()
+    struct.update(spec)
+    return jobs_pb2.SubmitJobRequest(kind=kind, memory_name=memory_name, spec=struct)
+
+
+def _byte_chunks(data: bytes, name: str) -> Iterator[memory_pb2.MemoryChunk]:
+    # At least one chunk goes, even for no data, so the server can say what is missing.
+    for offset in range(0, max(len(data), 1), UPLOAD_CHUNK_BYTES):
+        piece = data[offset : offset + UPLOAD_CHUNK_BYTES]
+        yield memory_pb2.MemoryChunk(name="" if offset else name, data=piece)
+
+
+def _file_chunks(file: BinaryIO, name: str) -> Iterator[memory_pb2.MemoryChunk]:
+    first = True
+    while (data := file.read(UPLOAD_CHUNK_BYTES)) or first:
+        yield memory_pb2.MemoryChunk(name=name if first else "", data=data)
+        first = False
+
+
+async def _file_chunks_async(file: BinaryIO, name: str) -> AsyncIterator[memory_pb2.MemoryChunk]:
+    first = True
+    while (data := await asyncio.to_thread(file.read, UPLOAD_CHUNK_BYTES)) or first:
+        yield memory_pb2.MemoryChunk(name=name if first else "", data=data)
+        first = False
+
+
+@contextlib.contextmanager
+def _replacing(path: str | os.PathLike[str]) -> Iterator[BinaryIO]:
+    """Writes to a temporary file next to `path` that replaces it only once complete."""
+    target = Path(path)
+    partial = target.with_name(target.name + ".part")
+    try:
+        with open(partial, "wb") as file:
+            yield file
+        os.replace(partial, target)
+    finally:
+        partial.unlink(missing_ok=True)  # a failed export leaves no half-written file
+
+
+def _tenant_metadata(tenant: str | None) -> tuple[tuple[str, str], ...] | None:
+    return ((TENANT_METADATA, tenant),) if tenant else None
+
+
+class Client:
+    """Blocking client. Keyword arguments of `generate` are those of `build_request`.
+
+    `tenant` (default $MEMSERVE_TENANT, else the server's default tenant) scopes every call.
+    """
+
+    def __init__(
+        self, address: str | None = None, timeout: float | None = None, tenant: str | None = None
+    ) -> None:
         self.address = address or default_server()
         self.timeout = timeout
+        self.tenant = default_tenant() if tenant is None else tenant
         self._channel = grpc.insecure_channel(self.address)
         self._stub = generation_pb2_grpc.GenerationServiceStub(self._channel)
+        self._memories = memory_pb2_grpc.MemoryServiceStub(self._channel)
+        self._jobs = jobs_pb2_grpc.JobServiceStub(self._channel)
+
+    @property
+    def _options(self) -> dict[str, Any]:
+        """Per-call options, read at each call so that changing `timeout` or `tenant` takes effect."""
+        return {"timeout": self.timeout, "metadata": _tenant_metadata(self.tenant)}
+
+    # --- generation ---
 
     def generate(self, prompt: str, **options: Any) -> Completion:
-        return _completion(self._stub.Generate(build_request(prompt, **options), timeout=self.timeout))
+        return _completion(self._stub.Generate(build_request(prompt, **options), **self._options))
 
     def generate_stream(self, prompt: str, **options: Any) -> Iterator[Chunk]:
-        call = self._stub.GenerateStream(build_request(prompt, **options), timeout=self.timeout)
+        call = self._stub.GenerateStream(build_request(prompt, **options), **self._options)
         try:
             for index, response in enumerate(call):
                 yield _chunk(response, index == 0)
@@ -159,7 +404,97 @@ class Client:
             call.cancel()  # a consumer that stops early frees the server's slot
 
     def model_info(self) -> pb.ModelInfo:
-        return self._stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=self.timeout)
+        return self._stub.GetModelInfo(pb.GetModelInfoRequest(), **self._options)
+
+    # --- memories ---
+
+    def get_memory(self, name: str, version: int = 0) -> MemoryInfo:
+        """One version of a memory (0 = the current one), with the list of its versions."""
+        request = memory_pb2.GetMemoryRequest(name=name, version=version)
+        return _memory_info(self._memories.GetMemory(request, **self._options))
+
+    def list_memories(self, kind: str = "", prefix: str = "") -> list[MemoryInfo]:
+        """The current version of every memory of this tenant (all pages), optionally filtered."""
+        memories: list[MemoryInfo] = []
+        token = ""
+        while True:
+            request = memory_pb2.ListMemoriesRequest(kind=kind, name_prefix=prefix, page_token=token)
+            page = self._memories.ListMemories(request, **self._options)
+            memories.extend(_memory_info(m) for m in page.memories)
+            token = page.next_page_token
+            if not token:
+                return memories
+
+    def delete_memory(self, name: str, version: int = 0) -> int:
+        """Deletes one version, or every version with 0; returns how many were deleted."""
+        request = memory_pb2.DeleteMemoryRequest(name=name, version=version)
+        return self._memories.DeleteMemory(request, **self._options).deleted_versions
+
+    def _export_chunks(self, name: str, version: int) -> Iterator[bytes]:
+        call = self._memories.ExportMemory(
+            memory_pb2.ExportMemoryRequest(name=name, version=version), **self._options
+        )
+        try:
+            for chunk in call:
+                yield chunk.data
+        finally:
+            call.cancel()
+
+    def export_memory(self, name: str, version: int = 0) -> bytes:
+        """One version (0 = current) as a single self-describing export file."""
+        return b"".join(self._export_chunks(name, version))
+
+    def export_memory_to(self, name: str, path: str | os.PathLike[str], version: int = 0) -> int:
+        """Writes the export file to `path` (replaced only once complete); returns its size in bytes."""
+        size = 0
+        with _replacing(path) as file:
+            for data in self._export_chunks(name, version):
+                file.write(data)
+                size += len(data)
+        return size
+
+    def put_memory(self, data: bytes, name: str = "") -> MemoryInfo:
+        """Uploads an export file as a new version of `name` (default: the name inside the file)."""
+        return _memory_info(self._memories.PutMemory(_byte_chunks(data, name), **self._options))
+
+    def import_memory(self, path: str | os.PathLike[str], name: str = "") -> MemoryInfo:
+        """Uploads the export file at `path`, streamed in chunks, as `put_memory` does."""
+        with open(path, "rb") as file:  # opened here: an error inside the request iterator would be lost
+            return _memory_info(self._memories.PutMemory(_file_chunks(file, name), **self._options))
+
+    # --- jobs ---
+
+    def get_job(self, job_id: str) -> JobInfo:
+        return _job_info(self._jobs.GetJob(jobs_pb2.GetJobRequest(job_id=job_id), **self._options))
+
+    def list_jobs(self, state: str = "", kind: str = "") -> list[JobInfo]:
+        """This tenant's jobs (all pages), newest first; `state` is one of JOB_STATES or "" for all."""
+        jobs: list[JobInfo] = []
+        token = ""
+        while True:
+            request = jobs_pb2.ListJobsRequest(state=_job_state_pb(state), kind=kind, page_token=token)
+            page = self._jobs.ListJobs(request, **self._options)
+            jobs.extend(_job_info(j) for j in page.jobs)
+            token = page.next_page_token
+            if not token:
+                return jobs
+
+    def cancel_job(self, job_id: str) -> JobInfo:
+        """Asks the job to stop; a running job stays "running" until its worker notices."""
+        return _job_info(self._jobs.CancelJob(jobs_pb2.CancelJobRequest(job_id=job_id), **self._options))
+
+    def watch_job(self, job_id: str) -> Iterator[JobInfo]:
+        """The job each time it changes, ending after its final state."""
+        call = self._jobs.WatchJob(jobs_pb2.WatchJobRequest(job_id=job_id), **self._options)
+        try:
+            for job in call:
+                yield _job_info(job)
+        finally:
+            call.cancel()
+
+    def submit_job(self, kind: str, memory_name: str, spec: dict[str, Any]) -> JobInfo:
+        """Queues a training job of any registered kind; the kind validates `spec`."""
+        return _job_info(self._jobs.SubmitJob(_submit_request(kind, memory_name, spec), **self._options))
 
     def close(self) -> None:
         self._channel.close()
@@ -174,17 +509,29 @@ class Client:
 class AsyncClient:
     """asyncio client, same methods as `Client`, awaited."""
 
-    def __init__(self, address: str | None = None, timeout: float | None = None) -> None:
+    def __init__(
+        self, address: str | None = None, timeout: float | None = None, tenant: str | None = None
+    ) -> None:
         self.address = address or default_server()
         self.timeout = timeout
+        self.tenant = default_tenant() if tenant is None else tenant
         self._channel = grpc.aio.insecure_channel(self.address)
         self._stub = generation_pb2_grpc.GenerationServiceStub(self._channel)
+        self._memories = memory_pb2_grpc.MemoryServiceStub(self._channel)
+        self._jobs = jobs_pb2_grpc.JobServiceStub(self._channel)
+
+    @property
+    def _options(self) -> dict[str, Any]:
+        """Per-call options, read at each call so that changing `timeout` or `tenant` takes effect."""
+        return {"timeout": self.timeout, "metadata": _tenant_metadata(self.tenant)}
+
+    # --- generation ---
 
     async def generate(self, prompt: str, **options: Any) -> Completion:
-        return _completion(await self._stub.Generate(build_request(prompt, **options), timeout=self.timeout))
+        return _completion(await self._stub.Generate(build_request(prompt, **options), **self._options))
 
     async def generate_stream(self, prompt: str, **options: Any) -> AsyncIterator[Chunk]:
-        call = self._stub.GenerateStream(build_request(prompt, **options), timeout=self.timeout)
+        call = self._stub.GenerateStream(build_request(prompt, **options), **self._options)
         try:
             index = 0
             async for response in call:
@@ -194,7 +541,89 @@ class AsyncClient:
             call.cancel()
 
     async def model_info(self) -> pb.ModelInfo:
-        return await self._stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=self.timeout)
+        return await self._stub.GetModelInfo(pb.GetModelInfoRequest(), **self._options)
+
+    # --- memories ---
+
+    async def get_memory(self, name: str, version: int = 0) -> MemoryInfo:
+        request = memory_pb2.GetMemoryRequest(name=name, version=version)
+        return _memory_info(await self._memories.GetMemory(request, **self._options))
+
+    async def list_memories(self, kind: str = "", prefix: str = "") -> list[MemoryInfo]:
+        memories: list[MemoryInfo] = []
+        token = ""
+        while True:
+            request = memory_pb2.ListMemoriesRequest(kind=kind, name_prefix=prefix, page_token=token)
+            page = await self._memories.ListMemories(request, **self._options)
+            memories.extend(_memory_info(m) for m in page.memories)
+            token = page.next_page_token
+            if not token:
+                return memories
+
+    async def delete_memory(self, name: str, version: int = 0) -> int:
+        request = memory_pb2.DeleteMemoryRequest(name=name, version=version)
+        return (await self._memories.DeleteMemory(request, **self._options)).deleted_versions
+
+    async def _export_chunks(self, name: str, version: int) -> AsyncIterator[bytes]:
+        call = self._memories.ExportMemory(
+            memory_pb2.ExportMemoryRequest(name=name, version=version), **self._options
+        )
+        try:
+            async for chunk in call:
+                yield chunk.data
+        finally:
+            call.cancel()
+
+    async def export_memory(self, name: str, version: int = 0) -> bytes:
+        return b"".join([data async for data in self._export_chunks(name, version)])
+
+    async def export_memory_to(self, name: str, path: str | os.PathLike[str], version: int = 0) -> int:
+        size = 0
+        with _replacing(path) as file:
+            async for data in self._export_chunks(name, version):
+                await asyncio.to_thread(file.write, data)
+                size += len(data)
+        return size
+
+    async def put_memory(self, data: bytes, name: str = "") -> MemoryInfo:
+        return _memory_info(await self._memories.PutMemory(_byte_chunks(data, name), **self._options))
+
+    async def import_memory(self, path: str | os.PathLike[str], name: str = "") -> MemoryInfo:
+        with open(path, "rb") as file:
+            chunks = _file_chunks_async(file, name)
+            return _memory_info(await self._memories.PutMemory(chunks, **self._options))
+
+    # --- jobs ---
+
+    async def get_job(self, job_id: str) -> JobInfo:
+        return _job_info(await self._jobs.GetJob(jobs_pb2.GetJobRequest(job_id=job_id), **self._options))
+
+    async def list_jobs(self, state: str = "", kind: str = "") -> list[JobInfo]:
+        jobs: list[JobInfo] = []
+        token = ""
+        while True:
+            request = jobs_pb2.ListJobsRequest(state=_job_state_pb(state), kind=kind, page_token=token)
+            page = await self._jobs.ListJobs(request, **self._options)
+            jobs.extend(_job_info(j) for j in page.jobs)
+            token = page.next_page_token
+            if not token:
+                return jobs
+
+    async def cancel_job(self, job_id: str) -> JobInfo:
+        request = jobs_pb2.CancelJobRequest(job_id=job_id)
+        return _job_info(await self._jobs.CancelJob(request, **self._options))
+
+    async def watch_job(self, job_id: str) -> AsyncIterator[JobInfo]:
+        call = self._jobs.WatchJob(jobs_pb2.WatchJobRequest(job_id=job_id), **self._options)
+        try:
+            async for job in call:
+                yield _job_info(job)
+        finally:
+            call.cancel()
+
+    async def submit_job(self, kind: str, memory_name: str, spec: dict[str, Any]) -> JobInfo:
+        request = _submit_request(kind, memory_name, spec)
+        return _job_info(await self._jobs.SubmitJob(request, **self._options))
 
     async def close(self) -> None:
         await self._channel.close()

@@ -210,7 +210,8 @@ class JobQueue:
         except RedisError as exc:
             raise unavailable(exc) from exc
         self._notify(job_id)
-        return self.get(job_id)
+        # As queued: a worker may already have taken it, but that is the next state, not this answer.
+        return Job(job_id, kind, tenant, memory_name, JobState.QUEUED, spec=spec, created_at=now)
 
     def get(self, job_id: str) -> Job:
         if not job_id or len(job_id) > 64:

@@ -328,9 +328,9 @@ class RedisStore:
                         if len(found) == page_size:
                             break
                 low = f"({last}"
+            more = self.client.zrangebylex(self._index_key(tenant), f"({last}", high, start=0, num=1)
         except RedisError as exc:
             raise unavailable(exc) from exc
-        more = self.client.zrangebylex(self._index_key(tenant), f"({last}", high, start=0, num=1)
         return Page(found, last if more else "")
 
     def check_base_model(self, meta: MemoryMeta, fingerprint: str) -> None:

@@ -74,7 +74,11 @@ class _Context(TrainContext):
         eta = elapsed / step * (total - step) if 0 < step <= total else 0.0
         progress = Progress(step, total, float(loss) if loss is not None else 0.0, eta, message)
         self._worker.last_progress = progress
-        outcome = self._worker.queue.report(self.job_id, self._worker.name, progress)
+        try:
+            outcome = self._worker.queue.report(self.job_id, self._worker.name, progress)
+        except RedisError as exc:  # progress is best effort: a Redis blip must not fail the training
+            log.warning("job %s: progress not recorded (%s)", self.job_id, exc)
+            return
         if outcome == "cancel":
             raise JobCancelled(f"job {self.job_id} was cancelled")
         if outcome == "lost":

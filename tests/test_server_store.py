@@ -174,14 +174,14 @@ def test_embedded_default_trains_through_the_in_process_worker(tiny_llama_dir, t
         with grpc.insecure_channel(address) as channel:
             jobs = jobs_pb2_grpc.JobServiceStub(channel)
             spec = Struct()
-            spec.update({"steps": 4, "step_seconds": 0.02, "layer": 1, "seed": 5})
+            spec.update({"steps": 10, "step_seconds": 0.05, "layer": 1, "seed": 5})
             job = jobs.SubmitJob(
                 jobs_pb2.SubmitJobRequest(kind="test-bias", memory_name="trained", spec=spec)
             )
             assert job.state == jobs_pb2.JOB_STATE_QUEUED
             states = [update for update in jobs.WatchJob(jobs_pb2.WatchJobRequest(job_id=job.id), timeout=60)]
             assert states[-1].state == jobs_pb2.JOB_STATE_SUCCEEDED and states[-1].result_version == 1
-            assert states[-1].progress.step == 4 and states[-1].progress.total == 4
+            assert states[-1].progress.step == 10 and states[-1].progress.total == 10
             assert any(s.state == jobs_pb2.JOB_STATE_RUNNING for s in states)
             listed = jobs.ListJobs(jobs_pb2.ListJobsRequest()).jobs
             assert [j.id for j in listed] == [job.id]
