@@ -125,6 +125,7 @@ def connect(url: str, *, decode_responses: bool = False) -> RedisClient:
         "retry": Retry(ExponentialBackoff(cap=0.5, base=0.05), 2),
         "retry_on_error": [RedisConnectionError, RedisTimeoutError],
         "decode_responses": decode_responses,
+        "socket_read_size": 1 << 20,  # artifacts are megabytes: fewer, larger reads
     }
     if url.startswith(CLUSTER_SCHEME):
         return RedisCluster.from_url("redis://" + url[len(CLUSTER_SCHEME) :], **options)
