@@ -21,7 +21,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
-from memserve.errors import DataLoss, InvalidArgument
+from memserve.errors import DataLoss, InvalidArgument, MemserveError
 
 FORMAT_VERSION = 1
 EXPORT_METADATA_KEY = "memserve.meta"
@@ -71,13 +71,39 @@ class MemoryMeta:
         return json.dumps(asdict(self), sort_keys=True, allow_nan=False)
 
     @classmethod
-    def from_json(cls, text: str | bytes) -> MemoryMeta:
+    def from_json(cls, text: str | bytes, error: type[MemserveError] = DataLoss) -> MemoryMeta:
+        """Parses and type-checks metadata; `error` says whose fault a bad one is (stored: DATA_LOSS)."""
         try:
             data = json.loads(text)
-            known = {f for f in cls.__dataclass_fields__}
-            return cls(**{k: v for k, v in data.items() if k in known})
-        except (ValueError, TypeError) as exc:
-            raise DataLoss(f"memory metadata is not valid JSON of a memory: {exc}") from exc
+        except ValueError as exc:
+            raise error(f"memory metadata is not valid JSON: {exc}") from exc
+        if not isinstance(data, dict):
+            raise error("memory metadata must be a JSON object")
+        fields = {k: v for k, v in data.items() if k in _FIELD_TYPES}
+        for name, value in fields.items():
+            if not isinstance(value, _FIELD_TYPES[name]) or isinstance(value, bool):
+                raise error(f"memory metadata field {name!r} has the wrong type: {type(value).__name__}")
+        for name in ("kind", "name", "base_model"):
+            if not fields.get(name):
+                raise error(f"memory metadata lacks {name!r}")
+        return cls(**fields)
+
+
+_FIELD_TYPES: dict[str, type | tuple[type, ...]] = {
+    "kind": str,
+    "name": str,
+    "base_model": str,
+    "tenant": str,
+    "version": int,
+    "sha256": str,
+    "size_bytes": int,
+    "hyperparameters": dict,
+    "metrics": dict,
+    "details": dict,
+    "created_at": (int, float),
+    "source_job": str,
+    "format_version": int,
+}
 
 
 @dataclass(frozen=True)
@@ -130,8 +156,10 @@ def import_bytes(data: bytes) -> Artifact:
     try:
         header_size = int.from_bytes(data[:8], "little")
         header = json.loads(data[8 : 8 + header_size])
-        meta = MemoryMeta.from_json(header["__metadata__"][EXPORT_METADATA_KEY])
+        meta = MemoryMeta.from_json(header["__metadata__"][EXPORT_METADATA_KEY], error=InvalidArgument)
         tensors = load_safetensors(data)
+    except InvalidArgument:
+        raise
     except (SafetensorError, ValueError, KeyError, TypeError) as exc:
         raise InvalidArgument(
             f"not a memserve export file (a safetensors file with memserve metadata in its header): {exc}"

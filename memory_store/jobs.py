@@ -8,7 +8,9 @@
 - ``memserve:{jobs}:job:<id>``: the job record (hash), the source of truth for
   its state. Every state change goes through a Lua script that checks who owns
   the job, so a worker that was presumed dead cannot overwrite its successor.
-- ``memserve:{jobs}:index``: job ids by creation time, for listing.
+- ``memserve:{jobs}:index:<tenant>``: the tenant's job ids, scored by a global
+  submission counter (``memserve:{jobs}:seq``): unique and in order, so a page
+  token is simply the last score seen and pages never shift.
 - ``memserve:{jobs}:worker:<name>``: one key per live worker, expiring unless
   refreshed.
 - channel ``memserve:jobs``: the id of each job whose record changed.
@@ -20,27 +22,42 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
+import secrets
 import time
-import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any
+from typing import Any, TypeVar
 
 from redis.exceptions import RedisError, ResponseError
 
-from memserve.errors import FailedPrecondition, InvalidArgument, NotFound
+from memserve.errors import InvalidArgument, NotFound
 from memserve.memory_store.artifact import DEFAULT_TENANT
-from memserve.memory_store.redis_store import RedisClient, unavailable
+from memserve.memory_store.redis_store import RedisClient, store_error
 
 JOBS_CHANNEL = "memserve:jobs"
+T = TypeVar("T")
 STREAM = "memserve:{jobs}:stream"
-INDEX = "memserve:{jobs}:index"
 GROUP = "workers"
 WORKER_PREFIX = "memserve:{jobs}:worker:"
+SEQUENCE = "memserve:{jobs}:seq"
+
+
+JOB_ID_PATTERN = re.compile(r"[0-9a-f]{18}")
 
 
 def job_key(job_id: str) -> str:
     return f"memserve:{{jobs}}:job:{job_id}"
+
+
+def index_key(tenant: str) -> str:
+    return f"memserve:{{jobs}}:index:{tenant}"
+
+
+def new_job_id() -> str:
+    """Milliseconds since the epoch, then randomness, in hex."""
+    return f"{int(time.time() * 1000):012x}{secrets.token_hex(3)}"
 
 
 class JobState(StrEnum):
@@ -105,7 +122,18 @@ class Job:
         )
 
 
-# Starts an attempt. KEYS[1] the job; ARGV: worker, now, max attempts.
+# Queues a job. KEYS: the job, the tenant's index, the stream, the counter. ARGV: the
+# job id, then the record's field/value pairs. One script, so a job is never recorded
+# without its stream entry (or the reverse).
+_SUBMIT = """
+local seq = redis.call('INCR', KEYS[4])
+redis.call('HSET', KEYS[1], 'seq', seq, unpack(ARGV, 2))
+redis.call('ZADD', KEYS[2], seq, ARGV[1])
+redis.call('XADD', KEYS[3], '*', 'job', ARGV[1])
+return seq
+"""
+
+# Starts an attempt. KEYS[1] the job; ARGV: worker, now, max attempts, retention seconds.
 # Returns 'run', or 'skip' when the job must not run (final, cancelled, or out of attempts).
 _START = """
 local state = redis.call('HGET', KEYS[1], 'state')
@@ -114,12 +142,14 @@ if not state or state == 'succeeded' or state == 'failed' or state == 'cancelled
 end
 if redis.call('HGET', KEYS[1], 'cancel') == '1' then
   redis.call('HSET', KEYS[1], 'state', 'cancelled', 'finished_at', ARGV[2])
+  redis.call('EXPIRE', KEYS[1], ARGV[4])
   return 'skip'
 end
 local attempts = redis.call('HINCRBY', KEYS[1], 'attempts', 1)
 if attempts > tonumber(ARGV[3]) then
   redis.call('HSET', KEYS[1], 'state', 'failed', 'finished_at', ARGV[2], 'error',
     'gave up after ' .. ARGV[3] .. ' attempts: the workers running it died')
+  redis.call('EXPIRE', KEYS[1], ARGV[4])
   return 'skip'
 end
 redis.call('HSET', KEYS[1], 'state', 'running', 'worker', ARGV[1])
@@ -127,6 +157,17 @@ if not redis.call('HGET', KEYS[1], 'started_at') then
   redis.call('HSET', KEYS[1], 'started_at', ARGV[2])
 end
 return 'run'
+"""
+
+# A running worker's heartbeat for its job: KEYS the job, the stream; ARGV: worker,
+# stream entry, group. Re-claims the entry (resetting its idle time) only if the worker
+# still owns the job, so a worker presumed dead cannot take it back from its successor.
+_HEARTBEAT = """
+if redis.call('HGET', KEYS[1], 'worker') ~= ARGV[1] or redis.call('HGET', KEYS[1], 'state') ~= 'running' then
+  return 0
+end
+redis.call('XCLAIM', KEYS[2], ARGV[3], ARGV[1], 0, ARGV[2], 'JUSTID')
+return 1
 """
 
 # Updates a running job this worker owns. KEYS[1] the job; ARGV: worker, then
@@ -141,21 +182,25 @@ for i = 2, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
 return 'ok'
 """
 
-# Ends a running job this worker owns. KEYS[1] the job; ARGV: worker, then field/value pairs.
+# Ends a running job this worker owns. KEYS[1] the job; ARGV: worker, retention
+# seconds, then field/value pairs.
 _FINISH = """
 if redis.call('HGET', KEYS[1], 'worker') ~= ARGV[1] or redis.call('HGET', KEYS[1], 'state') ~= 'running' then
   return 'lost'
 end
-for i = 2, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+for i = 3, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+redis.call('EXPIRE', KEYS[1], ARGV[2])
 return 'ok'
 """
 
 # Cancels: a queued job at once; a running one is flagged for its worker.
+# ARGV: now, retention seconds.
 _CANCEL = """
 local state = redis.call('HGET', KEYS[1], 'state')
 if not state then return 'missing' end
 if state == 'queued' then
   redis.call('HSET', KEYS[1], 'state', 'cancelled', 'cancel', '1', 'finished_at', ARGV[1])
+  redis.call('EXPIRE', KEYS[1], ARGV[2])
   return 'cancelled'
 end
 if state == 'running' then redis.call('HSET', KEYS[1], 'cancel', '1') end
@@ -166,10 +211,12 @@ return state
 class JobQueue:
     """The Redis side of jobs: what servers (submit, read, cancel) and workers (claim, report) do."""
 
-    def __init__(self, client: RedisClient, *, retention_seconds: float = 7 * 24 * 3600) -> None:
+    def __init__(self, client: RedisClient, *, retention_seconds: int = 7 * 24 * 3600) -> None:
         self.client = client
         self.retention_seconds = retention_seconds
+        self._submit = client.register_script(_SUBMIT)
         self._start = client.register_script(_START)
+        self._heartbeat = client.register_script(_HEARTBEAT)
         self._update = client.register_script(_UPDATE)
         self._finish = client.register_script(_FINISH)
         self._cancel = client.register_script(_CANCEL)
@@ -182,17 +229,30 @@ class JobQueue:
             self.client.xgroup_create(STREAM, GROUP, id="0", mkstream=True)
         except ResponseError as exc:
             if "BUSYGROUP" not in str(exc):
-                raise
+                raise store_error(exc) from exc
         except RedisError as exc:
-            raise unavailable(exc) from exc
+            raise store_error(exc) from exc
         self._group_ready = True
+
+    def _with_group(self, call: Callable[[], T]) -> T:
+        """Runs a stream command; if Redis lost the group (a flush, a failover to an empty
+        replica), makes it again and retries once."""
+        self.ensure_group()
+        try:
+            return call()
+        except ResponseError as exc:
+            if "NOGROUP" not in str(exc):
+                raise
+            self._group_ready = False
+            self.ensure_group()
+            return call()
 
     # --- servers ------------------------------------------------------------
     def submit(
         self, kind: str, memory_name: str, spec: dict[str, Any], *, tenant: str = DEFAULT_TENANT
     ) -> Job:
         self.ensure_group()
-        job_id = uuid.uuid4().hex[:16]
+        job_id = new_job_id()
         now = time.time()
         record = {
             "id": job_id,
@@ -203,74 +263,72 @@ class JobQueue:
             "spec": json.dumps(spec, allow_nan=False),
             "created_at": repr(now),
         }
+        fields = [item for pair in record.items() for item in pair]
         try:
-            self.client.hset(job_key(job_id), mapping=record)
-            self.client.zadd(INDEX, {job_id: now})
-            self.client.xadd(STREAM, {"job": job_id})
+            self._submit(keys=[job_key(job_id), index_key(tenant), STREAM, SEQUENCE], args=[job_id, *fields])
         except RedisError as exc:
-            raise unavailable(exc) from exc
+            raise store_error(exc) from exc
         self._notify(job_id)
         # As queued: a worker may already have taken it, but that is the next state, not this answer.
         return Job(job_id, kind, tenant, memory_name, JobState.QUEUED, spec=spec, created_at=now)
 
     def get(self, job_id: str) -> Job:
-        if not job_id or len(job_id) > 64:
-            raise InvalidArgument("job_id is empty or too long")
+        if not JOB_ID_PATTERN.fullmatch(job_id):
+            raise InvalidArgument(f"{job_id!r} is not a job id (18 hex digits)")
         try:
             data = self.client.hgetall(job_key(job_id))
         except RedisError as exc:
-            raise unavailable(exc) from exc
+            raise store_error(exc) from exc
         if not data:
             raise NotFound(f"job {job_id!r} does not exist (or has expired)")
         return Job.from_hash(data)
 
     def cancel(self, job_id: str) -> Job:
+        self.get(job_id)  # checks the id
         try:
-            outcome = self._cancel(keys=[job_key(job_id)], args=[repr(time.time())])
+            outcome = self._cancel(keys=[job_key(job_id)], args=[repr(time.time()), self.retention_seconds])
         except RedisError as exc:
-            raise unavailable(exc) from exc
+            raise store_error(exc) from exc
         if outcome == b"missing":
             raise NotFound(f"job {job_id!r} does not exist (or has expired)")
         self._notify(job_id)
         return self.get(job_id)
 
     def list(
-        self, *, state: JobState | None = None, kind: str = "", tenant: str | None = None,
+        self, *, state: JobState | None = None, kind: str = "", tenant: str = DEFAULT_TENANT,
         page_size: int = 50, page_token: str = "",
     ) -> tuple[list[Job], str]:  # fmt: skip
-        """Newest first; `page_token` is the offset into the index."""
+        """The tenant's jobs, newest first; `page_token` is where the previous page ended."""
         if page_size <= 0:
             raise InvalidArgument("page_size must be positive")
-        try:
-            offset = int(page_token or 0)
-        except ValueError:
-            raise InvalidArgument(f"page_token {page_token!r} is not one this server gave") from None
+        if page_token and not page_token.isdigit():
+            raise InvalidArgument(f"page_token {page_token!r} is not one this server gave")
+        index = index_key(tenant)
+        high = f"({page_token}" if page_token else "+inf"
         jobs: list[Job] = []
         try:
             while len(jobs) < page_size:
-                ids = self.client.zrevrange(INDEX, offset, offset + page_size - 1)
-                if not ids:
+                found = self.client.zrevrangebyscore(
+                    index, high, "-inf", start=0, num=page_size, withscores=True
+                )
+                if not found:
                     return jobs, ""
-                for raw in ids:
-                    offset += 1
-                    data = self.client.hgetall(job_key(raw.decode()))
+                for raw, score in found:
+                    job_id = raw.decode()
+                    high = f"({int(score)}"
+                    data = self.client.hgetall(job_key(job_id))
                     if not data:  # expired: forget it
-                        self.client.zrem(INDEX, raw)
-                        offset -= 1
+                        self.client.zrem(index, job_id)
                         continue
                     job = Job.from_hash(data)
-                    if (
-                        (state is None or job.state == state)
-                        and (not kind or job.kind == kind)
-                        and (tenant is None or job.tenant == tenant)
-                    ):
+                    if (state is None or job.state == state) and (not kind or job.kind == kind):
                         jobs.append(job)
                         if len(jobs) == page_size:
                             break
-            more = self.client.zrevrange(INDEX, offset, offset)
+            more = self.client.zrevrangebyscore(index, high, "-inf", start=0, num=1)
         except RedisError as exc:
-            raise unavailable(exc) from exc
-        return jobs, str(offset) if more else ""
+            raise store_error(exc) from exc
+        return jobs, high[1:] if more else ""
 
     def depth(self) -> int:
         """Jobs waiting for a worker (not yet delivered to any)."""
@@ -282,7 +340,7 @@ class JobQueue:
         except ResponseError:  # no stream yet
             return 0
         except RedisError as exc:
-            raise unavailable(exc) from exc
+            raise store_error(exc) from exc
         pending = sum(int(g.get("pending") or 0) for g in groups)
         return max(length - pending, 0)
 
@@ -292,7 +350,7 @@ class JobQueue:
                 k.decode()[len(WORKER_PREFIX) :] for k in self.client.scan_iter(f"{WORKER_PREFIX}*")
             )
         except RedisError as exc:
-            raise unavailable(exc) from exc
+            raise store_error(exc) from exc
 
     def _notify(self, job_id: str) -> None:
         with contextlib.suppress(RedisError):  # watchers also poll
@@ -301,39 +359,48 @@ class JobQueue:
     # --- workers ------------------------------------------------------------
     def next_entry(self, consumer: str, *, claim_idle: float, block: float) -> tuple[str, str] | None:
         """(stream entry id, job id) of a job to run: first one a dead worker left, else a new one."""
-        self.ensure_group()
-        try:
-            reclaimed = self.client.xautoclaim(
+
+        def claim() -> Any:
+            return self.client.xautoclaim(
                 STREAM, GROUP, consumer, min_idle_time=int(claim_idle * 1000), start_id="0-0", count=1
             )
-            for entry in reclaimed[1]:
+
+        def read() -> Any:
+            return self.client.xreadgroup(GROUP, consumer, {STREAM: ">"}, count=1, block=int(block * 1000))
+
+        try:
+            for entry in self._with_group(claim)[1]:
                 if entry and entry[1]:
                     return entry[0].decode(), entry[1][b"job"].decode()
-            delivered = self.client.xreadgroup(
-                GROUP, consumer, {STREAM: ">"}, count=1, block=int(block * 1000)
-            )
+            delivered = self._with_group(read)
         except RedisError as exc:
-            raise unavailable(exc) from exc
+            raise store_error(exc) from exc
         for _stream, entries in delivered or ():
             for entry_id, fields in entries:
                 return entry_id.decode(), fields[b"job"].decode()
         return None
 
-    def heartbeat(self, consumer: str, entry_id: str | None, ttl: float) -> None:
-        """Says this worker is alive, and that it still runs `entry_id` (resets its idle time)."""
+    def heartbeat(self, consumer: str, ttl: float, running: tuple[str, str] | None = None) -> bool:
+        """Says this worker is alive and, for `running` = (entry id, job id), that it still
+        runs that job. Returns False when the job is no longer this worker's."""
         self.client.set(WORKER_PREFIX + consumer, repr(time.time()), px=int(ttl * 1000))
-        if entry_id is not None:
-            self.client.xclaim(STREAM, GROUP, consumer, 0, [entry_id], justid=True)
+        if running is None:
+            return True
+        entry_id, job_id = running
+        return bool(self._heartbeat(keys=[job_key(job_id), STREAM], args=[consumer, entry_id, GROUP]))
 
     def leave(self, consumer: str) -> None:
-        try:
+        """Forgets this worker; a job it still holds stays pending, for another to take over."""
+        with contextlib.suppress(RedisError):
             self.client.delete(WORKER_PREFIX + consumer)
-            self.client.xgroup_delconsumer(STREAM, GROUP, consumer)
-        except RedisError:
-            pass
+            holding = self.client.xpending_range(STREAM, GROUP, "-", "+", 1, consumername=consumer)
+            if not holding:
+                self.client.xgroup_delconsumer(STREAM, GROUP, consumer)
 
     def start_attempt(self, job_id: str, consumer: str, max_attempts: int) -> bool:
-        outcome = self._start(keys=[job_key(job_id)], args=[consumer, repr(time.time()), max_attempts])
+        outcome = self._start(
+            keys=[job_key(job_id)], args=[consumer, repr(time.time()), max_attempts, self.retention_seconds]
+        )
         self._notify(job_id)
         return bool(outcome == b"run")
 
@@ -349,7 +416,8 @@ class JobQueue:
         self, job_id: str, entry_id: str, consumer: str, state: JobState, *, error: str = "",
         result_version: int = 0, progress: Progress | None = None,
     ) -> bool:  # fmt: skip
-        """Ends the job (if this worker still owns it) and acknowledges its stream entry."""
+        """Ends the job and acknowledges its stream entry, if this worker still owns it
+        (if not, the entry belongs to the worker that took over, and stays)."""
         fields: list[str] = ["state", state.value, "finished_at", repr(time.time())]
         if error:
             fields += ["error", error[:4000]]
@@ -357,19 +425,14 @@ class JobQueue:
             fields += ["result_version", str(result_version)]
         if progress is not None:
             fields += ["progress", json.dumps(progress.__dict__, allow_nan=False)]
-        owned = self._finish(keys=[job_key(job_id)], args=[consumer, *fields]) == b"ok"
+        owned = (
+            self._finish(keys=[job_key(job_id)], args=[consumer, self.retention_seconds, *fields]) == b"ok"
+        )
         if owned:
-            self.client.expire(job_key(job_id), int(self.retention_seconds))
-        self.acknowledge(entry_id)
-        self._notify(job_id)
+            self.acknowledge(entry_id)
+            self._notify(job_id)
         return bool(owned)
 
     def acknowledge(self, entry_id: str) -> None:
         self.client.xack(STREAM, GROUP, entry_id)
         self.client.xdel(STREAM, entry_id)
-
-    def require_group(self) -> None:
-        try:
-            self.ensure_group()
-        except ResponseError as exc:
-            raise FailedPrecondition(f"the job stream cannot be used: {exc}") from exc

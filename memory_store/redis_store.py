@@ -31,12 +31,19 @@ from typing import Any
 import redis
 from redis.backoff import ExponentialBackoff
 from redis.cluster import RedisCluster
+from redis.exceptions import BusyLoadingError, RedisError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 
-from memserve.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from memserve.errors import (
+    DataLoss,
+    FailedPrecondition,
+    InvalidArgument,
+    MemserveError,
+    NotFound,
+    Unavailable,
+)
 from memserve.memory_store.artifact import (
     DEFAULT_TENANT,
     Artifact,
@@ -100,6 +107,8 @@ for v, sha in pairs(versions) do
     table.insert(orphaned, sha); keep_shas[sha] = true
   end
 end
+-- (the blobs themselves go in _DROP_BLOB, which checks again: a publish of the same
+-- content may have claimed one in between)
 local newest = 0
 for v, sha in pairs(versions) do
   if not (ARGV[1] == '0' or tonumber(ARGV[1]) == v) and v > newest then newest = v end
@@ -113,16 +122,29 @@ return {deleted, orphaned}
 """
 
 
-def connect(url: str, *, decode_responses: bool = False) -> RedisClient:
+# Deletes blob KEYS[2] unless a version in KEYS[1] still points at it (ARGV[1] = its sha).
+_DROP_BLOB = """
+local fields = redis.call('HGETALL', KEYS[1])
+for i = 1, #fields, 2 do
+  if string.sub(fields[i], 1, 1) == 'v' and cjson.decode(fields[i + 1])['sha256'] == ARGV[1] then
+    return 0
+  end
+end
+return redis.call('DEL', KEYS[2])
+"""
+
+
+def connect(url: str, *, decode_responses: bool = False, retries: int = 2) -> RedisClient:
     """A client for `url`: redis://, rediss:// or unix:// for one server,
     redis+cluster://host:port for a cluster (any node; the rest are discovered).
 
-    Retries with a short backoff, so a blip is absorbed and an outage fails fast.
+    Retries with a short backoff, so a blip is absorbed and an outage fails fast
+    (`retries=0` surfaces every disconnection, as the event listener needs).
     """
     options: dict[str, Any] = {
         "socket_connect_timeout": 1.0,
-        "socket_timeout": 10.0,
-        "retry": Retry(ExponentialBackoff(cap=0.5, base=0.05), 2),
+        "socket_timeout": 5.0,
+        "retry": Retry(ExponentialBackoff(cap=0.5, base=0.05), retries),
         "retry_on_error": [RedisConnectionError, RedisTimeoutError],
         "decode_responses": decode_responses,
         "socket_read_size": 1 << 20,  # artifacts are megabytes: fewer, larger reads
@@ -137,8 +159,12 @@ def connect(url: str, *, decode_responses: bool = False) -> RedisClient:
     return redis.Redis.from_url(url, health_check_interval=10, **options)
 
 
-def unavailable(exc: RedisError) -> Unavailable:
-    return Unavailable(f"the memory store (Redis) is unreachable: {exc}; retry shortly")
+def store_error(exc: RedisError) -> MemserveError:
+    """The status a Redis failure deserves: UNAVAILABLE when Redis cannot be reached (or is
+    loading), INTERNAL when it answered with an error (out of memory, a bug)."""
+    if isinstance(exc, RedisConnectionError | RedisTimeoutError | BusyLoadingError):
+        return Unavailable(f"the memory store (Redis) is unreachable: {exc}; retry shortly")
+    return MemserveError(f"the memory store (Redis) refused the operation: {exc}")
 
 
 @dataclass(frozen=True)
@@ -164,6 +190,7 @@ class RedisStore:
         self.client = client
         self._publish = client.register_script(_PUBLISH)
         self._delete = client.register_script(_DELETE)
+        self._drop_blob = client.register_script(_DROP_BLOB)
 
     @classmethod
     def from_url(cls, url: str) -> RedisStore:
@@ -206,12 +233,18 @@ class RedisStore:
             # The index and the blob first: both are harmless without a version, and
             # the version (written last, atomically) is what makes the memory visible.
             self.client.zadd(self._index_key(tenant), {name: 0})
-            self.client.set(blob_key, blob)
-            version, new = self._publish(
-                keys=[meta_key, blob_key], args=[job_id, meta.to_json(), "1" if make_current else "0"]
-            )
+            for attempt in range(3):
+                self.client.set(blob_key, blob)
+                try:
+                    version, new = self._publish(
+                        keys=[meta_key, blob_key], args=[job_id, meta.to_json(), "1" if make_current else "0"]
+                    )
+                    break
+                except ResponseError as exc:  # a delete of the same content dropped the blob: again
+                    if "blob missing" not in str(exc) or attempt == 2:
+                        raise
         except RedisError as exc:
-            raise unavailable(exc) from exc
+            raise store_error(exc) from exc
         published = replace(meta, version=int(version))
         if new:
             self._announce(Change(tenant, name, published.version, "publish"))
@@ -224,16 +257,17 @@ class RedisStore:
         meta_key = self._meta_key(tenant, name)
         try:
             deleted, orphaned = self._delete(keys=[meta_key], args=[str(version)])
-            for sha in orphaned:
-                self.client.delete(
-                    self._blob_key(tenant, name, sha.decode() if isinstance(sha, bytes) else sha)
-                )
+            for raw in orphaned:
+                sha = raw.decode() if isinstance(raw, bytes) else raw
+                self._drop_blob(keys=[meta_key, self._blob_key(tenant, name, sha)], args=[sha])
             if not self.client.hexists(meta_key, "current"):
                 # The hash itself stays, with its version counter: a version number is
                 # never reused, so what a server cached under it can never go stale.
                 self.client.zrem(self._index_key(tenant), name)
+                if self.client.hexists(meta_key, "current"):  # published meanwhile: list it again
+                    self.client.zadd(self._index_key(tenant), {name: 0})
         except RedisError as exc:
-            raise unavailable(exc) from exc
+            raise store_error(exc) from exc
         if not deleted:
             what = f"version {version} of memory" if version else "memory"
             raise NotFound(f"{what} {name!r} does not exist (tenant {tenant!r})")
@@ -254,7 +288,7 @@ class RedisStore:
         try:
             version = self.client.hget(self._meta_key(tenant, name), "current")
         except RedisError as exc:
-            raise unavailable(exc) from exc
+            raise store_error(exc) from exc
         if version is None:
             raise NotFound(f"memory {name!r} does not exist (tenant {tenant!r})")
         return int(version)
@@ -265,7 +299,7 @@ class RedisStore:
         try:
             text = self.client.hget(self._meta_key(tenant, name), f"v{version}")
         except RedisError as exc:
-            raise unavailable(exc) from exc
+            raise store_error(exc) from exc
         if text is None:
             raise NotFound(f"memory {name!r} has no version {version} (tenant {tenant!r})")
         return replace(MemoryMeta.from_json(text), version=version)
@@ -275,14 +309,14 @@ class RedisStore:
         try:
             version = self.client.hget(self._meta_key(tenant, name), f"job:{job_id}")
         except RedisError as exc:
-            raise unavailable(exc) from exc
+            raise store_error(exc) from exc
         return int(version) if version is not None else None
 
     def versions(self, name: str, *, tenant: str = DEFAULT_TENANT) -> list[int]:
         try:
             fields = self.client.hkeys(self._meta_key(tenant, name))
         except RedisError as exc:
-            raise unavailable(exc) from exc
+            raise store_error(exc) from exc
         names = (f.decode() if isinstance(f, bytes) else f for f in fields)
         return sorted(int(f[1:]) for f in names if f.startswith("v"))
 
@@ -292,9 +326,9 @@ class RedisStore:
         try:
             blob = self.client.get(self._blob_key(tenant, name, meta.sha256))
         except RedisError as exc:
-            raise unavailable(exc) from exc
+            raise store_error(exc) from exc
         if blob is None:
-            raise NotFound(f"memory {name!r} version {meta.version} has lost its blob; publish it again")
+            raise DataLoss(f"memory {name!r} version {meta.version} has lost its blob; publish it again")
         return decode(meta, blob)
 
     def list(
@@ -331,7 +365,7 @@ class RedisStore:
                 low = f"({last}"
             more = self.client.zrangebylex(self._index_key(tenant), f"({last}", high, start=0, num=1)
         except RedisError as exc:
-            raise unavailable(exc) from exc
+            raise store_error(exc) from exc
         return Page(found, last if more else "")
 
     def check_base_model(self, meta: MemoryMeta, fingerprint: str) -> None:
@@ -361,21 +395,28 @@ def listen(
     """Calls each channel's handler with each message until `stop` is set (blocking: run it in a thread).
 
     Reconnects by itself. Messages published while disconnected are lost, so
-    `on_connect` runs after each (re)subscription: drop what may have gone stale.
+    `on_connect` runs each time the subscription is confirmed, the first time and
+    after every reconnection (also one redis-py makes on its own, inside
+    `get_message`): drop what may have gone stale. Give it a client without
+    retries, so that a disconnection is seen at once.
     """
+    first_channel = next(iter(handlers))
     delay = 0.1
     while not stop.is_set():
-        pubsub = client.pubsub(ignore_subscribe_messages=True)
+        pubsub = client.pubsub()
         try:
             pubsub.subscribe(*handlers)
-            on_connect()
-            delay = 0.1
             while not stop.is_set():
                 message = pubsub.get_message(timeout=0.5)
-                if message is None or message.get("type") != "message":
+                if message is None:
                     continue
-                channel = message["channel"]
-                handlers[channel.decode() if isinstance(channel, bytes) else channel](message["data"])
+                raw = message["channel"]
+                channel = raw.decode() if isinstance(raw, bytes) else raw
+                if message.get("type") == "subscribe" and channel == first_channel:
+                    on_connect()
+                    delay = 0.1
+                elif message.get("type") == "message":
+                    handlers[channel](message["data"])
         except RedisError as exc:
             log.warning("Redis events interrupted (%s); reconnecting", exc)
             stop.wait(delay)

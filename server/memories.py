@@ -7,7 +7,11 @@ Two maps, kept correct by the store's change events:
   heads keep serving.
 - **the cache**: (tenant, name, version) → loaded memory on the model's device,
   LRU, bounded in bytes. A version never changes and its number is never
-  reused, so an entry can only go away (deletion, eviction), never go stale.
+  reused, so an entry normally only goes away (deletion, eviction). Only if
+  Redis lost data (no persistence, a failover to a lagging replica) could a
+  number come back with other contents: a publish event for a cached version
+  drops it, and after a resync each entry's sha256 is checked against Redis
+  once, at its next use.
 
 Loads run in worker threads (fetch, sha256 check, deserialise, copy to the
 device); concurrent requests for the same memory wait for one load.
@@ -23,7 +27,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from memserve.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
+from memserve.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, Unavailable
 from memserve.kinds import LoadedMemory, LoadTarget, MemoryRefSpec, get_kind
 from memserve.memory_store.redis_store import Change, RedisStore
 
@@ -41,11 +45,14 @@ class ResolvedMemory:
     loaded: LoadedMemory
 
 
-@dataclass(frozen=True)
+@dataclass
 class CachedMemory:
     kind: str
     loaded: LoadedMemory
     nbytes: int
+    sha256: str
+    # The resync epoch in which this entry was last known to match Redis.
+    epoch: int
 
 
 @dataclass
@@ -92,6 +99,8 @@ class MemoryCache:
             if change.op == "delete":
                 for key in [k for k in self._entries if k[:2] == name and change.version in (0, k[2])]:
                     self._drop(key)
+            elif (*name, change.version) in self._entries:  # a number reused after Redis lost data
+                self._drop((*name, change.version))
 
     def on_resync(self) -> None:
         with self._lock:
@@ -135,14 +144,17 @@ class MemoryCache:
         key = (tenant, name, version)
         with self._lock:
             cached = self._hit(key)
-            if cached is not None:
-                return cached
+        if cached is not None and self._still_valid(key, cached):
+            return cached
+        with self._lock:
             load_lock = self._loading.setdefault(key, threading.Lock())
-        with load_lock:  # one load per key; the others wait for it and find it cached
-            with self._lock:
-                cached = self._hit(key)
-            if cached is None:
-                cached = self._load(tenant, name, version)
+        try:
+            with load_lock:  # one load per key; the others wait for it and find it cached
+                with self._lock:
+                    cached = self._hit(key)
+                if cached is None:
+                    cached = self._load(tenant, name, version)
+        finally:
             with self._lock:
                 self._loading.pop(key, None)
         return cached
@@ -154,10 +166,33 @@ class MemoryCache:
             self.stats.hits += 1
         return cached
 
+    def _still_valid(self, key: CacheKey, cached: CachedMemory) -> bool:
+        """After a resync, checks an entry against Redis once; while Redis is down, trusts it."""
+        epoch = self._epoch
+        if cached.epoch == epoch:
+            return True
+        try:
+            meta = self.store.meta(key[1], key[2], tenant=key[0])
+        except Unavailable:
+            return True
+        except NotFound:
+            with self._lock:
+                if self._entries.get(key) is cached:
+                    self._drop(key)
+            raise
+        if meta.sha256 == cached.sha256:
+            cached.epoch = epoch
+            return True
+        with self._lock:
+            if self._entries.get(key) is cached:
+                self._drop(key)
+        return False
+
     def _load(self, tenant: str, name: str, version: int) -> CachedMemory:
         started = time.perf_counter()
         with self._lock:
             self.stats.misses += 1
+            generation = (self._generations.get((tenant, name), 0), self._epoch)
         artifact = self.store.load(name, version, tenant=tenant)
         meta = artifact.meta
         if meta.base_model != self.fingerprint:
@@ -168,12 +203,15 @@ class MemoryCache:
             )
         kind = get_kind(meta.kind)
         loaded = kind.load(artifact, self.target)
-        cached = CachedMemory(meta.kind, loaded, loaded.nbytes)
+        cached = CachedMemory(meta.kind, loaded, loaded.nbytes, meta.sha256, generation[1])
         elapsed = time.perf_counter() - started
         with self._lock:
             self.stats.loads += 1
             self.stats.load_seconds += elapsed
-            self._insert((tenant, name, version), cached)
+            # A change to this name while it loaded (a delete, say) may concern it: this
+            # request uses what it loaded, but it is not kept.
+            if (self._generations.get((tenant, name), 0), self._epoch) == generation:
+                self._insert((tenant, name, version), cached)
         log.info("loaded %s memory %r version %d (%.1f MB) in %.3f s", meta.kind, name, version,
                  cached.nbytes / 1e6, elapsed)  # fmt: skip
         return cached

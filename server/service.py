@@ -108,7 +108,7 @@ class GenerationService(generation_pb2_grpc.GenerationServiceServicer):
                 "this server runs without a memory store: send the request without memories"
             )
         # Loading an uncached memory reads Redis and copies to the device: off the loop too.
-        resolved = await asyncio.to_thread(self.runtime.cache.resolve, tenant_of(context), refs)
+        resolved = await self.runtime.run(self.runtime.cache.resolve, tenant_of(context), refs)
         memories = tuple(r.loaded.bind(r.ref) for r in resolved)
         used = [pb.UsedMemory(name=r.ref.name, kind=r.kind, version=r.loaded.version) for r in resolved]
         return replace(generation, memories=memories), used
@@ -185,15 +185,20 @@ def tenant_of(context: grpc.aio.ServicerContext) -> str:
 EXPORT_CHUNK_BYTES = 1 << 20
 
 
+MAX_CONCURRENT_UPLOADS = 2
+
+
 class MemoryService(memory_pb2_grpc.MemoryServiceServicer):
     def __init__(self, runtime: StoreRuntime) -> None:
         self.runtime = runtime
+        # An upload is held in memory while it is checked: a few at a time.
+        self._uploads = asyncio.Semaphore(MAX_CONCURRENT_UPLOADS)
 
     async def _submit(self, context: Any, kind_name: str, memory_name: str, spec: dict[str, Any]) -> Any:
         check_name(memory_name)
         kind = get_kind(kind_name)  # UNIMPLEMENTED until the kind lands
         spec = kind.validate_spec(spec)
-        job = await asyncio.to_thread(
+        job = await self.runtime.run(
             self.runtime.queue.submit, kind_name, memory_name, spec, tenant=tenant_of(context)
         )
         return job_to_pb(job)
@@ -212,20 +217,24 @@ class MemoryService(memory_pb2_grpc.MemoryServiceServicer):
         tenant = tenant_of(context)
         name = ""
         data = bytearray()
-        async for chunk in request_iterator:
-            name = name or chunk.name
-            data += chunk.data
-            if len(data) > self.runtime.config.max_upload_bytes:
-                raise ResourceExhausted(
-                    f"the upload is larger than the {self.runtime.config.max_upload_bytes} bytes allowed"
-                )
-        if not data:
-            raise InvalidArgument("PutMemory received no data: send the export file in chunks")
-        artifact = await asyncio.to_thread(import_bytes, bytes(data))
+        if self._uploads.locked():
+            raise ResourceExhausted(f"{MAX_CONCURRENT_UPLOADS} uploads are already running: retry shortly")
+        async with self._uploads:
+            async for chunk in request_iterator:
+                name = name or chunk.name
+                data += chunk.data
+                if len(data) > self.runtime.config.max_upload_bytes:
+                    raise ResourceExhausted(
+                        f"the upload is larger than the {self.runtime.config.max_upload_bytes} bytes allowed"
+                    )
+            if not data:
+                raise InvalidArgument("PutMemory received no data: send the export file in chunks")
+            artifact = await self.runtime.run(import_bytes, bytes(data))
+            del data
         get_kind(artifact.meta.kind)  # a kind this server can serve
         meta = replace(artifact.meta, name=check_name(name or artifact.meta.name), tenant=tenant, version=0)
-        published = await asyncio.to_thread(self.runtime.store.publish, meta, artifact.tensors)
-        return memory_info_to_pb(published, await asyncio.to_thread(self._versions, published.name, tenant))
+        published = await self.runtime.run(self.runtime.store.publish, meta, artifact.tensors)
+        return memory_info_to_pb(published, await self.runtime.run(self._versions, published.name, tenant))
 
     def _versions(self, name: str, tenant: str) -> list[int]:
         return self.runtime.store.versions(name, tenant=tenant)
@@ -233,11 +242,11 @@ class MemoryService(memory_pb2_grpc.MemoryServiceServicer):
     async def GetMemory(self, request: memory_pb2.GetMemoryRequest, context: Any) -> Any:
         tenant = tenant_of(context)
         check_name(request.name)
-        meta = await asyncio.to_thread(self.runtime.store.meta, request.name, request.version, tenant=tenant)
-        return memory_info_to_pb(meta, await asyncio.to_thread(self._versions, request.name, tenant))
+        meta = await self.runtime.run(self.runtime.store.meta, request.name, request.version, tenant=tenant)
+        return memory_info_to_pb(meta, await self.runtime.run(self._versions, request.name, tenant))
 
     async def ListMemories(self, request: memory_pb2.ListMemoriesRequest, context: Any) -> Any:
-        page = await asyncio.to_thread(
+        page = await self.runtime.run(
             self.runtime.store.list,
             tenant=tenant_of(context),
             kind=request.kind,
@@ -251,7 +260,7 @@ class MemoryService(memory_pb2_grpc.MemoryServiceServicer):
 
     async def DeleteMemory(self, request: memory_pb2.DeleteMemoryRequest, context: Any) -> Any:
         check_name(request.name)
-        deleted = await asyncio.to_thread(
+        deleted = await self.runtime.run(
             self.runtime.store.delete, request.name, request.version, tenant=tenant_of(context)
         )
         return memory_pb2.DeleteMemoryResponse(deleted_versions=deleted)
@@ -259,10 +268,10 @@ class MemoryService(memory_pb2_grpc.MemoryServiceServicer):
     async def ExportMemory(self, request: memory_pb2.ExportMemoryRequest, context: Any) -> AsyncIterator[Any]:
         check_name(request.name)
         store = self.runtime.store
-        artifact = await asyncio.to_thread(
+        artifact = await self.runtime.run(
             store.load, request.name, request.version, tenant=tenant_of(context)
         )
-        data = await asyncio.to_thread(export_bytes, artifact)
+        data = await self.runtime.run(export_bytes, artifact)
         for offset in range(0, len(data), EXPORT_CHUNK_BYTES):
             name = artifact.meta.name if offset == 0 else ""
             yield memory_pb2.MemoryChunk(name=name, data=data[offset : offset + EXPORT_CHUNK_BYTES])
@@ -276,7 +285,7 @@ class JobService(jobs_pb2_grpc.JobServiceServicer):
         self.runtime = runtime
 
     async def _job(self, job_id: str, context: Any) -> Job:
-        job = await asyncio.to_thread(self.runtime.queue.get, job_id)
+        job = await self.runtime.run(self.runtime.queue.get, job_id)
         if job.tenant != tenant_of(context):  # another tenant's job does not exist for this caller
             raise NotFound(f"job {job_id!r} does not exist (or has expired)")
         return job
@@ -301,10 +310,10 @@ class JobService(jobs_pb2_grpc.JobServiceServicer):
 
     async def CancelJob(self, request: jobs_pb2.CancelJobRequest, context: Any) -> Any:
         await self._job(request.job_id, context)
-        return job_to_pb(await asyncio.to_thread(self.runtime.queue.cancel, request.job_id))
+        return job_to_pb(await self.runtime.run(self.runtime.queue.cancel, request.job_id))
 
     async def ListJobs(self, request: jobs_pb2.ListJobsRequest, context: Any) -> Any:
-        jobs, token = await asyncio.to_thread(
+        jobs, token = await self.runtime.run(
             self.runtime.queue.list,
             state=JOB_STATES_FROM_PB.get(request.state),
             kind=request.kind,
@@ -318,7 +327,7 @@ class JobService(jobs_pb2_grpc.JobServiceServicer):
         check_name(request.memory_name)
         kind = get_kind(request.kind)
         spec = kind.validate_spec(MessageToDict(request.spec))
-        job = await asyncio.to_thread(
+        job = await self.runtime.run(
             self.runtime.queue.submit, request.kind, request.memory_name, spec, tenant=tenant_of(context)
         )
         return job_to_pb(job)

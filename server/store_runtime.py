@@ -4,12 +4,15 @@ the event listener, and the in-process worker of the embedded default."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, TypeVar
 
 from memserve.hooks import MemoryHooks
 from memserve.kinds import LoadTarget, load_plugins
@@ -21,6 +24,7 @@ from memserve.models import DTYPES, LoadedModel
 from memserve.worker import Worker, WorkerConfig
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -36,8 +40,11 @@ class StoreConfig:
     plugins: tuple[str, ...] = ()
     """Modules that register extra memory kinds."""
     worker: WorkerConfig = field(default_factory=WorkerConfig)
-    max_upload_bytes: int = 1 << 30
-    """Largest artifact PutMemory accepts."""
+    max_upload_bytes: int = 256 << 20
+    """Largest artifact PutMemory accepts (held in memory while checked; Redis's own limit
+    for one value is 512 MB)."""
+    store_threads: int = 4
+    """Threads for blocking store calls: their own, so a slow Redis never holds up tokenising."""
 
 
 class JobWatchers:
@@ -94,15 +101,18 @@ class StoreRuntime:
         self.cache = MemoryCache(self.store, target, loaded.fingerprint, config.cache_bytes)
         self.watchers = JobWatchers(loop)
         self._stop = threading.Event()
+        self._loop = loop
+        self.executor = ThreadPoolExecutor(config.store_threads, thread_name_prefix="memserve-store")
 
         def on_change(data: bytes) -> None:
             change = parse_change(data)
             if change is not None:
                 self.cache.on_change(change)
 
+        self._events_client = connect(url, retries=0)
         self._events = threading.Thread(
             target=listen,
-            args=(client, {CHANGES_CHANNEL: on_change, JOBS_CHANNEL: self.watchers.notify},
+            args=(self._events_client, {CHANGES_CHANNEL: on_change, JOBS_CHANNEL: self.watchers.notify},
                   self.cache.on_resync, self._stop),
             name="store-events",
             daemon=True,
@@ -123,10 +133,16 @@ class StoreRuntime:
         where = f"embedded Redis in {self.redis_server.data_dir}" if self.redis_server else url
         log.info("memory store: %s; %d in-process worker(s)", where, workers)
 
+    async def run(self, function: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Runs a blocking store call on the store's threads."""
+        return await self._loop.run_in_executor(self.executor, functools.partial(function, *args, **kwargs))
+
     def close(self) -> None:
         self._stop.set()
         for thread in (self._events, *self._workers):
             thread.join(timeout=10)
+        self.executor.shutdown(wait=False, cancel_futures=True)
         self.store.client.close()
+        self._events_client.close()
         if self.redis_server is not None:
             self.redis_server.stop()

@@ -66,6 +66,8 @@ class _Context(TrainContext):
         return self._worker.model()
 
     def report(self, step: int, total: int, loss: float | None = None, message: str = "") -> None:
+        if self._worker._lost == self.job_id:
+            raise _LostJob(f"job {self.job_id} was taken over by another worker")
         now = time.monotonic()
         if now - self._last_report < self._worker.config.report_interval and step < total:
             return
@@ -105,7 +107,8 @@ class Worker:
         self.config = config or WorkerConfig()
         self.name = name or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.last_progress: Progress | None = None
-        self._current_entry: str | None = None
+        self._running: tuple[str, str] | None = None  # (stream entry, job id)
+        self._lost: str | None = None  # a job the heartbeat found taken over
         self._lock = threading.Lock()
 
     def run(self, stop: threading.Event) -> None:
@@ -134,7 +137,8 @@ class Worker:
             self.queue.acknowledge(entry_id)  # final, cancelled, or out of attempts
             return
         with self._lock:
-            self._current_entry = entry_id
+            self._running = (entry_id, job_id)
+            self._lost = None
         try:
             job = self.queue.get(job_id)
             log.info("worker %s: job %s (%s → %s), attempt %d", self.name, job.id, job.kind, job.memory_name,
@@ -142,7 +146,7 @@ class Worker:
             self._run(job, entry_id)
         finally:
             with self._lock:
-                self._current_entry = None
+                self._running = None
 
     def _run(self, job: Job, entry_id: str) -> None:
         self.last_progress = None
@@ -161,9 +165,8 @@ class Worker:
                     details=trained.details,
                 )
                 version = self.store.publish(meta, trained.tensors, job_id=job.id).version
-        except _LostJob as exc:
+        except _LostJob as exc:  # its entry is the new owner's now: not acknowledged
             log.warning("worker %s: %s", self.name, exc)
-            self.queue.acknowledge(entry_id)
             return
         except JobCancelled:
             self.queue.finish(job.id, entry_id, self.name, JobState.CANCELLED, progress=self.last_progress)
@@ -190,9 +193,11 @@ class Worker:
         ttl = self.config.claim_idle
         while not stop.is_set():
             with self._lock:
-                entry = self._current_entry
+                running = self._running
             try:
-                self.queue.heartbeat(self.name, entry, ttl)
+                if not self.queue.heartbeat(self.name, ttl, running) and running is not None:
+                    with self._lock:
+                        self._lost = running[1]
             except RedisError as exc:
                 log.warning("worker %s: heartbeat failed: %s", self.name, exc)
             stop.wait(self.config.heartbeat_interval)

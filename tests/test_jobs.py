@@ -154,3 +154,42 @@ def test_a_killed_workers_job_is_finished_by_another_with_one_version(queue, sto
         store.load("bias").tensors["delta"], torch.randn(64, generator=torch.Generator().manual_seed(7))
     )
     assert queue.depth() == 0
+
+
+def _pending(queue: JobQueue) -> list[tuple[str, str]]:
+    """(entry id, consumer) of every pending stream entry."""
+    rows = queue.client.xpending_range("memserve:{jobs}:stream", "workers", "-", "+", 100)
+    return [(r["message_id"].decode(), r["consumer"].decode()) for r in rows]
+
+
+def test_a_worker_that_lost_its_job_leaves_the_entry_to_its_successor(queue):
+    job = queue.submit("test-bias", "bias", {})
+    entry, _ = queue.next_entry("first", claim_idle=60, block=0.1)
+    assert queue.start_attempt(job.id, "first", max_attempts=3)
+    # "first" stalls; "second" finds the entry idle and takes the job over.
+    assert queue.next_entry("second", claim_idle=0, block=0.1) == (entry, job.id)
+    assert queue.start_attempt(job.id, "second", max_attempts=3)
+    assert not queue.heartbeat("first", ttl=5, running=(entry, job.id))  # does not claim it back
+    assert _pending(queue) == [(entry, "second")]
+    assert not queue.finish(job.id, entry, "first", JobState.FAILED, error="zombie")
+    assert _pending(queue) == [(entry, "second")]  # not acknowledged by the wrong worker
+    assert queue.heartbeat("second", ttl=5, running=(entry, job.id))
+    assert queue.finish(job.id, entry, "second", JobState.SUCCEEDED, result_version=1)
+    assert _pending(queue) == [] and queue.get(job.id).state is JobState.SUCCEEDED
+
+
+def test_a_worker_leaving_with_a_job_in_hand_leaves_it_claimable(queue):
+    job = queue.submit("test-bias", "bias", {})
+    entry, _ = queue.next_entry("leaver", claim_idle=60, block=0.1)
+    queue.start_attempt(job.id, "leaver", max_attempts=3)
+    queue.leave("leaver")
+    assert _pending(queue) == [(entry, "leaver")]
+    assert queue.next_entry("heir", claim_idle=0, block=0.1) == (entry, job.id)
+
+
+def test_the_group_is_made_again_when_redis_lost_it(queue, store):
+    queue.submit("test-bias", "first", {})
+    for key in ("memserve:{jobs}:stream",):
+        store.client.delete(key)  # as after a flush or a failover to an empty replica
+    job = queue.submit("test-bias", "second", {})
+    assert queue.next_entry("w", claim_idle=60, block=0.1)[1] == job.id

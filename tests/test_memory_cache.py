@@ -102,3 +102,35 @@ def test_a_resync_forgets_every_head(store):
     publish(store, "a", seed=2)  # its event was lost while the subscription was down
     cache.on_resync()
     assert cache.resolve("default", [ref("a")])[0].loaded.version == 2
+
+
+def test_a_version_number_reused_after_redis_lost_data_is_reloaded(store):
+    cache = MemoryCache(store, TARGET, "fp", capacity_bytes=1 << 30)
+    publish(store, "a", seed=1)
+    before = cache.resolve("default", [ref("a", 1)])[0].loaded.delta.clone()
+    store.client.flushall()  # Redis restarted without its data...
+    publish(store, "a", seed=2)  # ...and version 1 came back with other contents
+    cache.on_resync()  # the subscription reconnected
+    after = cache.resolve("default", [ref("a", 1)])[0].loaded.delta
+    assert not torch.equal(before, after)
+    assert torch.equal(after, torch.randn(HIDDEN, generator=torch.Generator().manual_seed(2)))
+    # A publish event for a version the cache holds also drops it.
+    store.client.flushall()
+    publish(store, "a", seed=3)
+    cache.on_change(Change("default", "a", 1, "publish"))
+    assert len(cache) == 0
+
+
+def test_a_cached_memory_is_served_while_redis_is_down(store, tmp_path):
+    from memserve.memory_store.redis_server import RedisServer
+
+    with RedisServer(tmp_path / "redis") as server:
+        own = RedisStore.from_url(server.url)
+        publish(own, "a")
+        cache = MemoryCache(own, TARGET, "fp", capacity_bytes=1 << 30)
+        cache.resolve("default", [ref("a")])
+        server.kill()
+        assert cache.resolve("default", [ref("a")])[0].loaded.version == 1  # the head it knew
+        cache.on_resync()  # even an entry due for a check is served: Redis cannot say otherwise
+        assert cache.resolve("default", [ref("a", 1)])[0].loaded.version == 1
+        own.client.close()

@@ -153,6 +153,9 @@ def test_redis_restarted_mid_run(tiny_llama_dir, tmp_path):
         redis_server.start()
         wait_until(lambda: _succeeds(lambda: generate(address, [{"name": "uncached"}])), 30)
         assert generate(address, [{"name": "cached"}]).text == with_memory.text
+        # The change events are back too: a new version is picked up.
+        publish_bias(peer.running, "cached", seed=3)
+        wait_until(lambda: generate(address, [{"name": "cached"}]).memories[0].version == 2, 10)
     finally:
         peer.close()
         redis_server.stop()

@@ -175,22 +175,28 @@ def test_change_events_announce_publish_and_delete(store, redis_url):
 def test_jobs_are_queued_listed_and_cancelled(store):
     queue = JobQueue(store.client)
     first = queue.submit("test-bias", "bank", {"steps": 3})
-    second = queue.submit("test-bias", "other", {"steps": 1}, tenant="alpha")
+    second = queue.submit("test-bias", "other", {"steps": 1})  # most likely in the same millisecond
+    elsewhere = queue.submit("test-bias", "other", {"steps": 1}, tenant="alpha")
     assert first.state is JobState.QUEUED and first.spec == {"steps": 3}
     jobs, token = queue.list()
     assert [j.id for j in jobs] == [second.id, first.id] and token == ""  # newest first
-    assert [j.id for j in queue.list(tenant="alpha")[0]] == [second.id]
+    assert [j.id for j in queue.list(tenant="alpha")[0]] == [elsewhere.id]
     page, token = queue.list(page_size=1)
     assert [j.id for j in page] == [second.id] and token
+    queue.submit("test-bias", "later", {})  # does not shift the next page
     assert [j.id for j in queue.list(page_size=1, page_token=token)[0]] == [first.id]
-    assert queue.depth() == 2
+    with pytest.raises(InvalidArgument):
+        queue.list(page_token="junk")
+    assert queue.depth() == 4
     assert queue.cancel(first.id).state is JobState.CANCELLED
     # A worker that receives the cancelled job skips it.
     entry = queue.next_entry("w1", claim_idle=60, block=0.1)
     assert entry is not None and entry[1] == first.id
     assert not queue.start_attempt(first.id, "w1", max_attempts=3)
-    with pytest.raises(NotFound):
+    with pytest.raises(InvalidArgument, match="not a job id"):
         queue.get("nope")
+    with pytest.raises(NotFound):
+        queue.get("0" * 18)
 
 
 def test_an_unreachable_redis_is_unavailable():
@@ -204,3 +210,43 @@ def test_an_unreachable_redis_is_unavailable():
 def test_artifact_needs_a_tensor():
     with pytest.raises(InvalidArgument, match="at least one tensor"):
         encode(meta(), {})
+
+
+def test_the_listener_resyncs_after_its_connection_is_cut(standalone_url):
+    connections: list[float] = []
+    stop = threading.Event()
+    client = connect(standalone_url, retries=0)
+    thread = threading.Thread(target=listen, args=(client, {CHANGES_CHANNEL: lambda data: None},
+                                                   lambda: connections.append(1), stop))  # fmt: skip
+    thread.start()
+    try:
+        wait_until(lambda: len(connections) == 1, 10)
+        with connect(standalone_url) as admin:
+            admin.client_kill_filter(_type="pubsub")  # as Redis does to a slow subscriber
+        wait_until(lambda: len(connections) == 2, 10)  # events may have been missed: resync
+    finally:
+        stop.set()
+        thread.join(5)
+        client.close()
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        '{"kind": "k", "name": "n", "base_model": "b", "hyperparameters": "oops"}',
+        '{"kind": "k", "name": "n", "base_model": "b", "created_at": "yesterday"}',
+        '{"kind": "k", "name": "n", "base_model": "b", "version": true}',
+        '{"kind": "k", "name": "n"}',
+        "[]",
+        "not json",
+    ],
+)
+def test_metadata_is_type_checked(bad):
+    with pytest.raises(DataLoss):
+        MemoryMeta.from_json(bad)
+    with pytest.raises(InvalidArgument):
+        MemoryMeta.from_json(bad, error=InvalidArgument)
+    from safetensors.torch import save
+
+    with pytest.raises(InvalidArgument):
+        import_bytes(save({"x": torch.zeros(1)}, metadata={"memserve.meta": bad}))
