@@ -292,6 +292,23 @@ def _jobs_cancel(args: argparse.Namespace) -> int:
     return 0
 
 
+def _jobs_submit(args: argparse.Namespace) -> int:
+    text = args.spec_file.read_text() if args.spec_file else args.spec
+    try:
+        spec = json.loads(text)
+    except ValueError as exc:
+        raise ValueError(f"the spec is not valid JSON: {exc}") from exc
+    if not isinstance(spec, dict):
+        raise ValueError("the spec must be a JSON object, like '{\"epochs\": 3}'")
+    with _client(args) as client:
+        job = client.submit_job(args.kind, args.memory_name, spec)
+    print(f"job {job.id}: {job.kind} → {job.memory_name}, {job.state}")
+    if not args.wait:
+        return 0
+    args.id = job.id
+    return _jobs_watch(args)
+
+
 def _jobs_watch(args: argparse.Namespace) -> int:
     with _client(args) as client, contextlib.closing(client.watch_job(args.id)) as updates:
         last = _follow_with_bar(updates) if sys.stdout.isatty() else _follow_with_lines(updates)
@@ -551,6 +568,17 @@ def _jobs_parser(commands: Any) -> None:
     )
     watch.add_argument("id", metavar="ID", help="the job id")
     watch.set_defaults(run=_jobs_watch)
+
+    submit = _store_command(
+        actions, "submit", "train a memory of any registered kind (plugin kinds) from a JSON spec"
+    )
+    submit.add_argument("kind", metavar="KIND", help="a memory kind the server knows (`memserve info`)")
+    submit.add_argument("memory_name", metavar="NAME", help="the memory the job publishes a version of")
+    given = submit.add_mutually_exclusive_group()
+    given.add_argument("--spec", default="{}", help="the kind's training spec, a JSON object")
+    given.add_argument("--spec-file", type=Path, default=None, help="read the spec from this JSON file")
+    submit.add_argument("--wait", action="store_true", help="then follow it, as `jobs watch` does")
+    submit.set_defaults(run=_jobs_submit)
 
 
 def _store_command(actions: Any, name: str, help: str) -> argparse.ArgumentParser:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+import sys
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -170,6 +171,15 @@ def load_plugins(modules: Iterable[str] = ()) -> list[str]:
     for module in dict.fromkeys(names):
         try:
             importlib.import_module(module)
+        except ModuleNotFoundError as exc:
+            # As `python -m` would: a plugin module may sit in the working directory.
+            if exc.name != module.split(".")[0] or os.getcwd() in sys.path:
+                raise InvalidArgument(f"plugin module {module!r} cannot be imported: {exc}") from exc
+            sys.path.append(os.getcwd())
+            try:
+                importlib.import_module(module)
+            except ImportError as again:
+                raise InvalidArgument(f"plugin module {module!r} cannot be imported: {again}") from again
         except ImportError as exc:
             raise InvalidArgument(f"plugin module {module!r} cannot be imported: {exc}") from exc
         loaded.append(module)

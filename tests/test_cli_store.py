@@ -327,3 +327,23 @@ def test_put_memory_publishes_a_new_version_under_the_given_name(peer, address):
         assert (copy.name, copy.version, copy.versions) == ("copy", 1, [1])
         assert copy.sha256 == client.get_memory("original").sha256
         assert client.put_memory(client.export_memory("original"), name="copy").versions == [1, 2]
+
+
+def test_jobs_submit_waits_for_the_memory_and_checks_its_spec(peer, address, capsys, tmp_path):
+    spec = json.dumps({**QUICK_JOB, "seed": 11})
+    code, out, _ = run_cli(capsys, "jobs", "submit", "test-bias", "submitted", "--spec", spec, "--wait",
+                           "--server", address)  # fmt: skip
+    assert code == 0 and out.splitlines()[-1] == "succeeded: published submitted version 1"
+    assert out.splitlines()[0].endswith("test-bias → submitted, queued")
+    spec_file = tmp_path / "spec.json"
+    spec_file.write_text(json.dumps({"steps": 1, "layer": 1}))
+    code, out, _ = run_cli(capsys, "jobs", "submit", "test-bias", "submitted", "--spec-file", str(spec_file),
+                           "--server", address)  # fmt: skip
+    assert code == 0 and "queued" in out
+    code, _, err = run_cli(capsys, "jobs", "submit", "test-bias", "x", "--spec", "[1]", "--server", address)
+    assert code == 2 and "JSON object" in err
+    code, _, err = run_cli(capsys, "jobs", "submit", "test-bias", "x", "--spec", '{"bogus": 1}',
+                           "--server", address)  # fmt: skip
+    assert code == 1 and "INVALID_ARGUMENT" in err and "bogus" in err
+    code, _, err = run_cli(capsys, "jobs", "submit", "document", "x", "--server", address)
+    assert code == 1 and "UNIMPLEMENTED" in err
