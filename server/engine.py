@@ -394,7 +394,7 @@ class Engine:
         except MemoryHookError as exc:
             error: MemserveError = exc
             # Identity, not name: two memories may share a name. If none matches, all fail.
-            failed = [r for r in rows if any(m is exc.memory for m in r.request.memories)] or rows
+            failed = [r for r in rows if any(_blames(exc.memory, m) for m in r.request.memories)] or rows
             log.warning("%s; failing %d request(s)", exc, len(failed))
         except Exception as exc:
             log.exception("forward pass failed; failing %d request(s)", len(rows))
@@ -490,6 +490,11 @@ class Engine:
         self._batch.keep([])
         for row in rows:
             row.sink(FailedEvent(error))
+
+
+def _blames(culprit: object, memory: object) -> bool:
+    """Whether a failure of `culprit` concerns `memory`: itself, or a group op it joined."""
+    return culprit is memory or any(member is memory for member in getattr(culprit, "members", ()))
 
 
 def _hooks_or_none(model: PreTrainedModel) -> MemoryHooks | None:

@@ -43,6 +43,11 @@ class ArchitectureSites:
     layers: str
     attn_out_proj: str
     mlp_down_proj: str
+    # The norm after the last layer, relative to the layers' parent (the base model).
+    final_norm: str = "norm"
+    # Whether the base model takes `inputs_embeds` as the residual stream as it is (no
+    # absolute position embeddings added): trainers can then run a slice of the layers.
+    embeds_are_residual: bool = True
 
 
 # Keyed by `config.model_type`. Llama-family models share one layout.
@@ -52,8 +57,12 @@ ARCHITECTURES: dict[str, ArchitectureSites] = {
     "mistral": _LLAMA,
     "qwen2": _LLAMA,
     "qwen3": _LLAMA,
-    "gpt_neox": ArchitectureSites("gpt_neox.layers", "attention.dense", "mlp.dense_4h_to_h"),
-    "gpt2": ArchitectureSites("transformer.h", "attn.c_proj", "mlp.c_proj"),
+    "gpt_neox": ArchitectureSites(
+        "gpt_neox.layers", "attention.dense", "mlp.dense_4h_to_h", final_norm="final_layer_norm"
+    ),
+    "gpt2": ArchitectureSites(
+        "transformer.h", "attn.c_proj", "mlp.c_proj", final_norm="ln_f", embeds_are_residual=False
+    ),
 }
 
 
@@ -111,6 +120,11 @@ class MemoryContext:
     """Which memory ops run at which (layer, site) in one forward pass."""
 
     ops: dict[tuple[int, Site], list[BoundOp]] = field(default_factory=dict)
+    # Per-forward state that memories of one kind share, so that many requests using
+    # one loaded memory run as one op (e.g. every row of a document bank, whatever its
+    # DocRep). A group op names its requests' memories in a `members` attribute, so a
+    # failure is blamed on exactly those requests.
+    groups: dict[object, Any] = field(default_factory=dict)
 
     def add(self, layer: int, site: Site | str, memory: NamedMemory, op: SiteOp) -> None:
         self.ops.setdefault((layer, Site(site)), []).append(BoundOp(memory, op))

@@ -37,7 +37,9 @@ PLUGINS_ENV = "MEMSERVE_PLUGINS"
 ENTRY_POINT_GROUP = "memserve.kinds"
 
 # The built-in kinds and the issue each lands with, for a clear UNIMPLEMENTED until then.
-PLANNED_KINDS = {"document": "document memories", "local": "local memories", "adapter": "adapter memories"}
+PLANNED_KINDS = {"local": "local memories", "adapter": "adapter memories"}
+# The built-in kinds' modules: each registers its kind when imported.
+BUILTIN_KINDS = ("memserve.document_train",)
 
 
 @dataclass(frozen=True)
@@ -89,6 +91,10 @@ class TrainContext(ABC):
     @abstractmethod
     def report(self, step: int, total: int, loss: float | None = None, message: str = "") -> None:
         """Publishes progress (throttled); raises JobCancelled when the job was cancelled."""
+
+    @abstractmethod
+    def current_artifact(self) -> Artifact | None:
+        """The memory's current version, if it has one (to train a new version over it)."""
 
 
 @dataclass(frozen=True)
@@ -166,6 +172,8 @@ def registered_kinds() -> list[str]:
 
 def load_plugins(modules: Iterable[str] = ()) -> list[str]:
     """Imports plugin modules (arguments, $MEMSERVE_PLUGINS, entry points); returns what was loaded."""
+    for builtin in BUILTIN_KINDS:
+        importlib.import_module(builtin)
     names = [m.strip() for m in [*modules, *os.environ.get(PLUGINS_ENV, "").split(",")] if m.strip()]
     loaded: list[str] = []
     for module in dict.fromkeys(names):

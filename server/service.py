@@ -185,6 +185,11 @@ def tenant_of(context: grpc.aio.ServicerContext) -> str:
 EXPORT_CHUNK_BYTES = 1 << 20
 
 
+def _as_dict(message: Any) -> dict[str, Any]:
+    """A request as the JSON-able spec a kind validates (proto field names, ints as ints)."""
+    return MessageToDict(message, preserving_proto_field_name=True)
+
+
 MAX_CONCURRENT_UPLOADS = 2
 
 
@@ -204,13 +209,13 @@ class MemoryService(memory_pb2_grpc.MemoryServiceServicer):
         return job_to_pb(job)
 
     async def RegisterDocuments(self, request: memory_pb2.RegisterDocumentsRequest, context: Any) -> Any:
-        return await self._submit(context, "document", request.bank, MessageToDict(request))
+        return await self._submit(context, "document", request.bank, _as_dict(request))
 
     async def RegisterFacts(self, request: memory_pb2.RegisterFactsRequest, context: Any) -> Any:
-        return await self._submit(context, "local", request.set, MessageToDict(request))
+        return await self._submit(context, "local", request.set, _as_dict(request))
 
     async def RegisterAdapter(self, request: memory_pb2.RegisterAdapterRequest, context: Any) -> Any:
-        return await self._submit(context, "adapter", request.name, MessageToDict(request))
+        return await self._submit(context, "adapter", request.name, _as_dict(request))
 
     async def PutMemory(self, request_iterator: AsyncIterator[memory_pb2.MemoryChunk], context: Any) -> Any:
         """Imports an export file as a new version (of the name in the first chunk, else the file's)."""

@@ -26,9 +26,9 @@ from dataclasses import dataclass
 
 from redis.exceptions import RedisError
 
-from memserve.errors import MemserveError
+from memserve.errors import MemserveError, NotFound
 from memserve.kinds import JobCancelled, TrainContext, get_kind, load_plugins, registered_kinds
-from memserve.memory_store.artifact import MemoryMeta
+from memserve.memory_store.artifact import Artifact, MemoryMeta
 from memserve.memory_store.jobs import Job, JobQueue, JobState, Progress
 from memserve.memory_store.redis_store import RedisStore, connect, wait_for_redis
 from memserve.models import LoadedModel, ModelConfig, load_model
@@ -64,6 +64,12 @@ class _Context(TrainContext):
     @property
     def model(self) -> LoadedModel:
         return self._worker.model()
+
+    def current_artifact(self) -> Artifact | None:
+        try:
+            return self._worker.store.load(self.memory_name, tenant=self.tenant)
+        except NotFound:
+            return None
 
     def report(self, step: int, total: int, loss: float | None = None, message: str = "") -> None:
         if self._worker._lost == self.job_id:

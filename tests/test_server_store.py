@@ -191,9 +191,9 @@ def test_embedded_default_trains_through_the_in_process_worker(tiny_llama_dir, t
             code, _ = status_of(lambda: jobs.GetJob(jobs_pb2.GetJobRequest(job_id=job.id),
                                                     metadata=[("memserve-tenant", "other")]))  # fmt: skip
             assert code is grpc.StatusCode.NOT_FOUND
-            document_job = jobs_pb2.SubmitJobRequest(kind="document", memory_name="b")
-            code, details = status_of(lambda: jobs.SubmitJob(document_job))
-            assert code is grpc.StatusCode.UNIMPLEMENTED and "document memories" in details
+            local_job = jobs_pb2.SubmitJobRequest(kind="local", memory_name="b")
+            code, details = status_of(lambda: jobs.SubmitJob(local_job))
+            assert code is grpc.StatusCode.UNIMPLEMENTED and "local memories" in details
         assert generate(address, [{"name": "trained"}]).memories[0].version == 1
         data_dir = peer.running.runtime.redis_server.data_dir
     finally:
@@ -242,10 +242,58 @@ def _sha(peer: ServerThread, name: str, version: int) -> str:
 def test_register_rpcs_of_kinds_not_built_yet_say_unimplemented(peer):
     with grpc.insecure_channel(f"127.0.0.1:{peer.running.port}") as channel:
         memories = memory_pb2_grpc.MemoryServiceStub(channel)
+        code, details = status_of(
+            lambda: memories.RegisterDocuments(memory_pb2.RegisterDocumentsRequest(bank="b"))
+        )
+        assert code is grpc.StatusCode.INVALID_ARGUMENT and "at least one document" in details
         for call, lands_with in (
-            (lambda: memories.RegisterDocuments(memory_pb2.RegisterDocumentsRequest(bank="b")), "document"),
             (lambda: memories.RegisterFacts(memory_pb2.RegisterFactsRequest(set="s")), "local"),
             (lambda: memories.RegisterAdapter(memory_pb2.RegisterAdapterRequest(name="a")), "adapter"),
         ):
             code, details = status_of(call)
             assert code is grpc.StatusCode.UNIMPLEMENTED and f"lands with {lands_with} memories" in details
+
+
+def test_documents_register_train_and_serve_through_the_server(tiny_llama_dir, tmp_path):
+    config = StoreConfig(data_dir=tmp_path / "data", worker=FAST_WORKER)
+    peer = ServerThread(tiny_server_config(tiny_llama_dir, store=config))
+    try:
+        address = f"127.0.0.1:{peer.running.port}"
+        request = memory_pb2.RegisterDocumentsRequest(bank="stories")
+        texts = {
+            "fox": "The quick brown fox jumps over the lazy dog. " * 5,
+            "sea": "Once upon a time there was a small village by the sea. " * 5,
+        }
+        for doc_id, text in texts.items():
+            request.documents.add(id=doc_id, title=doc_id, text=text)
+        request.config.epochs = 20
+        request.config.window_words = 16
+        request.config.window_stride = 8
+        with grpc.insecure_channel(address) as channel:
+            job = memory_pb2_grpc.MemoryServiceStub(channel).RegisterDocuments(request)
+            jobs = jobs_pb2_grpc.JobServiceStub(channel)
+            final = list(jobs.WatchJob(jobs_pb2.WatchJobRequest(job_id=job.id), timeout=120))[-1]
+            assert final.state == jobs_pb2.JOB_STATE_SUCCEEDED, final.error
+            info = memory_pb2_grpc.MemoryServiceStub(channel).GetMemory(
+                memory_pb2.GetMemoryRequest(name="stories")
+            )
+        assert info.kind == "document" and [d["id"] for d in info.details["documents"]] == ["fox", "sea"]
+        fox = generate(address, [{"document": {"bank": "stories", "document_id": "fox"}}], prompt="The")
+        sea = generate(address, [{"document": {"bank": "stories", "document_id": "sea"}}], prompt="The")
+        assert fox.memories[0].kind == "document" and fox.text != sea.text
+        mix = {"bank": "stories", "mix": {"documents": [{"document_id": "fox", "weight": 1.0}]}}
+        assert generate(address, [{"document": mix}], prompt="The").text == fox.text
+        wrong_size = {"bank": "stories", "docrep": {"values": [1, 2, 3]}}
+        code, details = status_of(lambda: generate(address, [{"document": wrong_size}]))
+        assert code is grpc.StatusCode.INVALID_ARGUMENT and "2 values" in details
+        not_a_number = {"bank": "stories", "docrep": {"values": [1, float("nan")]}}
+        code, details = status_of(lambda: generate(address, [{"document": not_a_number}]))
+        assert code is grpc.StatusCode.INVALID_ARGUMENT and "NaN" in details
+        code, details = status_of(
+            lambda: generate(address, [{"document": {"bank": "stories", "document_id": "x"}}])
+        )
+        assert code is grpc.StatusCode.NOT_FOUND
+        code, details = status_of(lambda: generate(address, [{"name": "stories"}]))
+        assert code is grpc.StatusCode.INVALID_ARGUMENT and "which key" in details
+    finally:
+        peer.close()

@@ -1,0 +1,229 @@
+"""Document memories on tiny random models: the module's math, the trainer, serving."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from memserve.document import BankShape, DocumentBank, LoadedDocumentBank, spread_docreps
+from memserve.document_train import (
+    DocumentConfig,
+    DocumentKind,
+    logits_after,
+    residual_at,
+    split_windows,
+    windows,
+)
+from memserve.engine import GenerationRequest, StoppingParams
+from memserve.errors import InvalidArgument, NotFound
+from memserve.kinds import LoadTarget, MemoryKey, MemoryRefSpec, TrainContext
+from memserve.memory_store.artifact import Artifact, MemoryMeta, decode, encode
+from memserve.models import LoadedModel
+from memserve.sampling import SamplingParams
+from tests.conftest import build_tiny_model, run_all
+
+TEXTS = {
+    "fox": "The quick brown fox jumps over the lazy dog. " * 6,
+    "sea": "Once upon a time there was a small village by the sea. " * 5,
+    "keys": "Memories are selected by document keys and fire only where they belong. " * 4,
+}
+
+
+class FakeContext(TrainContext):
+    job_id = "job"
+    tenant = "default"
+    memory_name = "bank"
+
+    def __init__(self, loaded: LoadedModel, current: Artifact | None = None) -> None:
+        self._loaded = loaded
+        self._current = current
+        self.reports: list[tuple[int, int]] = []
+
+    @property
+    def model(self) -> LoadedModel:
+        return self._loaded
+
+    def report(self, step: int, total: int, loss: float | None = None, message: str = "") -> None:
+        self.reports.append((step, total))
+
+    def current_artifact(self) -> Artifact | None:
+        return self._current
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_tokenizer) -> LoadedModel:
+    model = build_tiny_model("llama", len(tiny_tokenizer))
+    return LoadedModel(model, tiny_tokenizer, "tiny", "tiny-fingerprint", torch.device("cpu"), "fp32")
+
+
+def spec(texts: dict[str, str], **config) -> dict:
+    documents = [{"id": doc_id, "title": doc_id.title(), "text": text} for doc_id, text in texts.items()]
+    defaults = {"epochs": 30, "learning_rate": 1e-2, "window_words": 16, "window_stride": 8, "max_windows": 4}
+    return {"documents": documents, "config": {**defaults, **config}}
+
+
+def as_artifact(trained, version: int = 1) -> Artifact:
+    meta = MemoryMeta(kind="document", name="bank", base_model="tiny-fingerprint",
+                      hyperparameters=trained.hyperparameters, details=trained.details)  # fmt: skip
+    meta, blob = encode(meta, trained.tensors)
+    from dataclasses import replace
+
+    return decode(replace(meta, version=version), blob)
+
+
+def target(model) -> LoadTarget:
+    return LoadTarget(
+        torch.device("cpu"), torch.float32, None, model.config.num_hidden_layers, model.config.hidden_size
+    )
+
+
+def test_an_untrained_bank_changes_nothing_and_the_update_is_the_papers_formula():
+    torch.manual_seed(0)
+    bank = DocumentBank(BankShape(hidden_size=8, memory_dim=4, key_dim=2, token_activation="gelu"))
+    hidden = torch.randn(3, 5, 8)
+    keys = torch.randn(3, 2)
+    assert torch.equal(bank(hidden, bank.selection(keys)), torch.zeros(3, 5, 8))  # V starts at zero
+    torch.nn.init.normal_(bank.value.weight)
+    torch.nn.init.normal_(bank.value.bias)
+    selection = torch.tanh(keys @ bank.key[0].weight.T + bank.key[0].bias)
+    tokens = torch.nn.functional.gelu(hidden @ bank.token_proj.weight.T + bank.token_proj.bias)
+    expected = (tokens * selection[:, None, :]) @ bank.value.weight.T + bank.value.bias
+    torch.testing.assert_close(bank(hidden, bank.selection(keys)), expected)
+    assert bank(hidden, None).shape == hidden.shape  # no DocRep: every entry on
+
+
+@pytest.mark.parametrize("depth", [1, 4])
+def test_the_mlp_key_module_has_the_asked_depth(depth):
+    bank = DocumentBank(BankShape(hidden_size=8, memory_dim=4, key_module="mlp", key_depth=depth))
+    assert sum(isinstance(m, torch.nn.ReLU) for m in bank.key) == depth
+    assert bank.selection(torch.zeros(2, 2)).shape == (2, 4)
+
+
+def test_windows_keep_the_tail_and_respect_the_limit():
+    text = " ".join(str(i) for i in range(300))
+    got = windows(text, 128, 64, 10)
+    assert [w.split()[0] for w in got] == ["0", "64", "128", "172"]  # the tail window ends at word 299
+    assert all(len(w.split()) == 128 for w in got) and got[-1].split()[-1] == "299"
+    assert len(windows(text, 128, 64, 2)) == 2
+    assert windows("a few words", 128, 64, 10) == ["a few words"]
+    config = DocumentConfig(window_words=128, window_stride=64, max_windows=2, holdout_windows=1)
+    train, held = split_windows(text, config)
+    assert len(train) == 2 and len(held) == 1
+
+
+def test_spread_docreps_are_apart_and_inside_the_box():
+    reps = spread_docreps(10, 2, None, seed=0)
+    assert reps.shape == (10, 2) and reps.abs().max() <= 1
+    assert torch.pdist(reps).min() > 0.3
+    more = spread_docreps(5, 2, reps, seed=1)
+    assert torch.cdist(more, reps).min() > 0.2
+
+
+@pytest.mark.parametrize("architecture", ["llama", "gpt_neox"])
+def test_running_a_slice_of_the_model_gives_the_full_models_logits(tiny_tokenizer, architecture):
+    model = build_tiny_model(architecture, len(tiny_tokenizer))
+    prompts = ["The quick brown fox jumps over", "Once upon"]
+    encoded = [tiny_tokenizer(p).input_ids for p in prompts]
+    width = max(len(e) for e in encoded)
+    ids = torch.tensor([e + [0] * (width - len(e)) for e in encoded])
+    mask = torch.tensor([[1] * len(e) + [0] * (width - len(e)) for e in encoded])
+    full = model(input_ids=ids, attention_mask=mask).logits
+    for layer in range(model.config.num_hidden_layers):
+        hidden = residual_at(model, layer, ids, mask)
+        sliced = logits_after(model, layer, hidden, mask).float()
+        torch.testing.assert_close(sliced * mask[..., None], full * mask[..., None], atol=0.05, rtol=0.05)
+
+
+def test_bad_specs_are_refused():
+    kind = DocumentKind()
+    for bad, match in [
+        ({"documents": []}, "at least one document"),
+        (spec({"a": "x", "b": ""}), "no text"),
+        ({"documents": [{"id": "a", "text": "x"}, {"id": "a", "text": "y"}]}, "twice"),
+        ({"documents": [{"id": "bad id", "text": "x"}]}, "not valid"),
+        (spec({"a": "x"}, loss="mse"), "loss"),
+        (spec({"a": "x"}, key_depth=9), "key_depth"),
+        (spec({"a": "x"}, tau=float("nan")), "tau"),
+        (spec({"a": "x"}, bogus=1), "unknown"),
+        ({"documents": [{"id": "a", "text": "x", "docrep": {"values": [1.0]}}]}, "2 finite values"),
+    ]:
+        with pytest.raises(InvalidArgument, match=match):
+            kind.validate_spec(bad)
+
+
+@pytest.fixture(scope="module")
+def trained(tiny):
+    context = FakeContext(tiny)
+    result = DocumentKind().train(spec(TEXTS), context)
+    return result, context
+
+
+def test_training_separates_documents_by_their_docrep(trained, tiny):
+    result, context = trained
+    assert context.reports[-1][0] == context.reports[-1][1] > 0
+    assert result.metrics["final_ce_positive"] < result.metrics["final_ce_negative"]
+    assert [d["id"] for d in result.details["documents"]] == ["fox", "sea", "keys"]
+    loaded = LoadedDocumentBank(as_artifact(result), target(tiny.model))
+    # Each document's text is more likely with its own DocRep than with another's.
+    for doc_id, text in TEXTS.items():
+        own = _loss(tiny, loaded, text, MemoryKey(document_id=doc_id))
+        others = [_loss(tiny, loaded, text, MemoryKey(document_id=o)) for o in TEXTS if o != doc_id]
+        assert own < min(others), (doc_id, own, others)
+
+
+def _loss(tiny: LoadedModel, loaded: LoadedDocumentBank, text: str, key: MemoryKey) -> float:
+    ids = torch.tensor([tiny.tokenizer(" ".join(text.split()[:16])).input_ids])
+    mask = torch.ones_like(ids)
+    hidden = residual_at(tiny.model, loaded.layer, ids, mask)
+    bound = loaded.bind(MemoryRefSpec("bank", "document", key=key))
+    with torch.no_grad():
+        hidden = hidden + loaded.bank(hidden, bound.selection[None])
+        logits = logits_after(tiny.model, loaded.layer, hidden, mask).float()
+    return float(torch.nn.functional.cross_entropy(logits[0, :-1], ids[0, 1:]))
+
+
+def test_adding_documents_trains_a_new_version_over_old_and_new(trained, tiny):
+    result, _ = trained
+    first = as_artifact(result)
+    extra = {"extra": "Numbers like 0123456789 and marks !? are here. " * 4}
+    more = DocumentKind().train(spec(extra, epochs=2), FakeContext(tiny, current=first))
+    ids = [d["id"] for d in more.details["documents"]]
+    assert ids == ["fox", "sea", "keys", "extra"]
+    old = {d["id"]: d["docrep"] for d in result.details["documents"]}
+    new = {d["id"]: d["docrep"] for d in more.details["documents"]}
+    assert all(new[i] == old[i] for i in old)  # old documents keep their DocReps
+    offsets = more.tensors["text_offsets"].tolist()
+    texts = more.tensors["texts_utf8"].numpy().tobytes()
+    assert texts[offsets[0] : offsets[1]].decode() == TEXTS["fox"]
+
+
+def test_references_resolve_to_keys_and_bad_ones_are_refused(trained, tiny):
+    loaded = LoadedDocumentBank(as_artifact(trained[0]), target(tiny.model))
+    fox, sea = loaded.docrep_of("fox"), loaded.docrep_of("sea")
+    mix = loaded.key_for(MemoryRefSpec("bank", "document", key=MemoryKey(mix=(("fox", 3.0), ("sea", 1.0)))))
+    torch.testing.assert_close(mix, 0.75 * fox + 0.25 * sea)
+    explicit = loaded.key_for(MemoryRefSpec("bank", "document", key=MemoryKey(docrep=(0.5, -0.5))))
+    assert explicit.tolist() == [0.5, -0.5]
+    with pytest.raises(InvalidArgument, match="2 values"):
+        loaded.bind(MemoryRefSpec("bank", "document", key=MemoryKey(docrep=(1.0, 2.0, 3.0))))
+    with pytest.raises(NotFound, match="no document 'nope'"):
+        loaded.bind(MemoryRefSpec("bank", "document", key=MemoryKey(document_id="nope")))
+
+
+def test_requests_with_different_documents_share_a_batch_and_match_running_alone(trained, tiny, make_engine):
+    loaded = LoadedDocumentBank(as_artifact(trained[0]), target(tiny.model))
+    engine = make_engine(tiny.model, tiny.tokenizer, max_batch_size=8)
+    prompt = tuple(tiny.tokenizer("The quick brown").input_ids)
+
+    def request(doc_id: str | None) -> GenerationRequest:
+        memories = (
+            () if doc_id is None else (loaded.bind(MemoryRefSpec("bank", "document", key=MemoryKey(doc_id))),)
+        )
+        return GenerationRequest(prompt_ids=prompt, sampling=SamplingParams(), memories=memories,
+                                 stopping=StoppingParams(max_new_tokens=8, ignore_eos=True))  # fmt: skip
+
+    plan = ["fox", "sea", None, "keys", "fox"]
+    alone = [run_all(engine, [request(d)])[0].token_ids for d in plan]
+    together = [o.token_ids for o in run_all(engine, [request(d) for d in plan])]
+    assert together == alone
+    assert len({tuple(t) for t in alone}) > 1  # the documents do change the output
