@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import os
 import sys
 from collections.abc import Iterable, Sequence
@@ -19,11 +20,18 @@ import grpc
 from memserve.clients.client import (
     DEFAULT_SERVER,
     JOB_STATES,
+    MAX_VERSION,
+    NAME_PATTERN,
     Client,
     JobInfo,
+    check_name,
     default_server,
+    docrep_ref,
+    document_ref,
+    mix_ref,
     parse_memory_version,
 )
+from memserve.v1 import memory_ref_pb2
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -92,7 +100,7 @@ def _generate(args: argparse.Namespace) -> int:
         "seed": args.seed,
         "stop": args.stop,
         "chat": args.chat,
-        "memories": args.memory,
+        "memories": args.memories,  # --memory, --doc, --docrep and --mix, in the order given
     }
     with _client(args) as client:
         if args.stream:
@@ -227,6 +235,111 @@ def _memories_import(args: argparse.Namespace) -> int:
     with _client(args) as client:
         memory = client.import_memory(args.file, name=args.name or "")
     print(f"imported {memory.name} version {memory.version} ({memory.kind}, {_size(memory.size_bytes)})")
+    return 0
+
+
+# --- documents ---
+
+HEADING = "# "
+NAME_RULE = "1-128 letters, digits, '.', '_' or '-', starting with a letter or digit"
+DOCUMENT_COUNTS = frozenset({"words", "train_windows", "holdout_windows"})
+# `docs add` option → DocumentTrainingConfig field.
+DOCUMENT_OPTIONS = (
+    "memory_dim", "key_dim", "key_module", "key_depth", "key_activation", "layer", "negatives", "loss",
+    "tau", "alpha", "epochs", "learning_rate", "batch_size", "window_words", "window_stride",
+    "max_windows", "max_length", "holdout_windows", "seed",
+)  # fmt: skip
+
+
+def _docs_add(args: argparse.Namespace) -> int:
+    check_name(args.bank, "bank name")
+    documents = _read_documents(args.files, args.id, args.title)
+    config = {name: getattr(args, name) for name in DOCUMENT_OPTIONS if getattr(args, name) is not None}
+    with _client(args) as client:
+        job = client.register_documents(args.bank, documents, config)
+    count = len(documents)
+    print(f"job {job.id}: {count} document{'' if count == 1 else 's'} → {job.memory_name}, {job.state}")
+    if not args.wait:
+        return 0
+    args.id = job.id
+    return _jobs_watch(args)
+
+
+def _read_documents(files: Sequence[str], ids: Sequence[str], titles: Sequence[str]) -> list[dict[str, str]]:
+    """One document per file ('-' = standard input): its id (--id, else the file name without
+    its extension), its title (a first line "# TITLE", else --title, else the id) and its text."""
+    if ids and len(ids) != len(files):
+        raise ValueError(f"give one --id per file, in order: {len(ids)} --id for {len(files)} files")
+    if titles and len(titles) != len(files):
+        raise ValueError(f"give one --title per file, in order: {len(titles)} --title for {len(files)} files")
+    if files.count("-") > 1:
+        raise ValueError("'-' (standard input) can be given only once")
+    if "-" in files and not ids:
+        raise ValueError("a document read from standard input ('-') needs its id: pass --id for each file")
+    documents: list[dict[str, str]] = []
+    seen: set[str] = set()
+    for index, file in enumerate(files):
+        where = "standard input" if file == "-" else file
+        doc_id = ids[index] if ids else Path(file).stem
+        hint = "" if ids else f" (taken from the file name {file!r}: pass --id to choose another)"
+        try:
+            check_name(doc_id, "document id")
+        except ValueError as exc:
+            raise ValueError(f"{exc}{hint}") from None
+        if doc_id in seen:
+            raise ValueError(f"document id {doc_id!r} is given twice{hint}")
+        seen.add(doc_id)
+        text = _read_text(file)
+        title = titles[index] if titles else doc_id
+        first, _, rest = text.partition("\n")
+        if first.startswith(HEADING):  # the heading names the document; it is not part of its text
+            title, text = first[len(HEADING) :].strip() or title, rest
+        if not text.split():
+            raise ValueError(f"{where} has no text")
+        documents.append({"id": doc_id, "title": title, "text": text})
+    return documents
+
+
+def _read_text(file: str) -> str:
+    try:
+        if file == "-":
+            return sys.stdin.read()
+        return Path(file).read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as exc:
+        where = "standard input" if file == "-" else file
+        raise ValueError(f"{where} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+
+
+def _docs_ls(args: argparse.Namespace) -> int:
+    name, version = args.bank
+    with _client(args) as client:
+        bank = client.get_memory(name, version)
+    if bank.kind != "document":
+        raise ValueError(f"{name} is a {bank.kind} memory, not a document bank")
+    # Counts come back as floats (details travel as a protobuf Struct): shown as the integers they are.
+    documents = [
+        {key: int(value) if key in DOCUMENT_COUNTS else value for key, value in document.items()}
+        for document in bank.details.get("documents", [])
+    ]
+    if args.json:
+        for document in documents:
+            print(json.dumps(document))
+        return 0
+    if not documents:
+        print(f"{name} version {bank.version} has no documents", file=sys.stderr)
+        return 0
+    _print_table(
+        ("ID", "TITLE", "WORDS", "DOCREP"),
+        (
+            (
+                d["id"],
+                d.get("title") or "-",
+                str(d.get("words", 0)),
+                ",".join(f"{v:.4g}" for v in d.get("docrep", [])),
+            )
+            for d in documents
+        ),
+    )
     return 0
 
 
@@ -468,11 +581,40 @@ def build_parser() -> argparse.ArgumentParser:
     _tenant_option(generate)
     generate.add_argument(
         "--memory",
+        dest="memories",
         action="append",
         default=[],
         type=_memory_argument,
         metavar="NAME[@VERSION]",
         help="a stored memory to use, by name, optionally pinned to a version (repeatable)",
+    )
+    generate.add_argument(
+        "--doc",
+        dest="memories",
+        action="append",
+        type=_doc_argument,
+        metavar="BANK[@VERSION]/DOC",
+        help="a document of a document bank, by id: --doc news/storm, or --doc news@2/storm "
+        "for version 2 of the bank (repeatable)",
+    )
+    generate.add_argument(
+        "--docrep",
+        dest="memories",
+        action="append",
+        type=_docrep_argument,
+        metavar="BANK[@VERSION]=X,Y,...",
+        help="an explicit DocRep of a bank, as many values as its key_dim (`memserve docs ls BANK` "
+        "shows its documents'): --docrep news=0.5,-0.2 or --docrep news@2=0.5,-0.2 (repeatable)",
+    )
+    generate.add_argument(
+        "--mix",
+        dest="memories",
+        action="append",
+        type=_mix_argument,
+        metavar="BANK[@VERSION]/DOC=W,...",
+        help="a weighted mix of documents of one bank, weights >= 0 (normalised): "
+        "--mix news/storm=0.7,news/flood=0.3; pin a version with BANK@VERSION "
+        "(news@2/storm=0.7,news/flood=0.3) (repeatable)",
     )
     generate.add_argument("--max-new-tokens", type=int, default=None, help="default: the server's (128)")
     generate.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
@@ -497,8 +639,78 @@ def build_parser() -> argparse.ArgumentParser:
     info.set_defaults(run=_info)
 
     _memories_parser(commands)
+    _docs_parser(commands)
     _jobs_parser(commands)
+    _eval_parser(commands)
     return parser
+
+
+def _eval_docs(args: argparse.Namespace) -> int:
+    # Imported here: evaluating loads the model in this process.
+    from memserve.document_eval import evaluate_bank
+    from memserve.memory_store.artifact import import_bytes
+    from memserve.memory_store.redis_server import RedisServer, default_data_dir
+    from memserve.memory_store.redis_store import RedisStore
+    from memserve.models import ModelConfig, load_model
+
+    name, version = args.bank
+    if args.file:
+        artifact = import_bytes(args.file.read_bytes())
+    else:
+        embedded = None
+        url = args.redis_url
+        if not url:  # the embedded store: free only while no server holds it
+            embedded = RedisServer((args.data_dir or default_data_dir()) / "redis", lock=True).start()
+            url = embedded.url
+        try:
+            artifact = RedisStore.from_url(url).load(name, version, tenant=args.tenant or "default")
+        finally:
+            if embedded is not None:
+                embedded.stop()
+    if artifact.meta.kind != "document":
+        raise ValueError(f"{name!r} is a {artifact.meta.kind} memory, not a document bank")
+    loaded = load_model(
+        ModelConfig(model=args.model, dtype=args.dtype, device=args.device, cache_dir=args.cache_dir)
+    )
+    if loaded.fingerprint != artifact.meta.base_model:
+        raise ValueError(f"{name!r} was trained for another base model; pass --model with that model")
+    from tqdm import tqdm
+
+    with tqdm(total=len(artifact.meta.details["documents"]), desc="documents", unit="doc") as bar:
+
+        def progress(done: int, total: int, doc_id: str) -> None:
+            bar.set_postfix_str(doc_id)
+            bar.update(done - bar.n)
+
+        metrics = evaluate_bank(loaded, artifact, args.out, grid=args.grid, progress=progress)
+    worst = max(m["ppl_own"] / m["ppl_other"] for m in metrics["documents"].values())
+    print(
+        f"wrote {args.out / 'report.md'}, metrics.json and plots; "
+        f"worst own/other perplexity ratio {worst:.3f}"
+    )
+    return 0
+
+
+def _eval_parser(commands: Any) -> None:
+    evaluate = commands.add_parser("eval", help="evaluate a memory (report, metrics and plots)")
+    kinds = evaluate.add_subparsers(dest="eval_command", required=True)
+    docs = kinds.add_parser(
+        "docs",
+        help="perplexity with own/other/random/no DocRep and without the bank; selection statistics; plots",
+        description="Evaluates a document bank in this process (loads the model; reads the bank from "
+        "Redis, the embedded store, or an export file).",
+    )
+    docs.add_argument(
+        "bank", metavar="BANK[@VERSION]", type=_memory_argument, help="the bank (ignored with --file)"
+    )
+    docs.add_argument("--out", type=Path, required=True, help="folder for report.md, metrics.json and PNGs")
+    docs.add_argument("--file", type=Path, default=None, help="read the bank from an export file instead")
+    _redis_option(docs, "default: the embedded store under --data-dir, when no server holds it")
+    docs.add_argument("--data-dir", type=Path, default=None, help="the embedded store's folder")
+    docs.add_argument("--grid", type=int, default=7, help="points per axis of the 2-D DocRep landscape")
+    _tenant_option(docs)
+    _model_options(docs)
+    docs.set_defaults(run=_eval_docs)
 
 
 def _memories_parser(commands: Any) -> None:
@@ -542,6 +754,81 @@ def _memories_parser(commands: Any) -> None:
     )
     upload.add_argument("--name", default=None, help="the memory to publish it as (default: the file's)")
     upload.set_defaults(run=_memories_import)
+
+
+def _docs_parser(commands: Any) -> None:
+    docs = commands.add_parser("docs", help="register and list the documents of document banks")
+    actions = docs.add_subparsers(dest="docs_command", required=True)
+
+    add = _store_command(
+        actions,
+        "add",
+        "train a new version of a document bank with these documents added (an id it has already "
+        "replaces that document's text)",
+    )
+    add.add_argument("bank", metavar="BANK", help="the document bank (created if new)")
+    add.add_argument(
+        "files",
+        nargs="+",
+        metavar="FILE",
+        help="a UTF-8 text file per document; '-' reads one from standard input (then --id is needed). "
+        "A first line '# TITLE' is the document's title and is not part of its text",
+    )
+    add.add_argument(
+        "--id",
+        action="append",
+        default=[],
+        metavar="ID",
+        help="the documents' ids, one per file in order (default: each file's name without its extension); "
+        "1-128 letters, digits, '.', '_' or '-', starting with a letter or digit",
+    )
+    add.add_argument(
+        "--title",
+        action="append",
+        default=[],
+        metavar="TITLE",
+        help="the documents' titles, one per file in order, for files without a '# TITLE' line "
+        "(default: the id)",
+    )
+    add.add_argument("--wait", action="store_true", help="then follow the job, as `jobs watch` does")
+    training = add.add_argument_group("training options (default: the server's)")
+    training.add_argument("--epochs", type=int, default=None)
+    training.add_argument(
+        "--layer", type=int, default=None, help="the model layer the bank acts on (negative: from the end)"
+    )
+    training.add_argument("--memory-dim", type=int, default=None, help="entries of the bank")
+    training.add_argument("--key-dim", type=int, default=None, help="values of a DocRep")
+    training.add_argument("--key-module", choices=["linear", "mlp"], default=None)
+    training.add_argument("--key-depth", type=int, default=None, help="hidden layers of the mlp key module")
+    training.add_argument("--key-activation", choices=["tanh", "relu", "sigmoid"], default=None)
+    training.add_argument(
+        "--negatives", choices=["other", "random", "zero", "perturb"], default=None,
+        help="the DocReps the loss pushes away from each document's text",
+    )  # fmt: skip
+    training.add_argument("--loss", choices=["abs", "capped_sq"], default=None)
+    training.add_argument("--tau", type=float, default=None, help="the loss's target for negatives")
+    training.add_argument("--alpha", type=float, default=None, help="the weight of the negatives' term")
+    training.add_argument("--learning-rate", type=float, default=None)
+    training.add_argument("--batch-size", type=int, default=None)
+    training.add_argument("--window-words", type=int, default=None, help="words of a training window")
+    training.add_argument("--window-stride", type=int, default=None, help="words between windows")
+    training.add_argument("--max-windows", type=int, default=None, help="training windows per document")
+    training.add_argument("--max-length", type=int, default=None, help="tokens of a window, at most")
+    training.add_argument(
+        "--holdout-windows", type=int, default=None, help="windows per document kept out of training"
+    )
+    training.add_argument("--seed", type=_non_negative, default=None)
+    add.set_defaults(run=_docs_add)
+
+    ls = _store_command(actions, "ls", "list the documents of a document bank")
+    ls.add_argument(
+        "bank",
+        type=_memory_argument,
+        metavar="BANK[@VERSION]",
+        help="the document bank (its current version unless pinned)",
+    )
+    ls.add_argument("--json", action="store_true", help="one JSON object per line")
+    ls.set_defaults(run=_docs_ls)
 
 
 def _jobs_parser(commands: Any) -> None:
@@ -600,6 +887,90 @@ def _memory_argument(text: str) -> tuple[str, int]:
         return parse_memory_version(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _doc_argument(text: str) -> memory_ref_pb2.MemoryRef:
+    """BANK[@VERSION]/DOC for --doc."""
+    form = "write BANK/DOC or BANK@VERSION/DOC, like news/storm"
+    bank, version, doc_id = _bank_and_document(text, text, form)
+    return document_ref(bank, doc_id, version=version)
+
+
+def _docrep_argument(text: str) -> memory_ref_pb2.MemoryRef:
+    """BANK[@VERSION]=X,Y,... for --docrep."""
+    form = "write BANK=X,Y,... or BANK@VERSION=X,Y,..., like news=0.5,-0.2"
+    head, equals, values = text.partition("=")
+    if not equals:
+        raise _usage(text, "has no '=' after the bank", form)
+    bank, version = _bank(head, text, form)
+    return docrep_ref(bank, [_finite(v, text, "value", form) for v in values.split(",")], version=version)
+
+
+def _mix_argument(text: str) -> memory_ref_pb2.MemoryRef:
+    """BANK[@VERSION]/A=W,BANK/B=W,... for --mix: documents of one bank; pins, if any, agree."""
+    form = "write BANK/DOC=WEIGHT,BANK/DOC=WEIGHT,..., like news/storm=0.7,news/flood=0.3"
+    banks: set[str] = set()
+    versions: set[int] = set()
+    weights: dict[str, float] = {}
+    for part in text.split(","):
+        head, equals, weight = part.partition("=")
+        if not equals:
+            problem = "has no '=WEIGHT'" if part == text else f"has {part!r} without '=WEIGHT'"
+            raise _usage(text, problem, form)
+        bank, version, doc_id = _bank_and_document(head, text, form)
+        banks.add(bank)
+        versions.update([version] if version else [])
+        if doc_id in weights:
+            raise _usage(text, f"names document {doc_id!r} twice", form)
+        weights[doc_id] = _finite(weight, text, "weight", form)
+        if weights[doc_id] < 0:
+            raise _usage(text, f"gives {doc_id!r} a negative weight; weights are >= 0", form)
+    if len(banks) > 1:
+        raise _usage(
+            text, f"mixes documents of banks {', '.join(sorted(banks))}; one --mix is of one bank", form
+        )
+    if len(versions) > 1:
+        raise _usage(text, f"pins different versions of {bank}; pin one", form)
+    if not sum(weights.values()) > 0:
+        raise _usage(text, "has weights that sum to 0; give one a positive weight", form)
+    return mix_ref(bank, weights, version=versions.pop() if versions else None)
+
+
+def _bank_and_document(text: str, whole: str, form: str) -> tuple[str, int, str]:
+    """BANK[@VERSION]/DOC, part of the argument `whole`."""
+    head, slash, doc_id = text.partition("/")
+    if not slash:
+        raise _usage(whole, "has no '/' between the bank and the document", form)
+    bank, version = _bank(head, whole, form)
+    if not NAME_PATTERN.fullmatch(doc_id):
+        raise _usage(whole, f"has an invalid document id {doc_id!r} ({NAME_RULE})", form)
+    return bank, version, doc_id
+
+
+def _bank(text: str, whole: str, form: str) -> tuple[str, int]:
+    """BANK or BANK@VERSION, part of the argument `whole`."""
+    bank, at, version = text.partition("@")
+    if not bank:
+        raise _usage(whole, "names no bank", form)
+    if at and not (version.isdigit() and 1 <= int(version) <= MAX_VERSION):
+        raise _usage(whole, f"has no valid version after '@' ({version!r}: a positive integer)", form)
+    if not NAME_PATTERN.fullmatch(bank):
+        raise _usage(whole, f"has an invalid bank name {bank!r} ({NAME_RULE})", form)
+    return bank, int(version) if at else 0
+
+
+def _finite(text: str, whole: str, what: str, form: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value):
+        raise _usage(whole, f"has {what} {text!r}, not a finite number", form)
+    return value
+
+
+def _usage(text: str, problem: str, form: str) -> argparse.ArgumentTypeError:
+    return argparse.ArgumentTypeError(f"{text!r} {problem}: {form}")
 
 
 def _non_negative(text: str) -> int:

@@ -10,6 +10,11 @@
             print(memory.name, memory.version)
         for job in client.watch_job(job_id):
             print(job.state, job.step, job.total)
+        job = client.register_documents("stories", [("fox", "The quick brown fox ..."),
+                                                    {"id": "sea", "title": "The sea", "text": "..."}],
+                                        config={"epochs": 30})
+        client.generate("The", memories=[document_ref("stories", "fox"),
+                                         mix_ref("stories", {"fox": 0.7, "sea": 0.3}, scale=0.5)])
 
 Every call carries the tenant (`tenant=` or $MEMSERVE_TENANT) as `memserve-tenant` metadata.
 Errors arrive as `grpc.RpcError` with the server's status code and message.
@@ -20,7 +25,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-from collections.abc import AsyncIterator, Iterator, Sequence
+import re
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -52,6 +58,15 @@ FINAL_JOB_STATES = frozenset({"succeeded", "failed", "cancelled"})
 MemorySpec = str | tuple[str, int] | memory_ref_pb2.MemoryRef
 """A memory a request uses: "name", "name@version", (name, version) or a full MemoryRef."""
 
+DocumentSpec = Mapping[str, Any] | tuple[str, str]
+"""A document to register: {"id", "text", "title"?, "docrep"?: list of floats} or (id, text)."""
+
+# Memory names and document ids alike (the server's rule).
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+DOCUMENT_FIELDS = frozenset({"id", "text", "title", "docrep"})
+DOCUMENT_CONFIG_FIELDS = tuple(f.name for f in memory_pb2.DocumentTrainingConfig.DESCRIPTOR.fields)
+"""The options of `register_documents(config=...)`, those of DocumentTrainingConfig."""
+
 
 def default_server() -> str:
     return os.environ.get("MEMSERVE_SERVER", DEFAULT_SERVER)
@@ -75,6 +90,16 @@ def parse_memory_version(text: str) -> tuple[str, int]:
             "integer, or NAME alone for the current version"
         )
     return name, int(version)
+
+
+def check_name(name: str, what: str = "memory name") -> str:
+    """`name` if it is a valid memory name or document id, else ValueError saying the rule."""
+    if not NAME_PATTERN.fullmatch(name):
+        raise ValueError(
+            f"{what} {name!r} is not valid: use 1-128 letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit"
+        )
+    return name
 
 
 @dataclass(frozen=True)
@@ -184,6 +209,113 @@ def memory_ref(memory: MemorySpec) -> memory_ref_pb2.MemoryRef:
     return memory_ref_pb2.MemoryRef(name=name, version=version)
 
 
+def _ref_options(ref: memory_ref_pb2.MemoryRef, scale: float | None, version: int | None) -> None:
+    if scale is not None:
+        ref.scale = scale
+    if version:
+        if not 0 < version <= MAX_VERSION:
+            raise ValueError(f"version must be a positive integer (0 or None = current), got {version}")
+        ref.version = version
+
+
+def document_ref(
+    bank: str, document_id: str, *, scale: float | None = None, version: int | None = None
+) -> memory_ref_pb2.MemoryRef:
+    """A document of a bank, by id (it brings its own DocRep). For `memories=`.
+
+    `scale` multiplies the memory's contribution (None = 1); `version` pins one (None or 0 = current).
+    """
+    ref = memory_ref_pb2.MemoryRef(document=memory_ref_pb2.DocumentRef(bank=bank, document_id=document_id))
+    _ref_options(ref, scale, version)
+    return ref
+
+
+def docrep_ref(
+    bank: str, values: Iterable[float], *, scale: float | None = None, version: int | None = None
+) -> memory_ref_pb2.MemoryRef:
+    """An explicit DocRep of a bank (as many values as the bank's key_dim). For `memories=`."""
+    docrep = memory_ref_pb2.DocRep(values=[float(v) for v in values])
+    if not docrep.values:
+        raise ValueError("a DocRep needs at least one value")
+    ref = memory_ref_pb2.MemoryRef(document=memory_ref_pb2.DocumentRef(bank=bank, docrep=docrep))
+    _ref_options(ref, scale, version)
+    return ref
+
+
+def mix_ref(
+    bank: str,
+    weights: Mapping[str, float] | Iterable[tuple[str, float]],
+    *,
+    scale: float | None = None,
+    version: int | None = None,
+) -> memory_ref_pb2.MemoryRef:
+    """A weighted mix of documents of one bank, {document_id: weight}: their DocReps averaged with
+    these weights (>= 0, normalised by the server). For `memories=`."""
+    pairs = list(weights.items() if isinstance(weights, Mapping) else weights)
+    if not pairs:
+        raise ValueError("a mix needs at least one document")
+    for document_id, weight in pairs:
+        if not weight >= 0:  # NaN fails too
+            raise ValueError(f"the weight of {document_id!r} in a mix must be >= 0, got {weight}")
+    mix = memory_ref_pb2.DocumentMix(
+        documents=[memory_ref_pb2.WeightedDocument(document_id=d, weight=float(w)) for d, w in pairs]
+    )
+    ref = memory_ref_pb2.MemoryRef(document=memory_ref_pb2.DocumentRef(bank=bank, mix=mix))
+    _ref_options(ref, scale, version)
+    return ref
+
+
+def build_documents_request(
+    bank: str, documents: Iterable[DocumentSpec], config: Mapping[str, Any] | None = None
+) -> memory_pb2.RegisterDocumentsRequest:
+    """A RegisterDocumentsRequest; ValueError for a malformed document or an unknown config option.
+
+    `config` holds DocumentTrainingConfig fields (DOCUMENT_CONFIG_FIELDS); a missing or None
+    option is left to the server's default.
+    """
+    request = memory_pb2.RegisterDocumentsRequest(bank=bank)
+    for index, document in enumerate(documents):
+        request.documents.append(_document(document, index))
+    config = dict(config or {})
+    unknown = sorted(set(config) - set(DOCUMENT_CONFIG_FIELDS))
+    if unknown:
+        raise ValueError(
+            f"unknown document training options: {', '.join(unknown)} "
+            f"(known: {', '.join(DOCUMENT_CONFIG_FIELDS)})"
+        )
+    for name, value in config.items():
+        if value is None:
+            continue
+        try:
+            setattr(request.config, name, value)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"config option {name}={value!r} is not valid: {exc}") from None
+    return request
+
+
+def _document(document: DocumentSpec, index: int) -> memory_pb2.Document:
+    where = f"documents[{index}]"
+    if isinstance(document, tuple):
+        if len(document) != 2:
+            raise ValueError(f"{where} must be (id, text), got a tuple of {len(document)}")
+        document = {"id": document[0], "text": document[1]}
+    if not isinstance(document, Mapping):
+        raise ValueError(f"{where} must be a dict with id and text, or an (id, text) tuple")
+    unknown = sorted(set(document) - DOCUMENT_FIELDS)
+    if unknown:
+        raise ValueError(f"{where} has unknown fields: {', '.join(unknown)} (known: id, text, title, docrep)")
+    missing = [key for key in ("id", "text") if key not in document]
+    if missing:
+        raise ValueError(f"{where} has no {' and no '.join(missing)}")
+    result = memory_pb2.Document(
+        id=str(document["id"]), title=str(document.get("title") or ""), text=str(document["text"])
+    )
+    docrep = document.get("docrep")
+    if docrep is not None:
+        result.docrep.values.extend(float(v) for v in docrep)
+    return result
+
+
 def build_request(
     prompt: str,
     *,
@@ -205,7 +337,8 @@ def build_request(
     """Builds a GenerateRequest; None leaves a value to the server's default.
 
     `chat=True` sends the prompt as a user message through the model's chat template.
-    `memories` are memory names, "name@version" pins, (name, version) pairs or MemoryRefs.
+    `memories` are memory names, "name@version" pins, (name, version) pairs or MemoryRefs
+    (`document_ref`, `docrep_ref` and `mix_ref` build those of document banks).
     """
     request = pb.GenerateRequest(prompt=prompt, request_id=request_id, chat=chat)
     request.sampling.temperature = temperature
@@ -462,6 +595,19 @@ class Client:
         with open(path, "rb") as file:  # opened here: an error inside the request iterator would be lost
             return _memory_info(self._memories.PutMemory(_file_chunks(file, name), **self._options))
 
+    def register_documents(
+        self, bank: str, documents: Iterable[DocumentSpec], config: Mapping[str, Any] | None = None
+    ) -> JobInfo:
+        """Queues the training of document bank `bank` (a new version with these documents added
+        to its current ones; an id it has already replaces that document's text).
+
+        `documents`: dicts {"id", "text", "title"?, "docrep"?: list of floats} or (id, text)
+        tuples. `config`: DocumentTrainingConfig options (DOCUMENT_CONFIG_FIELDS); an unknown one
+        is a ValueError. Follow the returned job with `watch_job`.
+        """
+        request = build_documents_request(bank, documents, config)
+        return _job_info(self._memories.RegisterDocuments(request, **self._options))
+
     # --- jobs ---
 
     def get_job(self, job_id: str) -> JobInfo:
@@ -592,6 +738,12 @@ class AsyncClient:
         with open(path, "rb") as file:
             chunks = _file_chunks_async(file, name)
             return _memory_info(await self._memories.PutMemory(chunks, **self._options))
+
+    async def register_documents(
+        self, bank: str, documents: Iterable[DocumentSpec], config: Mapping[str, Any] | None = None
+    ) -> JobInfo:
+        request = build_documents_request(bank, documents, config)
+        return _job_info(await self._memories.RegisterDocuments(request, **self._options))
 
     # --- jobs ---
 

@@ -261,7 +261,8 @@ class DocumentKind(MemoryKind):
                 raise InvalidArgument(f"document {doc_id!r} has no text")
             if len(text) > MAX_TEXT_CHARS:
                 raise InvalidArgument(f"document {doc_id!r} is longer than {MAX_TEXT_CHARS} characters")
-            values = [float(v) for v in (doc.get("docrep") or {}).get("values", [])]
+            given = doc.get("docrep") or []
+            values = [float(v) for v in (given.get("values", []) if isinstance(given, dict) else given)]
             if values and (len(values) != config.key_dim or not all(math.isfinite(v) for v in values)):
                 raise InvalidArgument(
                     f"document {doc_id!r}: its DocRep must be {config.key_dim} finite values"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -227,3 +229,21 @@ def test_requests_with_different_documents_share_a_batch_and_match_running_alone
     together = [o.token_ids for o in run_all(engine, [request(d) for d in plan])]
     assert together == alone
     assert len({tuple(t) for t in alone}) > 1  # the documents do change the output
+
+
+def test_the_evaluation_writes_the_report_metrics_and_plots(trained, tiny, tmp_path):
+    from memserve.document_eval import evaluate_bank
+
+    result, _ = trained
+    metrics = evaluate_bank(tiny, as_artifact(result), tmp_path, grid=3)
+    assert set(metrics["documents"]) == set(TEXTS)
+    for values in metrics["documents"].values():
+        assert {"ppl_own", "ppl_other", "ppl_random", "ppl_none", "ppl_base"} <= set(values)
+        assert values["ppl_own"] < values["ppl_other"]
+    assert {"l0", "l2", "pairwise", "normalized_pairwise", "dead_entries"} <= set(metrics["selection"])
+    assert "size_length_correlation" in metrics
+    on_disk = json.loads((tmp_path / "metrics.json").read_text())
+    assert on_disk["documents"].keys() == metrics["documents"].keys()
+    assert (tmp_path / "selection_heatmap.png").stat().st_size > 1000
+    assert (tmp_path / "ppl_landscape.png").stat().st_size > 1000
+    assert "| fox |" in (tmp_path / "report.md").read_text()
