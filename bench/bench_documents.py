@@ -92,6 +92,153 @@ def train(args: argparse.Namespace) -> int:
     return 0
 
 
+def reference(args: argparse.Namespace) -> int:
+    """Our trainer against a faithful re-run of the public reference loop, same data and config.
+
+    The reference (train_guidance.py L165-216): per batch, two separate forwards of the whole
+    model with the bank hooked on its layer (own key, then negative key), the base model's
+    gradients computed and thrown away (it is not frozen, only zeroed), fp32 throughout. Both
+    use the same windows, loss (abs), pad masking, optimiser, clipping, seed and epochs.
+    """
+    from memserve.document_train import (
+        DocumentConfig,
+        GuidanceTrainer,
+        SourceDocument,
+        _docreps,
+        token_losses,
+    )
+    from memserve.hooks import find_sites
+
+    loaded = load_model(ModelConfig(device="cpu", dtype="fp32"))
+    model = loaded.model
+    documents = [SourceDocument(d["id"], d["title"], d["text"]) for d in fixture_documents()]
+    config = DocumentConfig(epochs=args.epochs, learning_rate=args.learning_rate, holdout_windows=1)
+    layer = model.config.num_hidden_layers - 1
+    docreps = _docreps(documents, config)
+    rows: list[tuple[str, float, float]] = []
+
+    ours = GuidanceTrainer(model, loaded.tokenizer, layer, config, docreps, documents)
+    started = time.perf_counter()
+    result = ours.fit(lambda *a, **k: None)
+    rows.append(("memserve (cached residuals, one batched forward)", time.perf_counter() - started,
+                 result["final_ce_positive"]))  # fmt: skip
+
+    import memserve.document_train as training
+
+    bf16_head = training._bf16_head
+    training._bf16_head = lambda hidden: False  # what the bf16 LM head alone contributes
+    fp32 = GuidanceTrainer(model, loaded.tokenizer, layer, config, docreps, documents)
+    started = time.perf_counter()
+    result = fp32.fit(lambda *a, **k: None)
+    training._bf16_head = bf16_head
+    rows.append(("memserve, fp32 LM head", time.perf_counter() - started, result["final_ce_positive"]))
+
+    theirs = GuidanceTrainer(model, loaded.tokenizer, layer, config, docreps, documents)  # same init
+    bank = theirs.bank
+    selection: list[torch.Tensor] = []
+
+    def hook(module: torch.nn.Module, inputs: object, output: torch.Tensor) -> torch.Tensor:
+        hidden = output[0] if isinstance(output, tuple) else output
+        return hidden + bank(hidden, selection[0])
+
+    handle = find_sites(model)[layer].block.register_forward_hook(hook)
+    model.requires_grad_(True)  # as the public code: the base is not frozen, its gradients are zeroed
+    optimizer = torch.optim.AdamW(bank.parameters(), lr=config.learning_rate, weight_decay=0.01)
+    generator = torch.Generator().manual_seed(config.seed)
+    windows = theirs.windows
+    started = time.perf_counter()
+    positive = torch.tensor(0.0)
+    try:
+        for _ in range(config.epochs):
+            order = torch.randperm(len(windows), generator=generator)
+            for start in range(0, len(order), config.batch_size):
+                chosen = order[start : start + config.batch_size]
+                ids, mask, labels = (
+                    windows.input_ids[chosen],
+                    windows.attention_mask[chosen],
+                    windows.labels[chosen],
+                )
+                owners = windows.documents[chosen]
+                selection[:] = [bank.selection(theirs.docreps[owners])]
+                positive = token_losses(model(input_ids=ids, attention_mask=mask).logits, labels).mean()
+                selection[:] = [bank.selection(theirs.negatives(owners))]
+                negative = token_losses(model(input_ids=ids, attention_mask=mask).logits, labels).mean()
+                loss = positive + config.alpha * (config.tau - negative).abs()
+                optimizer.zero_grad()
+                model.zero_grad()
+                loss.backward()
+                model.zero_grad()  # the base gradients, computed and thrown away
+                torch.nn.utils.clip_grad_norm_(bank.parameters(), 5.0)
+                optimizer.step()
+    finally:
+        handle.remove()
+        model.requires_grad_(False)
+    rows.append(("public reference loop (two full forwards, base grads)", time.perf_counter() - started,
+                 float(positive)))  # fmt: skip
+    epochs = config.epochs
+    print(f"| trainer | s/epoch | ratio | CE+ after {epochs} epochs |")
+    print("|---|---:|---:|---:|")
+    for name, seconds, ce in rows:
+        print(f"| {name} | {seconds / epochs:.1f} | {seconds / rows[0][1]:.2f}x | {ce:.3f} |")
+    return 0
+
+
+def throughput(args: argparse.Namespace) -> int:
+    """8 concurrent streams, each with a different document of one bank, against 8 with no memory,
+    on one `memserve serve` subprocess, rounds interleaved; greedy, EOS ignored."""
+    import asyncio
+    import statistics
+    import tempfile
+
+    sys.path.insert(0, str(REPO / "bench"))
+    from common import launch_server, stop, wait_for_first_token
+
+    from memserve.clients.client import AsyncClient, Client, document_ref
+    from memserve.memory_store.redis_server import RedisServer
+
+    prompts = [
+        "The history of the town begins", "In the spring of that year", "According to the records,",
+        "The most famous part of it is", "Critics at the time wrote that", "Its design was unusual because",
+        "Visitors today can still see", "The first written account says",
+    ]  # fmt: skip
+    data = args.bank.read_bytes()
+
+    async def streams(address: str, documents: list[str | None]) -> float:
+        async with AsyncClient(address, timeout=600) as client:
+
+            async def one(prompt: str, doc: str | None) -> None:
+                memories = [document_ref("articles", doc)] if doc else []
+                async for _ in client.generate_stream(prompt, max_new_tokens=args.new_tokens, ignore_eos=True,
+                                                      memories=memories):  # fmt: skip
+                    pass
+
+            started = time.perf_counter()
+            await asyncio.gather(*(one(p, d) for p, d in zip(prompts, documents, strict=True)))
+            return len(prompts) * args.new_tokens / (time.perf_counter() - started)
+
+    with tempfile.TemporaryDirectory() as tmp, RedisServer(Path(tmp)) as redis:
+        server, address = launch_server("--redis-url", redis.url, "--workers", "0")
+        try:
+            wait_for_first_token(server, address)
+            with Client(address) as client:
+                info = client.put_memory(data, name="articles")
+            ids = [d["id"] for d in info.details["documents"]][:8]
+            plain, memory = [], []
+            asyncio.run(streams(address, list(ids)))  # warm: the bank loads once
+            for _ in range(args.rounds):
+                plain.append(asyncio.run(streams(address, [None] * 8)))
+                memory.append(asyncio.run(streams(address, list(ids))))
+        finally:
+            stop(server)
+    p, m = statistics.median(plain), statistics.median(memory)
+    title = f"8 concurrent streams, {args.new_tokens} new tokens each"
+    print(f"| {title} | tokens/s (median of {args.rounds}) | ratio |")
+    print("|---|---:|---:|")
+    print(f"| no memory | {p:.1f} | 1.00x |")
+    print(f"| each with a different document of one bank | {m:.1f} | {m / p:.3f}x |")
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -105,6 +252,15 @@ def main() -> int:
     run.add_argument("--holdout-windows", type=int, default=1)
     run.add_argument("--seed", type=int, default=0)
     run.set_defaults(run=train)
+    compare = commands.add_parser("reference", help="trainer speed against the public reference loop")
+    compare.add_argument("--epochs", type=int, default=2)
+    compare.add_argument("--learning-rate", type=float, default=1e-2)
+    compare.set_defaults(run=reference)
+    speed = commands.add_parser("throughput", help="8 concurrent requests with 8 documents vs none")
+    speed.add_argument("--bank", type=Path, required=True, help="an export file from `train`")
+    speed.add_argument("--new-tokens", type=int, default=64)
+    speed.add_argument("--rounds", type=int, default=3)
+    speed.set_defaults(run=throughput)
     args = parser.parse_args()
     torch.set_num_threads(torch.get_num_threads())
     return int(args.run(args))

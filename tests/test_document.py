@@ -247,3 +247,25 @@ def test_the_evaluation_writes_the_report_metrics_and_plots(trained, tiny, tmp_p
     assert (tmp_path / "selection_heatmap.png").stat().st_size > 1000
     assert (tmp_path / "ppl_landscape.png").stat().st_size > 1000
     assert "| fox |" in (tmp_path / "report.md").read_text()
+
+
+def test_eval_docs_from_the_command_line_on_an_export_file(trained, tiny_llama_dir, tmp_path):
+    from memserve.clients.cli import main
+    from memserve.memory_store.artifact import export_bytes
+    from memserve.models import ModelConfig, load_model
+
+    # A bank trained for the tiny Llama saved as a model folder (its fingerprint is that model's).
+    loaded = load_model(ModelConfig(model=str(tiny_llama_dir), device="cpu"))
+    result = DocumentKind().train(spec(TEXTS, epochs=3), FakeContext(loaded))
+    artifact = as_artifact(result)
+    from dataclasses import replace
+
+    artifact = Artifact(replace(artifact.meta, base_model=loaded.fingerprint), artifact.tensors)
+    exported = tmp_path / "bank.safetensors"
+    exported.write_bytes(export_bytes(artifact))
+    out = tmp_path / "eval"
+    code = main(["eval", "docs", "bank", "--file", str(exported), "--out", str(out), "--grid", "2",
+                 "--model", str(tiny_llama_dir), "--device", "cpu"])  # fmt: skip
+    assert code == 0
+    assert set(json.loads((out / "metrics.json").read_text())["documents"]) == set(TEXTS)
+    assert main(["eval", "docs", "bank", "--file", str(exported), "--out", str(out), "--device", "cpu"]) == 2
