@@ -174,7 +174,7 @@ def reference(args: argparse.Namespace) -> int:
         handle.remove()
         model.requires_grad_(False)
     rows.append(("public reference loop (two full forwards, base grads)", time.perf_counter() - started,
-                 float(positive)))  # fmt: skip
+                 float(positive.detach())))  # fmt: skip
     epochs = config.epochs
     print(f"| trainer | s/epoch | ratio | CE+ after {epochs} epochs |")
     print("|---|---:|---:|---:|")
@@ -247,8 +247,8 @@ def main() -> int:
     run = commands.add_parser("train")
     run.add_argument("--out", type=Path, required=True)
     run.add_argument("--key-module", default="linear", choices=["linear", "mlp"])
-    run.add_argument("--epochs", type=int, default=60)
-    run.add_argument("--learning-rate", type=float, default=3e-3)
+    run.add_argument("--epochs", type=int, default=25)
+    run.add_argument("--learning-rate", type=float, default=1e-2)
     run.add_argument("--holdout-windows", type=int, default=1)
     run.add_argument("--seed", type=int, default=0)
     run.set_defaults(run=train)

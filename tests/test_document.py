@@ -269,3 +269,23 @@ def test_eval_docs_from_the_command_line_on_an_export_file(trained, tiny_llama_d
     assert code == 0
     assert set(json.loads((out / "metrics.json").read_text())["documents"]) == set(TEXTS)
     assert main(["eval", "docs", "bank", "--file", str(exported), "--out", str(out), "--device", "cpu"]) == 2
+
+
+def test_each_forward_reports_selection_numbers_per_bank(trained, tiny, make_engine):
+    from memserve.document import SelectionStats
+
+    loaded = LoadedDocumentBank(as_artifact(trained[0]), target(tiny.model))
+    seen: list[SelectionStats] = []
+    LoadedDocumentBank.observer = seen.append
+    try:
+        engine = make_engine(tiny.model, tiny.tokenizer)
+        memories = tuple(loaded.bind(MemoryRefSpec("bank", "document", key=MemoryKey(d))) for d in ("fox",))
+        request = GenerationRequest(prompt_ids=tuple(tiny.tokenizer("The quick").input_ids),
+                                    sampling=SamplingParams(), memories=memories,
+                                    stopping=StoppingParams(max_new_tokens=3, ignore_eos=True))  # fmt: skip
+        run_all(engine, [request, request])
+    finally:
+        LoadedDocumentBank.observer = None
+    assert seen and all(s.bank == "bank" for s in seen)
+    assert max(s.rows for s in seen) == 2  # both requests' rows in one op
+    assert all(0 <= s.selected_entries <= loaded.bank.shape.memory_dim and s.selection_mass > 0 for s in seen)
