@@ -169,6 +169,9 @@ def usage_to_pb(event: FinishedEvent) -> pb.Usage:
 
 MAX_SCALE = 100.0
 MAX_DOCREP_VALUES = 1024
+# DocReps live in [-1, 1]^k; far outside, a key only saturates the selection, and a huge one
+# would overflow a half-precision model.
+MAX_DOCREP_MAGNITUDE = 1000.0
 MAX_MIX_DOCUMENTS = 16
 
 
@@ -209,6 +212,8 @@ def _document_key(ref: memory_ref_pb2.DocumentRef, where: str) -> MemoryKey:
             raise InvalidArgument(f"{where}.document.docrep must have 1 to {MAX_DOCREP_VALUES} values")
         if not all(math.isfinite(v) for v in values):
             raise InvalidArgument(f"{where}.document.docrep has NaN or infinite values")
+        if max(abs(v) for v in values) > MAX_DOCREP_MAGNITUDE:
+            raise InvalidArgument(f"{where}.document.docrep values must be within ±{MAX_DOCREP_MAGNITUDE:g}")
         return MemoryKey(docrep=values)
     if which == "mix":
         parts = tuple((d.document_id, d.weight) for d in ref.mix.documents)

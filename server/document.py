@@ -182,9 +182,10 @@ class LoadedDocumentBank(LoadedMemory):
                     f"bank {self.name!r} takes DocReps of {self.key_dim} values; got {len(key.docrep)}"
                 )
             return torch.tensor(key.docrep, device=self.device, dtype=self.dtype)
-        weights = torch.tensor([w for _, w in key.mix], device=self.device, dtype=self.dtype)
-        docreps = torch.stack([self.docrep_of(doc_id) for doc_id, _ in key.mix])
-        return (weights[:, None] * docreps).sum(0) / weights.sum()
+        total = sum(w for _, w in key.mix)  # in float64: a sum of large weights must not overflow
+        weights = torch.tensor([w / total for _, w in key.mix], device=self.device, dtype=torch.float32)
+        docreps = torch.stack([self.docrep_of(doc_id).float() for doc_id, _ in key.mix])
+        return (weights[:, None] * docreps).sum(0).to(self.dtype)
 
     def bind(self, ref: MemoryRefSpec) -> BoundDocument:
         with torch.no_grad():
@@ -202,40 +203,48 @@ class BoundDocument:
     scale: float
 
     def add_ops(self, context: MemoryContext, rows: torch.Tensor) -> None:
-        group = context.groups.get(("document", id(self.bank)))
+        key = ("document", self.bank.layer)
+        group = context.groups.get(key)
         if group is None:
-            group = _BankGroup(self.bank)
-            context.groups[("document", id(self.bank))] = group
+            group = _LayerGroup()
+            context.groups[key] = group
             context.add(self.bank.layer, Site.RESIDUAL, group, group.op)
         group.join(self, rows)
 
 
 @dataclass(eq=False)
-class _BankGroup:
-    """Every row of one forward that uses one bank: one op, whatever their keys."""
+class _LayerGroup:
+    """Every row of one forward that uses a bank at one layer: one op per bank, whatever the
+    rows' keys. Every bank reads the same input and their updates add up, so a request using
+    several banks gets the same result whatever order they come in, alone or in any batch."""
 
-    bank: LoadedDocumentBank
     members: list[BoundDocument] = field(default_factory=list)
     _rows: list[torch.Tensor] = field(default_factory=list)
 
     @property
     def name(self) -> str:
-        return self.bank.name
+        return ", ".join(sorted({m.bank.name for m in self.members}))
 
     def join(self, memory: BoundDocument, rows: torch.Tensor) -> None:
         self.members.append(memory)
         self._rows.append(rows)
 
     def op(self, hidden: torch.Tensor) -> torch.Tensor:
-        rows = torch.cat(self._rows)
-        pairs = list(zip(self.members, self._rows, strict=True))
-        selection = torch.cat([m.selection.expand(len(r), -1) for m, r in pairs])
-        scales = torch.tensor([m.scale for m, r in pairs for _ in range(len(r))], device=hidden.device)
-        update = self.bank.bank(hidden[rows], selection) * scales.to(hidden.dtype)[:, None, None]
-        observer = LoadedDocumentBank.observer
-        if observer is not None:
-            observer(_stats(self.bank, selection, hidden.shape[1]))
-        return hidden.index_add(0, rows, update)
+        banks: dict[int, list[tuple[BoundDocument, torch.Tensor]]] = {}
+        for member, rows in zip(self.members, self._rows, strict=True):
+            banks.setdefault(id(member.bank), []).append((member, rows))
+        out = hidden
+        for pairs in banks.values():
+            bank = pairs[0][0].bank
+            rows = torch.cat([r for _, r in pairs])
+            selection = torch.cat([m.selection.expand(len(r), -1) for m, r in pairs])
+            scales = torch.tensor([m.scale for m, r in pairs for _ in range(len(r))], device=hidden.device)
+            update = bank.bank(hidden[rows], selection) * scales.to(hidden.dtype)[:, None, None]
+            observer = LoadedDocumentBank.observer
+            if observer is not None:
+                observer(_stats(bank, selection, hidden.shape[1]))
+            out = out.index_add(0, rows, update)
+        return out
 
 
 def _stats(bank: LoadedDocumentBank, selection: torch.Tensor, tokens: int) -> SelectionStats:

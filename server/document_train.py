@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers.activations import ACT2FN
 
 from memserve.document import (
     KEY_ACTIVATIONS,
@@ -100,9 +101,9 @@ class DocumentConfig:
         if self.loss not in LOSSES:
             raise InvalidArgument(f"config.loss must be one of {list(LOSSES)}")
         bounds = {
-            "memory_dim": (1, 4096), "key_dim": (1, 1024), "key_depth": (1, 4), "epochs": (1, 100_000),
-            "batch_size": (1, 1024), "window_words": (1, 100_000), "window_stride": (1, 100_000),
-            "max_windows": (1, 100_000), "max_length": (2, 32_768), "holdout_windows": (0, 1000),
+            "memory_dim": (1, 4096), "key_dim": (1, 1024), "key_depth": (1, 4), "epochs": (1, 10_000),
+            "batch_size": (1, 256), "window_words": (1, 4096), "window_stride": (1, 4096),
+            "max_windows": (1, 1000), "max_length": (2, 4096), "holdout_windows": (0, 100),
         }  # fmt: skip
         for name, (low, high) in bounds.items():
             if not low <= getattr(self, name) <= high:
@@ -111,6 +112,8 @@ class DocumentConfig:
             value = getattr(self, name)
             if not math.isfinite(value) or value < 0:
                 raise InvalidArgument(f"config.{name} must be finite and >= 0, got {value}")
+        if self.token_activation and self.token_activation not in ACT2FN:
+            raise InvalidArgument(f"config.token_activation {self.token_activation!r} is unknown")
 
 
 @dataclass(frozen=True)
@@ -133,13 +136,22 @@ def windows(text: str, size: int, stride: int, limit: int) -> list[str]:
 
 
 def split_windows(text: str, config: DocumentConfig) -> tuple[list[str], list[str]]:
-    """(training windows, held-out windows) of one document."""
-    every = windows(
-        text, config.window_words, config.window_stride, config.max_windows + config.holdout_windows
+    """(training windows, held-out windows) of one document.
+
+    The held-out part is the document's last `holdout_windows × window_words` words, cut
+    before windowing, so that no held-out word is ever in a training window; it is kept
+    only if at least as many words remain for training.
+    """
+    words = text.split()
+    held_words = config.holdout_windows * config.window_words
+    if not held_words or len(words) < 2 * held_words:
+        return windows(text, config.window_words, config.window_stride, config.max_windows), []
+    train = " ".join(words[:-held_words])
+    held = " ".join(words[-held_words:])
+    return (
+        windows(train, config.window_words, config.window_stride, config.max_windows),
+        windows(held, config.window_words, config.window_words, config.holdout_windows),
     )
-    if config.holdout_windows and len(every) > config.holdout_windows:
-        return every[: -config.holdout_windows], every[-config.holdout_windows :]
-    return every, []
 
 
 # --- running a slice of the frozen model -----------------------------------------------
@@ -269,11 +281,15 @@ class DocumentKind(MemoryKind):
                     f"document {doc_id!r}: its DocRep must be {config.key_dim} finite values"
                 )
             checked.append({"id": doc_id, "title": str(doc.get("title", "")), "text": text, "docrep": values})
-        return {"documents": checked, "config": asdict(config)}
+        # Only the options given: the others come from the bank's current version, if it has one
+        # (so adding a document keeps the bank's settings), else from the defaults.
+        given = {k: getattr(config, k) for k in (spec.get("config") or {})}
+        return {"documents": checked, "config": given}
 
     def train(self, spec: dict[str, Any], context: TrainContext) -> Trained:
         spec = self.validate_spec(spec)
-        config = DocumentConfig.from_spec(spec["config"])
+        current = context.current_artifact()
+        config = _settings(current, spec["config"])
         loaded = context.model
         model, tokenizer = loaded.model, loaded.tokenizer
         arch = ARCHITECTURES.get(model.config.model_type)
@@ -282,7 +298,11 @@ class DocumentKind(MemoryKind):
                 "document memories train on Llama-family and GPT-NeoX models; "
                 f"this is {model.config.model_type}"
             )
-        documents = _merge(_previous_documents(context.current_artifact()), spec["documents"])
+        if any(t != "full_attention" for t in getattr(model.config, "layer_types", None) or ()):
+            raise FailedPrecondition(
+                "document memories do not train on models with sliding-window layers yet"
+            )
+        documents = _merge(_previous_documents(current), spec["documents"])
         num_layers = model.config.num_hidden_layers
         layer = config.layer if config.layer >= 0 else num_layers + config.layer
         if not 0 <= layer < num_layers:
@@ -311,6 +331,20 @@ class DocumentKind(MemoryKind):
 
     def load(self, artifact: Artifact, target: LoadTarget) -> LoadedDocumentBank:
         return LoadedDocumentBank(artifact, target)
+
+
+def _settings(current: Artifact | None, given: dict[str, Any]) -> DocumentConfig:
+    """The new version's training options: the given ones over the current version's."""
+    if current is None:
+        return DocumentConfig.from_spec(given)
+    known = DocumentConfig.__dataclass_fields__
+    previous = {k: v for k, v in current.meta.hyperparameters.items() if k in known}
+    if "key_dim" in given and int(given["key_dim"]) != int(previous.get("key_dim", given["key_dim"])):
+        raise FailedPrecondition(
+            f"bank {current.meta.name!r} has DocReps of {previous['key_dim']} values; a new version cannot "
+            "change key_dim (clients hold those DocReps): register a new bank"
+        )
+    return DocumentConfig.from_spec({**previous, **given})
 
 
 def _model_activation(model: PreTrainedModel) -> str:
@@ -376,7 +410,9 @@ class GuidanceTrainer:
             self.train_windows.append(len(train))
             self.holdout_windows.append(len(held))
         self.windows = tokenize_windows(tokenizer, texts, owners, config.max_length)
-        self.docreps = docreps.to(self.device, self.dtype)
+        # The bank trains in fp32 whatever the model's dtype: AdamW's small steps would round
+        # away in bf16. (On an fp32 model this changes nothing.)
+        self.docreps = docreps.to(self.device, torch.float32)
         shape = BankShape(
             hidden_size=model.config.hidden_size,
             memory_dim=config.memory_dim,
@@ -387,7 +423,7 @@ class GuidanceTrainer:
             token_activation=config.token_activation or _model_activation(model),
         )
         torch.manual_seed(config.seed)
-        self.bank = DocumentBank(shape).to(self.device, self.dtype)
+        self.bank = DocumentBank(shape).to(self.device, torch.float32)
         self._random = random.Random(config.seed)
 
     def _residuals(self) -> torch.Tensor:
@@ -425,8 +461,8 @@ class GuidanceTrainer:
         """(loss, CE⁺, CE⁻): the positive and the negative pass as one batched forward."""
         rows = hidden.shape[0]
         keys = torch.cat([self.docreps[owners], self.negatives(owners)])
-        doubled = torch.cat([hidden, hidden])
-        doubled = doubled + self.bank(doubled, self.bank.selection(keys))
+        doubled = torch.cat([hidden, hidden]).float()
+        doubled = (doubled + self.bank(doubled, self.bank.selection(keys))).to(self.dtype)
         double_mask = torch.cat([mask, mask])
         logits = logits_after(self.model, self.layer, doubled, double_mask)
         per_row = token_losses(logits, torch.cat([labels, labels]))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -14,10 +15,11 @@ from memserve.document_train import (
     logits_after,
     residual_at,
     split_windows,
+    token_losses,
     windows,
 )
 from memserve.engine import GenerationRequest, StoppingParams
-from memserve.errors import InvalidArgument, NotFound
+from memserve.errors import FailedPrecondition, InvalidArgument, NotFound
 from memserve.kinds import LoadTarget, MemoryKey, MemoryRefSpec, TrainContext
 from memserve.memory_store.artifact import Artifact, MemoryMeta, decode, encode
 from memserve.models import LoadedModel
@@ -108,9 +110,11 @@ def test_windows_keep_the_tail_and_respect_the_limit():
     assert all(len(w.split()) == 128 for w in got) and got[-1].split()[-1] == "299"
     assert len(windows(text, 128, 64, 2)) == 2
     assert windows("a few words", 128, 64, 10) == ["a few words"]
-    config = DocumentConfig(window_words=128, window_stride=64, max_windows=2, holdout_windows=1)
+    config = DocumentConfig(window_words=128, window_stride=64, max_windows=10, holdout_windows=1)
     train, held = split_windows(text, config)
-    assert len(train) == 2 and len(held) == 1
+    assert held == [" ".join(str(i) for i in range(172, 300))]
+    assert train[-1].split()[-1] == "171" and len(train) == 2  # no held-out word is trained on
+    assert split_windows(" ".join(["w"] * 200), config)[1] == []  # too short to spare a window
 
 
 def test_spread_docreps_are_apart_and_inside_the_box():
@@ -289,3 +293,70 @@ def test_each_forward_reports_selection_numbers_per_bank(trained, tiny, make_eng
     assert seen and all(s.bank == "bank" for s in seen)
     assert max(s.rows for s in seen) == 2  # both requests' rows in one op
     assert all(0 <= s.selected_entries <= loaded.bank.shape.memory_dim and s.selection_mass > 0 for s in seen)
+
+
+def test_token_losses_ignore_padding():
+    logits = torch.randn(2, 5, 7)
+    labels = torch.tensor([[1, 2, 3, -100, -100], [1, 2, 3, 4, 5]])
+    short = token_losses(logits[:1, :3], labels[:1, :3])
+    torch.testing.assert_close(token_losses(logits, labels)[0], short[0])
+
+
+@pytest.mark.parametrize("loss", ["abs", "capped_sq"])
+@pytest.mark.parametrize("negatives", ["other", "random", "zero", "perturb"])
+def test_every_loss_and_negative_trains(tiny, loss, negatives):
+    result = DocumentKind().train(spec(TEXTS, epochs=2, loss=loss, negatives=negatives), FakeContext(tiny))
+    assert math.isfinite(result.metrics["final_ce_positive"]) and result.hyperparameters["loss"] == loss
+
+
+def test_guidance_loss_formulas(tiny):
+    from memserve.document_train import GuidanceTrainer, SourceDocument, _docreps
+
+    documents = [SourceDocument(k, k, v) for k, v in TEXTS.items()]
+    for loss, expected in [
+        ("abs", lambda p, n: p + 0.5 * abs(4.0 - n)),
+        ("capped_sq", lambda p, n: p + 0.5 * min((n - 4.0) ** 2, p)),
+    ]:
+        config = DocumentConfig(loss=loss, tau=4.0, alpha=0.5, window_words=16, window_stride=8)
+        trainer = GuidanceTrainer(
+            tiny.model, tiny.tokenizer, 1, config, _docreps(documents, config), documents
+        )
+        hidden = residual_at(tiny.model, 1, trainer.windows.input_ids, trainer.windows.attention_mask)
+        total, positive, negative = trainer.step_loss(
+            hidden, trainer.windows.attention_mask, trainer.windows.labels, trainer.windows.documents
+        )
+        total, positive, negative = total.detach(), positive.detach(), negative.detach()
+        assert float(total) == pytest.approx(expected(float(positive), float(negative)), rel=1e-5)
+
+
+def test_adding_documents_keeps_the_banks_settings(tiny):
+    first = as_artifact(DocumentKind().train(spec({"fox": TEXTS["fox"]}, epochs=1, memory_dim=8, key_dim=3),
+                                             FakeContext(tiny)))  # fmt: skip
+    added = DocumentKind().train(
+        {"documents": [{"id": "sea", "text": TEXTS["sea"]}]}, FakeContext(tiny, first)
+    )
+    assert added.hyperparameters["memory_dim"] == 8 and added.hyperparameters["key_dim"] == 3
+    assert len(added.details["documents"][1]["docrep"]) == 3
+    with pytest.raises(FailedPrecondition, match="cannot change key_dim"):
+        DocumentKind().train({"documents": [{"id": "x", "text": "words"}], "config": {"key_dim": 2}},
+                             FakeContext(tiny, first))  # fmt: skip
+
+
+def test_a_request_using_two_banks_gets_the_same_output_in_any_batch(trained, tiny, make_engine):
+    first = LoadedDocumentBank(as_artifact(trained[0]), target(tiny.model))
+    other = DocumentKind().train(spec(TEXTS, epochs=5, seed=1), FakeContext(tiny))
+    second = LoadedDocumentBank(as_artifact(other), target(tiny.model))
+    second.name = "second"
+    engine = make_engine(tiny.model, tiny.tokenizer, max_batch_size=8)
+    prompt = tuple(tiny.tokenizer("Once upon").input_ids)
+
+    def request(*pairs: tuple[LoadedDocumentBank, str]) -> GenerationRequest:
+        memories = tuple(b.bind(MemoryRefSpec(b.name, "document", key=MemoryKey(d))) for b, d in pairs)
+        return GenerationRequest(prompt_ids=prompt, sampling=SamplingParams(), memories=memories,
+                                 stopping=StoppingParams(max_new_tokens=6, ignore_eos=True))  # fmt: skip
+
+    a = request((first, "fox"), (second, "sea"))
+    b = request((second, "keys"), (first, "sea"))
+    alone = [run_all(engine, [r])[0].token_ids for r in (a, b)]
+    assert [o.token_ids for o in run_all(engine, [a, b])] == alone
+    assert [o.token_ids for o in run_all(engine, [b, a])] == alone[::-1]
