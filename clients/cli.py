@@ -21,16 +21,15 @@ from memserve.clients.client import (
     DEFAULT_SERVER,
     JOB_STATES,
     MAX_VERSION,
-    NAME_PATTERN,
     Client,
     JobInfo,
-    check_name,
     default_server,
     docrep_ref,
     document_ref,
     mix_ref,
     parse_memory_version,
 )
+from memserve.names import NAME_PATTERN, check_name
 from memserve.v1 import memory_ref_pb2
 
 

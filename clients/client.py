@@ -25,7 +25,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import re
 from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -62,7 +61,6 @@ DocumentSpec = Mapping[str, Any] | tuple[str, str]
 """A document to register: {"id", "text", "title"?, "docrep"?: list of floats} or (id, text)."""
 
 # Memory names and document ids alike (the server's rule).
-NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 DOCUMENT_FIELDS = frozenset({"id", "text", "title", "docrep"})
 DOCUMENT_CONFIG_FIELDS = tuple(f.name for f in memory_pb2.DocumentTrainingConfig.DESCRIPTOR.fields)
 """The options of `register_documents(config=...)`, those of DocumentTrainingConfig."""
@@ -90,16 +88,6 @@ def parse_memory_version(text: str) -> tuple[str, int]:
             "integer, or NAME alone for the current version"
         )
     return name, int(version)
-
-
-def check_name(name: str, what: str = "memory name") -> str:
-    """`name` if it is a valid memory name or document id, else ValueError saying the rule."""
-    if not NAME_PATTERN.fullmatch(name):
-        raise ValueError(
-            f"{what} {name!r} is not valid: use 1-128 letters, digits, '.', '_' or '-', "
-            "starting with a letter or digit"
-        )
-    return name
 
 
 @dataclass(frozen=True)

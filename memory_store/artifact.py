@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 import time
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
@@ -22,31 +21,10 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from memserve.errors import DataLoss, InvalidArgument, MemserveError
+from memserve.names import DEFAULT_TENANT
 
 FORMAT_VERSION = 1
 EXPORT_METADATA_KEY = "memserve.meta"
-
-NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
-TENANT_PATTERN = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
-DEFAULT_TENANT = "default"
-
-
-def check_name(name: str, what: str = "memory name") -> str:
-    if not NAME_PATTERN.fullmatch(name):
-        raise InvalidArgument(
-            f"{what} {name!r} is not valid: use 1-128 letters, digits, '.', '_' or '-', "
-            "starting with a letter or digit"
-        )
-    return name
-
-
-def check_tenant(tenant: str) -> str:
-    if not TENANT_PATTERN.fullmatch(tenant):
-        raise InvalidArgument(
-            f"tenant {tenant!r} is not valid: use 1-63 lowercase letters, digits, '_' or '-', "
-            "starting with a letter or digit"
-        )
-    return tenant
 
 
 @dataclass(frozen=True)

@@ -33,8 +33,8 @@ from typing import Any, TypeVar
 from redis.exceptions import RedisError, ResponseError
 
 from memserve.errors import InvalidArgument, NotFound
-from memserve.memory_store.artifact import DEFAULT_TENANT
 from memserve.memory_store.redis_store import RedisClient, store_error
+from memserve.names import DEFAULT_TENANT
 
 JOBS_CHANNEL = "memserve:jobs"
 T = TypeVar("T")

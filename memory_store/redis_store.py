@@ -45,14 +45,12 @@ from memserve.errors import (
     Unavailable,
 )
 from memserve.memory_store.artifact import (
-    DEFAULT_TENANT,
     Artifact,
     MemoryMeta,
-    check_name,
-    check_tenant,
     decode,
     encode,
 )
+from memserve.names import DEFAULT_TENANT, check_name, check_tenant
 
 log = logging.getLogger(__name__)
 

@@ -27,8 +27,9 @@ from memserve.engine import (
 )
 from memserve.errors import InvalidArgument
 from memserve.kinds import MemoryKey, MemoryRefSpec
-from memserve.memory_store.artifact import MemoryMeta, check_name
+from memserve.memory_store.artifact import MemoryMeta
 from memserve.memory_store.jobs import Job, JobState
+from memserve.names import check_name
 from memserve.sampling import SamplingParams
 from memserve.v1 import generation_pb2 as pb
 from memserve.v1 import jobs_pb2, memory_pb2, memory_ref_pb2

@@ -40,7 +40,8 @@ from memserve.document import (
 from memserve.errors import FailedPrecondition, InvalidArgument
 from memserve.hooks import ARCHITECTURES
 from memserve.kinds import LoadTarget, MemoryKind, TrainContext, Trained, register_kind
-from memserve.memory_store.artifact import Artifact, check_name
+from memserve.memory_store.artifact import Artifact
+from memserve.names import check_name
 
 MAX_DOCUMENTS = 1000
 MAX_TEXT_CHARS = 1_000_000

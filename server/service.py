@@ -27,14 +27,12 @@ from memserve.engine import Engine, Event, FailedEvent, FinishedEvent, Generatio
 from memserve.errors import InvalidArgument, NotFound, ResourceExhausted
 from memserve.kinds import get_kind, registered_kinds
 from memserve.memory_store.artifact import (
-    DEFAULT_TENANT,
-    check_name,
-    check_tenant,
     export_bytes,
     import_bytes,
 )
 from memserve.memory_store.jobs import Job
 from memserve.models import LoadedModel
+from memserve.names import DEFAULT_TENANT, check_name, check_tenant
 from memserve.store_runtime import StoreRuntime
 from memserve.v1 import generation_pb2 as pb
 from memserve.v1 import generation_pb2_grpc, jobs_pb2, jobs_pb2_grpc, memory_pb2, memory_pb2_grpc
