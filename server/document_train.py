@@ -348,6 +348,30 @@ def _settings(current: Artifact | None, given: dict[str, Any]) -> DocumentConfig
     return DocumentConfig.from_spec({**previous, **given})
 
 
+# What one training job may hold, so that a request can never take the server's memory down
+# (the worker may run inside the server): the cached residual stream, and one step's logits
+# (positive and negative rows, fp32, with their copies for the loss and its gradient).
+MAX_RESIDUAL_BYTES = 4 << 30
+MAX_STEP_LOGIT_BYTES = 6 << 30
+
+
+def _check_memory(model: PreTrainedModel, windows: int, tokens: int, batch_size: int) -> None:
+    config = model.config
+    residual = windows * tokens * config.hidden_size * 4
+    if residual > MAX_RESIDUAL_BYTES:
+        raise InvalidArgument(
+            f"{windows} windows of up to {tokens} tokens need {residual / 2**30:.1f} GiB of cached "
+            f"activations (limit {MAX_RESIDUAL_BYTES / 2**30:.0f} GiB): lower max_windows or max_length, "
+            "or register fewer documents"
+        )
+    logits = 2 * min(batch_size, windows) * tokens * config.vocab_size * 4 * 3
+    if logits > MAX_STEP_LOGIT_BYTES:
+        raise InvalidArgument(
+            f"a step of {batch_size} windows of {tokens} tokens needs {logits / 2**30:.1f} GiB of logits "
+            f"(limit {MAX_STEP_LOGIT_BYTES / 2**30:.0f} GiB): lower batch_size or max_length"
+        )
+
+
 def _model_activation(model: PreTrainedModel) -> str:
     config = model.config
     return str(getattr(config, "hidden_act", None) or getattr(config, "activation_function", "gelu"))
@@ -410,7 +434,10 @@ class GuidanceTrainer:
             held_owners += [index] * len(held)
             self.train_windows.append(len(train))
             self.holdout_windows.append(len(held))
+        if not texts:
+            raise InvalidArgument("the documents give no training windows")
         self.windows = tokenize_windows(tokenizer, texts, owners, config.max_length)
+        _check_memory(model, len(self.windows), self.windows.input_ids.shape[1], config.batch_size)
         # The bank trains in fp32 whatever the model's dtype: AdamW's small steps would round
         # away in bf16. (On an fp32 model this changes nothing.)
         self.docreps = docreps.to(self.device, torch.float32)

@@ -360,3 +360,14 @@ def test_a_request_using_two_banks_gets_the_same_output_in_any_batch(trained, ti
     alone = [run_all(engine, [r])[0].token_ids for r in (a, b)]
     assert [o.token_ids for o in run_all(engine, [a, b])] == alone
     assert [o.token_ids for o in run_all(engine, [b, a])] == alone[::-1]
+
+
+def test_a_job_too_big_for_memory_is_refused_before_it_starts(tiny, monkeypatch):
+    import memserve.document_train as training
+
+    monkeypatch.setattr(training, "MAX_STEP_LOGIT_BYTES", 10_000)
+    with pytest.raises(InvalidArgument, match="lower batch_size or max_length"):
+        DocumentKind().train(spec(TEXTS, epochs=1), FakeContext(tiny))
+    monkeypatch.setattr(training, "MAX_RESIDUAL_BYTES", 10_000)
+    with pytest.raises(InvalidArgument, match="cached activations"):
+        DocumentKind().train(spec(TEXTS, epochs=1), FakeContext(tiny))
