@@ -221,6 +221,19 @@ def redis_url(request: pytest.FixtureRequest) -> str:
     return f"redis+cluster://127.0.0.1:{servers[0].port}"
 
 
+@pytest.fixture(scope="module")
+def store_server(tiny_llama_dir: Path, redis_standalone: RedisServer) -> Iterator:
+    """One server with a store on the session Redis (emptied first), for a whole module: starting
+    one per test would dominate the run, so the module's tests use their own memory names."""
+    from tests.test_server import ServerThread, tiny_server_config
+    from tests.test_server_store import store_config
+
+    flush([redis_standalone])
+    server = ServerThread(tiny_server_config(tiny_llama_dir, store=store_config(str(redis_standalone.url))))
+    yield server
+    server.close()
+
+
 @pytest.fixture
 def standalone_url(redis_standalone: RedisServer) -> str:
     """An empty single Redis server (for tests that need only one topology)."""

@@ -7,8 +7,6 @@ import asyncio
 import io
 import json
 import sys
-from collections.abc import Iterator
-from pathlib import Path
 
 import grpc
 import pytest
@@ -23,11 +21,8 @@ from memserve.clients.client import (
     document_ref,
     mix_ref,
 )
-from memserve.memory_store.redis_server import RedisServer
 from memserve.v1 import memory_ref_pb2
-from tests.conftest import flush
-from tests.test_server import ServerThread, tiny_server_config
-from tests.test_server_store import store_config
+from tests.test_server import ServerThread
 
 PROMPT = "The"
 FOX = "The quick brown fox jumps over the lazy dog. " * 5
@@ -40,11 +35,8 @@ TRAINED = {**FAST, "epochs": 30, "learning_rate": 1e-2}
 
 
 @pytest.fixture(scope="module")
-def peer(tiny_llama_dir: Path, redis_standalone: RedisServer) -> Iterator[ServerThread]:
-    flush([redis_standalone])
-    server = ServerThread(tiny_server_config(tiny_llama_dir, store=store_config(str(redis_standalone.url))))
-    yield server
-    server.close()
+def peer(store_server: ServerThread) -> ServerThread:
+    return store_server
 
 
 @pytest.fixture(scope="module")

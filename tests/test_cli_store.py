@@ -6,8 +6,6 @@ import asyncio
 import io
 import json
 import sys
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
@@ -20,10 +18,9 @@ from memserve.clients.client import (
     _byte_chunks,
     parse_memory_version,
 )
-from memserve.memory_store.redis_server import RedisServer
-from tests.conftest import flush, wait_until
-from tests.test_server import ServerThread, tiny_server_config
-from tests.test_server_store import publish_bias, store_config
+from tests.conftest import wait_until
+from tests.test_server import ServerThread
+from tests.test_server_store import publish_bias
 
 PROMPT = "Once upon a time"
 QUICK_JOB = {"steps": 5, "step_seconds": 0.05, "layer": 1}
@@ -31,12 +28,8 @@ LONG_JOB = {"steps": 200, "step_seconds": 0.05, "layer": 1}
 
 
 @pytest.fixture(scope="module")
-def peer(tiny_llama_dir: Path, redis_standalone: RedisServer) -> Iterator[ServerThread]:
-    """One server for the module (starting one per test would dominate the run); tests use their own names."""
-    flush([redis_standalone])
-    server = ServerThread(tiny_server_config(tiny_llama_dir, store=store_config(str(redis_standalone.url))))
-    yield server
-    server.close()
+def peer(store_server: ServerThread) -> ServerThread:
+    return store_server
 
 
 @pytest.fixture
