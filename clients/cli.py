@@ -22,10 +22,13 @@ from memserve.clients.client import (
     JOB_STATES,
     MAX_VERSION,
     Client,
+    Completion,
     JobInfo,
+    TokenInfo,
     default_server,
     docrep_ref,
     document_ref,
+    local_ref,
     mix_ref,
     parse_memory_version,
 )
@@ -99,22 +102,26 @@ def _generate(args: argparse.Namespace) -> int:
         "seed": args.seed,
         "stop": args.stop,
         "chat": args.chat,
-        "memories": args.memories,  # --memory, --doc, --docrep and --mix, in the order given
+        "memories": args.memories,  # --memory, --doc, --docrep, --mix and --facts, in the order given
+        "memory_trace": args.trace,
     }
+    tokens: list[TokenInfo] = []
     with _client(args) as client:
         if args.stream:
             seed = None
             used: list[tuple[str, str, int]] = []
             for chunk in client.generate_stream(prompt, **options):
                 print(chunk.text, end="", flush=True)
+                tokens += chunk.tokens
                 if seed is None:  # the first chunk carries the seed and the memories used
                     seed, used = chunk.seed, chunk.memories
                 finish = chunk
             print()
             summary = (finish.finish_reason, finish.prompt_tokens, finish.generated_tokens, seed)
         else:
-            completion = client.generate(prompt, **options)
+            completion: Completion = client.generate(prompt, **options)
             print(completion.text)
+            tokens = completion.tokens
             used = completion.memories
             summary = (
                 completion.finish_reason,
@@ -122,6 +129,8 @@ def _generate(args: argparse.Namespace) -> int:
                 completion.generated_tokens,
                 completion.seed,
             )
+    if args.trace:
+        _print_trace(tokens)
     if args.verbose:
         for name, kind, version in used:
             print(f"[memory {name} {kind} v{version}]", file=sys.stderr)
@@ -130,6 +139,14 @@ def _generate(args: argparse.Namespace) -> int:
             f"[{reason}; {prompt_tokens} prompt + {generated} generated tokens; seed {seed}]", file=sys.stderr
         )
     return 0
+
+
+def _print_trace(tokens: Sequence[TokenInfo]) -> None:
+    """Which memory acted on the position that produced each token, and how strongly (stderr)."""
+    print("[trace: token, then each memory that acted on it: name, layer, entry, value]", file=sys.stderr)
+    for index, token in enumerate(tokens):
+        acted = "; ".join(f"{t.memory} L{t.layer} {t.entry} {t.value:.3f}" for t in token.trace) or "-"
+        print(f"{index:>4} {token.text!r:<16} {acted}", file=sys.stderr)
 
 
 def _info(args: argparse.Namespace) -> int:
@@ -615,6 +632,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--mix news/storm=0.7,news/flood=0.3; pin a version with BANK@VERSION "
         "(news@2/storm=0.7,news/flood=0.3) (repeatable)",
     )
+    generate.add_argument(
+        "--facts",
+        dest="memories",
+        action="append",
+        type=_facts_argument,
+        metavar="SET[@VERSION]",
+        help="a local memory set (facts registered with `memserve facts add`) (repeatable)",
+    )
+    generate.add_argument(
+        "--trace",
+        action="store_true",
+        help="print, per generated token, which memory entries acted on it and how strongly (stderr)",
+    )
     generate.add_argument("--max-new-tokens", type=int, default=None, help="default: the server's (128)")
     generate.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     generate.add_argument("--top-k", type=_non_negative, default=0, help="0 = no limit")
@@ -639,6 +669,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     _memories_parser(commands)
     _docs_parser(commands)
+    _facts_parser(commands)
     _jobs_parser(commands)
     _eval_parser(commands)
     return parser
@@ -646,34 +677,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _eval_docs(args: argparse.Namespace) -> int:
     # Imported here: evaluating loads the model in this process.
+    from tqdm import tqdm
+
     from memserve.document_eval import evaluate_bank
-    from memserve.memory_store.artifact import import_bytes
-    from memserve.memory_store.redis_server import RedisServer, default_data_dir
-    from memserve.memory_store.redis_store import RedisStore
-    from memserve.models import ModelConfig, load_model
 
     name, version = args.bank
-    if args.file:
-        artifact = import_bytes(args.file.read_bytes())
-    else:
-        embedded = None
-        url = args.redis_url
-        if not url:  # the embedded store: free only while no server holds it
-            embedded = RedisServer((args.data_dir or default_data_dir()) / "redis", lock=True).start()
-            url = embedded.url
-        try:
-            artifact = RedisStore.from_url(url).load(name, version, tenant=args.tenant or "default")
-        finally:
-            if embedded is not None:
-                embedded.stop()
+    artifact = _load_artifact(args, name, version)
     if artifact.meta.kind != "document":
         raise ValueError(f"{name!r} is a {artifact.meta.kind} memory, not a document bank")
-    loaded = load_model(
-        ModelConfig(model=args.model, dtype=args.dtype, device=args.device, cache_dir=args.cache_dir)
-    )
-    if loaded.fingerprint != artifact.meta.base_model:
-        raise ValueError(f"{name!r} was trained for another base model; pass --model with that model")
-    from tqdm import tqdm
+    loaded = _eval_model(args, artifact)
 
     with tqdm(total=len(artifact.meta.details["documents"]), desc="documents", unit="doc") as bar:
 
@@ -687,6 +699,63 @@ def _eval_docs(args: argparse.Namespace) -> int:
         f"wrote {args.out / 'report.md'}, metrics.json and plots; "
         f"worst own/other perplexity ratio {worst:.3f}"
     )
+    return 0
+
+
+def _load_artifact(args: argparse.Namespace, name: str, version: int) -> Any:
+    """A memory from an export file (--file), a Redis (--redis-url) or the embedded store."""
+    from memserve.memory_store.artifact import import_bytes
+    from memserve.memory_store.redis_server import RedisServer, default_data_dir
+    from memserve.memory_store.redis_store import RedisStore
+
+    if args.file:
+        return import_bytes(args.file.read_bytes())
+    embedded = None
+    url = args.redis_url
+    if not url:  # the embedded store: free only while no server holds it
+        embedded = RedisServer((args.data_dir or default_data_dir()) / "redis", lock=True).start()
+        url = embedded.url
+    try:
+        return RedisStore.from_url(url).load(name, version, tenant=args.tenant or "default")
+    finally:
+        if embedded is not None:
+            embedded.stop()
+
+
+def _eval_model(args: argparse.Namespace, artifact: Any) -> Any:
+    from memserve.models import ModelConfig, load_model
+
+    loaded = load_model(
+        ModelConfig(model=args.model, dtype=args.dtype, device=args.device, cache_dir=args.cache_dir)
+    )
+    if loaded.fingerprint != artifact.meta.base_model:
+        raise ValueError(
+            f"{artifact.meta.name!r} was trained for another base model; pass --model with that model"
+        )
+    return loaded
+
+
+def _eval_facts(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from memserve.local_eval import evaluate_set  # loads torch: only here
+
+    name, version = args.set
+    artifact = _load_artifact(args, name, version)
+    if artifact.meta.kind != "local":
+        raise ValueError(f"{name!r} is a {artifact.meta.kind} memory, not a local memory set")
+    loaded = _eval_model(args, artifact)
+    with tqdm(total=4, desc="evaluating", unit="pass") as bar:
+
+        def progress(done: int, total: int, what: str) -> None:
+            bar.set_postfix_str(what)
+            bar.update(done - bar.n)
+
+        metrics = evaluate_set(loaded, artifact, args.out, progress=progress)
+    shown = ("edit_success", "generalization", "locality", "locality_first_token")
+    print(f"wrote {args.out / 'report.md'} and metrics.json; " + ", ".join(
+        f"{key} {metrics[key]:.3f}" if metrics[key] is not None else f"{key} n/a" for key in shown
+    ))  # fmt: skip
     return 0
 
 
@@ -710,6 +779,23 @@ def _eval_parser(commands: Any) -> None:
     _tenant_option(docs)
     _model_options(docs)
     docs.set_defaults(run=_eval_docs)
+
+    facts = kinds.add_parser(
+        "facts",
+        help="edit success, generalisation and locality of a local memory set, on its held-out prompts",
+        description="Evaluates a local memory set in this process, through the serving engine (loads the "
+        "model; reads the set from Redis, the embedded store, or an export file).",
+    )
+    facts.add_argument(
+        "set", metavar="SET[@VERSION]", type=_memory_argument, help="the set (ignored with --file)"
+    )
+    facts.add_argument("--out", type=Path, required=True, help="folder for report.md and metrics.json")
+    facts.add_argument("--file", type=Path, default=None, help="read the set from an export file instead")
+    _redis_option(facts, "default: the embedded store under --data-dir, when no server holds it")
+    facts.add_argument("--data-dir", type=Path, default=None, help="the embedded store's folder")
+    _tenant_option(facts)
+    _model_options(facts)
+    facts.set_defaults(run=_eval_facts)
 
 
 def _memories_parser(commands: Any) -> None:
@@ -830,6 +916,148 @@ def _docs_parser(commands: Any) -> None:
     ls.set_defaults(run=_docs_ls)
 
 
+FACT_OPTIONS = ("layers", "sites", "alphas", "hardness", "distance", "combination", "seed", "holdout",
+                "generated_prompts", "extra_keys", "candidates")  # fmt: skip
+
+
+def _facts_add(args: argparse.Namespace) -> int:
+    check_name(args.set, "memory set name")
+    facts = _read_facts(args)
+    config = {name: getattr(args, name) for name in FACT_OPTIONS if getattr(args, name) not in (None, [])}
+    with _client(args) as client:
+        job = client.register_facts(args.set, facts, config)
+    count = len(facts)
+    print(f"job {job.id}: {count} fact{'' if count == 1 else 's'} → {job.memory_name}, {job.state}")
+    if not args.wait:
+        return 0
+    args.id = job.id
+    return _jobs_watch(args)
+
+
+def _read_facts(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """The fact of --prompt/--target (with --positive, --negative, --id), and those of --file."""
+    facts: list[dict[str, Any]] = []
+    if args.prompt or args.target:
+        if not (args.prompt and args.target):
+            raise ValueError("give both --prompt and --target (or a --file of facts)")
+        fact: dict[str, Any] = {
+            "prompt": args.prompt,
+            "target": args.target,
+            "positive_prompts": args.positive,
+            "negative_prompts": args.negative,
+        }
+        if args.fact_id:
+            fact["id"] = args.fact_id
+        facts.append(fact)
+    elif args.positive or args.negative or args.fact_id:
+        raise ValueError("--positive, --negative and --id describe the fact of --prompt and --target")
+    if args.file:
+        where = "standard input" if args.file == "-" else args.file
+        for number, line in enumerate(_read_text(args.file).splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                fact = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{where} line {number} is not JSON: {exc.msg}") from None
+            if not isinstance(fact, dict):
+                raise ValueError(f"{where} line {number} is not a JSON object")
+            facts.append(fact)
+    if not facts:
+        raise ValueError("no fact given: pass --prompt and --target, or --file FACTS.jsonl")
+    return facts
+
+
+def _facts_ls(args: argparse.Namespace) -> int:
+    name, version = args.set
+    with _client(args) as client:
+        memory = client.get_memory(name, version)
+    if memory.kind != "local":
+        raise ValueError(f"{name} is a {memory.kind} memory, not a local memory set")
+    facts = memory.details.get("facts", [])
+    if args.json:
+        for fact in facts:
+            print(json.dumps(fact))
+        return 0
+    if not facts:
+        print(f"{name} version {memory.version} has no facts", file=sys.stderr)
+        return 0
+    _print_table(
+        ("ID", "PROMPT", "TARGET", "ENTRIES", "TRAIN +/-", "HELD-OUT +/-"),
+        (
+            (
+                f["id"],
+                f["prompt"] if len(f["prompt"]) <= 48 else f["prompt"][:47] + "…",
+                repr(f["target"]),
+                str(len(f.get("entries", []))),
+                f"{len(f.get('train_positives', []))}/{len(f.get('train_negatives', []))}",
+                f"{len(f.get('heldout_positives', []))}/{len(f.get('heldout_negatives', []))}",
+            )
+            for f in facts
+        ),
+    )
+    return 0
+
+
+def _facts_parser(commands: Any) -> None:
+    facts = commands.add_parser("facts", help="register and list the facts of local memory sets")
+    actions = facts.add_subparsers(dest="facts_command", required=True)
+    add = _store_command(
+        actions,
+        "add",
+        "train a new version of a local memory set with these facts added (an id it has already "
+        "replaces that fact)",
+    )
+    add.add_argument("set", metavar="SET", help="the local memory set (created if new)")
+    add.add_argument("--prompt", default="", help="the prompt the fact completes")
+    add.add_argument("--target", default="", help="what the prompt should continue with, e.g. ' Kathmandu'")
+    add.add_argument(
+        "--positive", action="append", default=[], metavar="PROMPT",
+        help="a prompt that must also continue with the target: a paraphrase (repeatable)",
+    )  # fmt: skip
+    add.add_argument(
+        "--negative", action="append", default=[], metavar="PROMPT",
+        help="a prompt whose continuation must not change: a neighbour (repeatable)",
+    )  # fmt: skip
+    add.add_argument("--id", dest="fact_id", default="", help="the fact's id (default: made from its prompt)")
+    add.add_argument(
+        "--file",
+        default=None,
+        metavar="FACTS.jsonl",
+        help="many facts, one JSON object per line: "
+        "{prompt, target, id?, positive_prompts?, negative_prompts?} ('-' = standard input)",
+    )
+    add.add_argument("--wait", action="store_true", help="then follow the job, as `jobs watch` does")
+    training = add.add_argument_group("training options (default: the server's)")
+    training.add_argument(
+        "--layers", type=int, nargs="+", default=None, help="layers to search (default: all)"
+    )
+    training.add_argument("--sites", nargs="+", choices=["attn_out", "mlp_down"], default=None)
+    training.add_argument("--alphas", type=float, nargs="+", default=None, help="edit step sizes to search")
+    training.add_argument("--hardness", type=float, default=None, help="the trigger's hardness h (default 3)")
+    training.add_argument("--distance", choices=["projection", "mixed"], default=None)
+    training.add_argument("--combination", choices=["top1", "sum"], default=None)
+    training.add_argument(
+        "--holdout", type=float, default=None, help="share of each fact's prompts kept for evaluation (0.5)"
+    )
+    training.add_argument(
+        "--generated-prompts", type=int, default=None, help="paraphrases and neighbours made"
+    )
+    training.add_argument(
+        "--extra-keys", type=int, default=None, help="more keys per token for missed positives"
+    )
+    training.add_argument("--candidates", type=int, default=None, help="cells checked for real per token")
+    training.add_argument("--seed", type=_non_negative, default=None)
+    add.set_defaults(run=_facts_add)
+
+    ls = _store_command(actions, "ls", "list the facts of a local memory set")
+    ls.add_argument(
+        "set", type=_memory_argument, metavar="SET[@VERSION]", help="the set (current version unless pinned)"
+    )
+    ls.add_argument("--json", action="store_true", help="one JSON object per line, with the prompts")
+    ls.set_defaults(run=_facts_ls)
+
+
 def _jobs_parser(commands: Any) -> None:
     jobs = commands.add_parser("jobs", help="follow and control training jobs")
     actions = jobs.add_subparsers(dest="jobs_command", required=True)
@@ -893,6 +1121,12 @@ def _doc_argument(text: str) -> memory_ref_pb2.MemoryRef:
     form = "write BANK/DOC or BANK@VERSION/DOC, like news/storm"
     bank, version, doc_id = _bank_and_document(text, text, form)
     return document_ref(bank, doc_id, version=version)
+
+
+def _facts_argument(text: str) -> memory_ref_pb2.MemoryRef:
+    """SET[@VERSION] for --facts."""
+    name, version = _memory_argument(text)
+    return local_ref(name, version=version)
 
 
 def _docrep_argument(text: str) -> memory_ref_pb2.MemoryRef:

@@ -65,6 +65,12 @@ DOCUMENT_FIELDS = frozenset({"id", "text", "title", "docrep"})
 DOCUMENT_CONFIG_FIELDS = tuple(f.name for f in memory_pb2.DocumentTrainingConfig.DESCRIPTOR.fields)
 """The options of `register_documents(config=...)`, those of DocumentTrainingConfig."""
 
+FactSpec = Mapping[str, Any]
+"""A fact to register: {"prompt", "target", "id"?, "positive_prompts"?, "negative_prompts"?}."""
+FACT_FIELDS = frozenset({"id", "prompt", "target", "positive_prompts", "negative_prompts"})
+LOCAL_CONFIG_FIELDS = tuple(f.name for f in memory_pb2.LocalTrainingConfig.DESCRIPTOR.fields)
+"""The options of `register_facts(config=...)`, those of LocalTrainingConfig."""
+
 
 def default_server() -> str:
     return os.environ.get("MEMSERVE_SERVER", DEFAULT_SERVER)
@@ -91,11 +97,26 @@ def parse_memory_version(text: str) -> tuple[str, int]:
 
 
 @dataclass(frozen=True)
+class TraceInfo:
+    """One memory's effect on the position that produced a token."""
+
+    memory: str
+    kind: str
+    layer: int
+    entry: str
+    """The document (bank) or entry (local memory set) that acted."""
+    value: float
+    """Selection mass (document) or trigger value in [0, 1] (local)."""
+
+
+@dataclass(frozen=True)
 class TokenInfo:
     id: int
     text: str
     logprob: float | None = None
     top_logprobs: list[tuple[int, str, float]] = field(default_factory=list)
+    trace: list[TraceInfo] = field(default_factory=list)
+    """Set when the request asked for `memory_trace`."""
 
 
 @dataclass(frozen=True)
@@ -253,6 +274,15 @@ def mix_ref(
     return ref
 
 
+def local_ref(
+    memory_set: str, *, scale: float | None = None, version: int | None = None
+) -> memory_ref_pb2.MemoryRef:
+    """A reference to a local memory set."""
+    ref = memory_ref_pb2.MemoryRef(local=memory_ref_pb2.LocalMemoryRef(set=memory_set))
+    _ref_options(ref, scale, version)
+    return ref
+
+
 def build_documents_request(
     bank: str, documents: Iterable[DocumentSpec], config: Mapping[str, Any] | None = None
 ) -> memory_pb2.RegisterDocumentsRequest:
@@ -264,20 +294,59 @@ def build_documents_request(
     request = memory_pb2.RegisterDocumentsRequest(bank=bank)
     for index, document in enumerate(documents):
         request.documents.append(_document(document, index))
+    _set_config(request.config, config, "document")
+    return request
+
+
+def _set_config(message: Any, config: Mapping[str, Any] | None, what: str) -> None:
+    """Copies `config` into a training-config message; None values are left to the server."""
     config = dict(config or {})
-    unknown = sorted(set(config) - set(DOCUMENT_CONFIG_FIELDS))
+    known = [f.name for f in message.DESCRIPTOR.fields]
+    unknown = sorted(set(config) - set(known))
     if unknown:
-        raise ValueError(
-            f"unknown document training options: {', '.join(unknown)} "
-            f"(known: {', '.join(DOCUMENT_CONFIG_FIELDS)})"
-        )
+        raise ValueError(f"unknown {what} training options: {', '.join(unknown)} (known: {', '.join(known)})")
     for name, value in config.items():
         if value is None:
             continue
         try:
-            setattr(request.config, name, value)
-        except (TypeError, ValueError) as exc:
+            if isinstance(value, list | tuple):
+                getattr(message, name).extend(value)
+            else:
+                setattr(message, name, value)
+        except (TypeError, ValueError, AttributeError) as exc:
             raise ValueError(f"config option {name}={value!r} is not valid: {exc}") from None
+
+
+def build_facts_request(
+    memory_set: str, facts: Iterable[FactSpec], config: Mapping[str, Any] | None = None
+) -> memory_pb2.RegisterFactsRequest:
+    """A RegisterFactsRequest; ValueError for a malformed fact or an unknown config option."""
+    request = memory_pb2.RegisterFactsRequest(set=memory_set)
+    for index, fact in enumerate(facts):
+        where = f"facts[{index}]"
+        if not isinstance(fact, Mapping):
+            raise ValueError(f"{where} must be a dict with prompt and target")
+        unknown = sorted(set(fact) - FACT_FIELDS)
+        if unknown:
+            raise ValueError(
+                f"{where} has unknown fields: {', '.join(unknown)} (known: {', '.join(sorted(FACT_FIELDS))})"
+            )
+        missing = [key for key in ("prompt", "target") if not fact.get(key)]
+        if missing:
+            raise ValueError(f"{where} has no {' and no '.join(missing)}")
+        for key in ("positive_prompts", "negative_prompts"):
+            if isinstance(fact.get(key), str):
+                raise ValueError(f"{where}.{key} must be a list of prompts, not one string")
+        request.facts.append(
+            memory_pb2.Fact(
+                id=str(fact.get("id") or ""),
+                prompt=str(fact["prompt"]),
+                target=str(fact["target"]),
+                positive_prompts=[str(p) for p in fact.get("positive_prompts") or ()],
+                negative_prompts=[str(p) for p in fact.get("negative_prompts") or ()],
+            )
+        )
+    _set_config(request.config, config, "local")
     return request
 
 
@@ -318,6 +387,7 @@ def build_request(
     ignore_eos: bool = False,
     logprobs: bool = False,
     top_logprobs: int = 0,
+    memory_trace: bool = False,
     request_id: str = "",
     chat: bool = False,
     memories: Sequence[MemorySpec] = (),
@@ -341,6 +411,7 @@ def build_request(
     request.stopping.ignore_eos = ignore_eos
     request.response.logprobs = logprobs
     request.response.top_logprobs = top_logprobs
+    request.response.memory_trace = memory_trace
     request.memories.extend(memory_ref(m) for m in memories)
     return request
 
@@ -358,6 +429,7 @@ def _tokens(tokens: Any) -> list[TokenInfo]:
             text=t.text,
             logprob=t.logprob if t.HasField("logprob") else None,
             top_logprobs=[(a.token_id, a.text, a.logprob) for a in t.top_logprobs],
+            trace=[TraceInfo(r.memory, r.kind, r.layer, r.entry, r.value) for r in t.trace],
         )
         for t in tokens
     ]
@@ -596,6 +668,18 @@ class Client:
         request = build_documents_request(bank, documents, config)
         return _job_info(self._memories.RegisterDocuments(request, **self._options))
 
+    def register_facts(
+        self, memory_set: str, facts: Iterable[FactSpec], config: Mapping[str, Any] | None = None
+    ) -> JobInfo:
+        """Queues the training of local memory set `memory_set` (a new version with these facts
+        added to its current ones; a fact id it has already replaces that fact).
+
+        `facts`: dicts {"prompt", "target", "id"?, "positive_prompts"?, "negative_prompts"?}.
+        `config`: LocalTrainingConfig options (LOCAL_CONFIG_FIELDS). Follow the job with `watch_job`.
+        """
+        request = build_facts_request(memory_set, facts, config)
+        return _job_info(self._memories.RegisterFacts(request, **self._options))
+
     # --- jobs ---
 
     def get_job(self, job_id: str) -> JobInfo:
@@ -732,6 +816,12 @@ class AsyncClient:
     ) -> JobInfo:
         request = build_documents_request(bank, documents, config)
         return _job_info(await self._memories.RegisterDocuments(request, **self._options))
+
+    async def register_facts(
+        self, memory_set: str, facts: Iterable[FactSpec], config: Mapping[str, Any] | None = None
+    ) -> JobInfo:
+        request = build_facts_request(memory_set, facts, config)
+        return _job_info(await self._memories.RegisterFacts(request, **self._options))
 
     # --- jobs ---
 

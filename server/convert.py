@@ -97,6 +97,7 @@ def generation_request_from_pb(
         stopping=stopping_from_pb(request.stopping, limits),
         logprobs=request.response.logprobs,
         top_logprobs=request.response.top_logprobs,
+        trace=request.response.memory_trace,
         deadline=None if time_remaining is None else time.monotonic() + time_remaining,
     )
 
@@ -161,6 +162,10 @@ def token_to_pb(event: TokenEvent) -> pb.Token:
         token.logprob = event.logprob
     for token_id, text, logprob in event.top_logprobs:
         token.top_logprobs.add(token_id=token_id, text=text, logprob=logprob)
+    for record in event.trace:
+        token.trace.add(
+            memory=record.memory, kind=record.kind, layer=record.layer, entry=record.entry, value=record.value
+        )
     return token
 
 

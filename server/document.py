@@ -20,7 +20,7 @@ from torch import nn
 from transformers.activations import ACT2FN
 
 from memserve.errors import InvalidArgument, NotFound
-from memserve.hooks import MemoryContext, Site
+from memserve.hooks import MemoryContext, Site, TraceRecord
 from memserve.kinds import LoadedMemory, LoadTarget, MemoryRefSpec
 from memserve.memory_store.artifact import Artifact
 
@@ -190,7 +190,7 @@ class LoadedDocumentBank(LoadedMemory):
     def bind(self, ref: MemoryRefSpec) -> BoundDocument:
         with torch.no_grad():
             selection = self.bank.selection(self.key_for(ref)[None])[0]
-        return BoundDocument(self.name, self, selection, ref.scale)
+        return BoundDocument(self.name, self, selection, ref.scale, _key_label(ref))
 
 
 @dataclass(eq=False)
@@ -201,12 +201,13 @@ class BoundDocument:
     bank: LoadedDocumentBank
     selection: torch.Tensor  # (m,)
     scale: float
+    label: str = ""  # what the key was, for traces: a document id, "docrep" or the mix
 
     def add_ops(self, context: MemoryContext, rows: torch.Tensor) -> None:
         key = ("document", self.bank.layer)
         group = context.groups.get(key)
         if group is None:
-            group = _LayerGroup()
+            group = _LayerGroup(context)
             context.groups[key] = group
             context.add(self.bank.layer, Site.RESIDUAL, group, group.op)
         group.join(self, rows)
@@ -218,6 +219,7 @@ class _LayerGroup:
     rows' keys. Every bank reads the same input and their updates add up, so a request using
     several banks gets the same result whatever order they come in, alone or in any batch."""
 
+    context: MemoryContext
     members: list[BoundDocument] = field(default_factory=list)
     _rows: list[torch.Tensor] = field(default_factory=list)
 
@@ -233,6 +235,11 @@ class _LayerGroup:
         banks: dict[int, list[tuple[BoundDocument, torch.Tensor]]] = {}
         for member, rows in zip(self.members, self._rows, strict=True):
             banks.setdefault(id(member.bank), []).append((member, rows))
+        for member, rows in zip(self.members, self._rows, strict=True):
+            for _, row in self.context.traced_rows(rows):
+                mass = float(member.selection.abs().float().mean()) * member.scale
+                record = TraceRecord(member.bank.name, "document", member.bank.layer, member.label, mass)
+                self.context.record(row, record)
         out = hidden
         for pairs in banks.values():
             bank = pairs[0][0].bank
@@ -245,6 +252,19 @@ class _LayerGroup:
                 observer(_stats(bank, selection, hidden.shape[1]))
             out = out.index_add(0, rows, update)
         return out
+
+
+def _key_label(ref: MemoryRefSpec) -> str:
+    key = ref.key
+    if key is None or key.document_id:
+        return key.document_id if key else ""
+    if key.docrep:
+        return (
+            "docrep("
+            + ", ".join(f"{v:.3g}" for v in key.docrep[:4])
+            + (", …)" if len(key.docrep) > 4 else ")")
+        )
+    return "mix(" + ", ".join(f"{doc}={w:.3g}" for doc, w in key.mix) + ")"
 
 
 def _stats(bank: LoadedDocumentBank, selection: torch.Tensor, tokens: int) -> SelectionStats:

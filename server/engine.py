@@ -39,7 +39,7 @@ from memserve.errors import (
     Unavailable,
     UnsupportedArchitecture,
 )
-from memserve.hooks import MemoryContext, MemoryHooks
+from memserve.hooks import MemoryContext, MemoryHooks, TraceRecord
 from memserve.kv_cache import new_cache
 from memserve.sampling import Choice, SamplingParams, choose
 
@@ -78,6 +78,8 @@ class GenerationRequest:
     logprobs: bool = False
     top_logprobs: int = 0
     memories: tuple[RowMemory, ...] = ()
+    trace: bool = False
+    """Report, with each token, which memories acted on the position that produced it."""
     deadline: float | None = None
     """time.monotonic() after which the request fails with DEADLINE_EXCEEDED."""
 
@@ -90,6 +92,7 @@ class TokenEvent:
     """Text released by this token (may be empty while held back)."""
     logprob: float | None = None
     top_logprobs: list[tuple[int, str, float]] = field(default_factory=list)
+    trace: tuple[TraceRecord, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -337,12 +340,12 @@ class Engine:
         ids, mask = ids.to(self.device), mask.to(self.device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = new_cache()
-        logits, healthy = self._forward(rows, ids, mask, positions, cache)
+        logits, healthy, trace = self._forward(rows, ids, mask, positions, cache, mask)
         if logits is None:  # the rows that did not fail try again at the next step
             with self._lock:
                 self._waiting.extendleft(reversed(healthy))
             return
-        survivors = self._sample_and_emit(rows, logits)
+        survivors = self._sample_and_emit(rows, logits, trace)
         if survivors:
             keep = torch.tensor([rows.index(r) for r in survivors], device=self.device)
             last = torch.tensor([r.generated[-1] for r in survivors], device=self.device)
@@ -352,8 +355,8 @@ class Engine:
         batch = self._batch
         mask = torch.cat([batch.mask, batch.mask.new_ones((len(batch.rows), 1))], dim=1)
         kv_length = batch.kv_length
-        logits, healthy = self._forward(
-            batch.rows, batch.last_tokens[:, None], mask, batch.positions[:, None], batch.cache
+        logits, healthy, trace = self._forward(
+            batch.rows, batch.last_tokens[:, None], mask, batch.positions[:, None], batch.cache, None
         )
         if logits is None:  # undo what the failed forward appended; the others retry next step
             batch.crop(kv_length)
@@ -361,7 +364,7 @@ class Engine:
             return
         batch.mask = mask
         batch.positions = batch.positions + 1
-        survivors = self._sample_and_emit(batch.rows, logits)
+        survivors = self._sample_and_emit(batch.rows, logits, trace)
         batch.keep(survivors)
         if survivors:
             batch.last_tokens = torch.tensor([r.generated[-1] for r in survivors], device=self.device)
@@ -373,14 +376,16 @@ class Engine:
         mask: torch.Tensor,
         positions: torch.Tensor,
         cache: DynamicCache,
-    ) -> tuple[torch.Tensor | None, list[_Row]]:
-        """One forward over `rows`: (last-position logits (B, V) in fp32, rows) on success.
+        new_positions: torch.Tensor | None,
+    ) -> tuple[torch.Tensor | None, list[_Row], dict[int, list[TraceRecord]]]:
+        """One forward over `rows`: (last-position logits (B, V) in fp32, rows, trace) on success.
 
-        On failure, fails the requests to blame and returns (None, the others):
-        the requests using a memory that raised, or all of them for any other error.
+        `new_positions` (B, T) marks the real input positions (None: all are real). On
+        failure, fails the requests to blame and returns (None, the others, {}): the
+        requests using a memory that raised, or all of them for any other error.
         """
         try:
-            context = self._memory_context(rows)
+            context = self._memory_context(rows, new_positions)
             with self.hooks.using(context) if self.hooks else contextlib.nullcontext():
                 out = self.model(
                     input_ids=ids,
@@ -390,7 +395,7 @@ class Engine:
                     use_cache=True,
                     logits_to_keep=1,
                 )
-            return out.logits[:, -1, :].float(), rows
+            return out.logits[:, -1, :].float(), rows, context.trace if context else {}
         except MemoryHookError as exc:
             error: MemserveError = exc
             # Identity, not name: two memories may share a name. If none matches, all fail.
@@ -402,9 +407,9 @@ class Engine:
             failed = rows
         for row in failed:
             row.sink(FailedEvent(error))
-        return None, [r for r in rows if r not in failed]
+        return None, [r for r in rows if r not in failed], {}
 
-    def _memory_context(self, rows: list[_Row]) -> MemoryContext | None:
+    def _memory_context(self, rows: list[_Row], new_positions: torch.Tensor | None) -> MemoryContext | None:
         """Groups the batch rows by the memories they use; None when no row uses one."""
         groups: dict[int, tuple[RowMemory, list[int]]] = {}
         for index, row in enumerate(rows):
@@ -412,7 +417,8 @@ class Engine:
                 groups.setdefault(id(memory), (memory, []))[1].append(index)
         if not groups:
             return None
-        context = MemoryContext()
+        traced = frozenset(i for i, row in enumerate(rows) if row.request.trace)
+        context = MemoryContext(mask=new_positions, traced=traced)
         for memory, indices in groups.values():
             try:
                 memory.add_ops(context, torch.tensor(indices, device=self.device))
@@ -420,7 +426,9 @@ class Engine:
                 raise MemoryHookError(memory, "while preparing its ops", exc) from exc
         return context
 
-    def _sample_and_emit(self, rows: list[_Row], logits: torch.Tensor) -> list[_Row]:
+    def _sample_and_emit(
+        self, rows: list[_Row], logits: torch.Tensor, trace: dict[int, list[TraceRecord]]
+    ) -> list[_Row]:
         """Samples one token per row, streams it, and returns the rows that go on.
 
         A row whose sampling fails fails alone; its neighbours go on.
@@ -440,11 +448,11 @@ class Engine:
                 log.exception("sampling failed for one request")
                 row.sink(FailedEvent(MemserveError(f"sampling the next token failed: {exc!r}")))
                 continue
-            if self._emit(row, choice):
+            if self._emit(row, choice, tuple(trace.get(i, ()))):
                 survivors.append(row)
         return survivors
 
-    def _emit(self, row: _Row, choice: Choice) -> bool:
+    def _emit(self, row: _Row, choice: Choice, trace: tuple[TraceRecord, ...]) -> bool:
         """Streams one chosen token; returns whether the request goes on."""
         token = choice.token
         if row.seen is not None:
@@ -458,6 +466,7 @@ class Engine:
                 text="" if is_eos else row.text.push(token),
                 logprob=choice.logprob,
                 top_logprobs=[(t, self.tokenizer.decode([t]), lp) for t, lp in choice.top],
+                trace=trace,
             )
         )
         if reason is None and not row.text.stopped:

@@ -115,11 +115,28 @@ class BoundOp:
     op: SiteOp
 
 
+@dataclass(frozen=True)
+class TraceRecord:
+    """One memory's effect on the position that produced a token (a request's memory trace)."""
+
+    memory: str
+    kind: str
+    layer: int
+    entry: str  # the document (bank), the entry (local set); empty for an adapter
+    value: float  # selection mass (document), trigger value in [0, 1] (local), gate (adapter)
+
+
 @dataclass
 class MemoryContext:
     """Which memory ops run at which (layer, site) in one forward pass."""
 
     ops: dict[tuple[int, Site], list[BoundOp]] = field(default_factory=dict)
+    # (B, T), 1 at real positions and 0 at padding; None: every position is real.
+    mask: torch.Tensor | None = None
+    # Batch rows that asked for a memory trace, and what the ops recorded for them at
+    # the last position (the one that produces the next token).
+    traced: frozenset[int] = frozenset()
+    trace: dict[int, list[TraceRecord]] = field(default_factory=dict)
     # Per-forward state that memories of one kind share, so that many requests using
     # one loaded memory run as one op (e.g. every row of a document bank, whatever its
     # DocRep). A group op names its requests' memories in a `members` attribute, so a
@@ -128,6 +145,19 @@ class MemoryContext:
 
     def add(self, layer: int, site: Site | str, memory: NamedMemory, op: SiteOp) -> None:
         self.ops.setdefault((layer, Site(site)), []).append(BoundOp(memory, op))
+
+    def record(self, row: int, record: TraceRecord) -> None:
+        self.trace.setdefault(row, []).append(record)
+
+    def traced_rows(self, rows: torch.Tensor) -> list[tuple[int, int]]:
+        """(index within `rows`, batch row) for the rows among `rows` that asked for a trace."""
+        if not self.traced:
+            return []
+        return [(i, row) for i, row in enumerate(rows.tolist()) if row in self.traced]
+
+    def real_positions(self, rows: torch.Tensor) -> torch.Tensor | None:
+        """(R, T) bool of the real positions of `rows`; None when every position is real."""
+        return None if self.mask is None else self.mask[rows].bool()
 
     def __bool__(self) -> bool:
         return bool(self.ops)

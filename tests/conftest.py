@@ -6,7 +6,7 @@ from __future__ import annotations
 import queue
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -32,6 +32,8 @@ from memserve.engine import (
     GenerationRequest,
     TokenEvent,
 )
+from memserve.kinds import TrainContext
+from memserve.memory_store.artifact import Artifact
 from memserve.memory_store.redis_server import RedisServer, start_cluster
 from memserve.models import LoadedModel, ModelConfig, load_model
 
@@ -115,6 +117,29 @@ def default_model() -> LoadedModel:
     return load_model(ModelConfig(device="cpu", dtype="fp32"))
 
 
+class FakeContext(TrainContext):
+    """A trainer's context without a worker: the model, a current artifact, recorded reports."""
+
+    job_id = "job"
+    tenant = "default"
+    memory_name = "bank"
+
+    def __init__(self, loaded: LoadedModel, current: Artifact | None = None) -> None:
+        self._loaded = loaded
+        self._current = current
+        self.reports: list[tuple[int, int]] = []
+
+    @property
+    def model(self) -> LoadedModel:
+        return self._loaded
+
+    def report(self, step: int, total: int, loss: float | None = None, message: str = "") -> None:
+        self.reports.append((step, total))
+
+    def current_artifact(self) -> Artifact | None:
+        return self._current
+
+
 @dataclass
 class Outcome:
     token_ids: list[int]
@@ -122,6 +147,8 @@ class Outcome:
     finish: FinishedEvent | None
     error: Exception | None
     logprobs: list[float | None]
+    traces: list[tuple] = field(default_factory=list)
+    """Per token, the memory trace (when the request asked for it)."""
 
 
 def wait_until(condition: Callable[[], bool], timeout: float = 30.0) -> None:
@@ -148,6 +175,7 @@ def collect(events: queue.Queue[Event], timeout: float = 120.0, prior: Sequence[
             outcome.token_ids.append(event.token_id)
             outcome.text += event.text
             outcome.logprobs.append(event.logprob)
+            outcome.traces.append(event.trace)
         elif isinstance(event, FinishedEvent):
             outcome.text += event.text
             outcome.finish = event

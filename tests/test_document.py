@@ -20,38 +20,17 @@ from memserve.document_train import (
 )
 from memserve.engine import GenerationRequest, StoppingParams
 from memserve.errors import FailedPrecondition, InvalidArgument, NotFound
-from memserve.kinds import LoadTarget, MemoryKey, MemoryRefSpec, TrainContext
+from memserve.kinds import LoadTarget, MemoryKey, MemoryRefSpec
 from memserve.memory_store.artifact import Artifact, MemoryMeta, decode, encode
 from memserve.models import LoadedModel
 from memserve.sampling import SamplingParams
-from tests.conftest import build_tiny_model, run_all
+from tests.conftest import FakeContext, build_tiny_model, run_all
 
 TEXTS = {
     "fox": "The quick brown fox jumps over the lazy dog. " * 6,
     "sea": "Once upon a time there was a small village by the sea. " * 5,
     "keys": "Memories are selected by document keys and fire only where they belong. " * 4,
 }
-
-
-class FakeContext(TrainContext):
-    job_id = "job"
-    tenant = "default"
-    memory_name = "bank"
-
-    def __init__(self, loaded: LoadedModel, current: Artifact | None = None) -> None:
-        self._loaded = loaded
-        self._current = current
-        self.reports: list[tuple[int, int]] = []
-
-    @property
-    def model(self) -> LoadedModel:
-        return self._loaded
-
-    def report(self, step: int, total: int, loss: float | None = None, message: str = "") -> None:
-        self.reports.append((step, total))
-
-    def current_artifact(self) -> Artifact | None:
-        return self._current
 
 
 @pytest.fixture(scope="module")

@@ -94,7 +94,7 @@ class Fact(_message.Message):
     def __init__(self, id: _Optional[str] = ..., prompt: _Optional[str] = ..., target: _Optional[str] = ..., positive_prompts: _Optional[_Iterable[str]] = ..., negative_prompts: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class LocalTrainingConfig(_message.Message):
-    __slots__ = ("layers", "sites", "alphas", "hardness", "distance", "combination", "seed")
+    __slots__ = ("layers", "sites", "alphas", "hardness", "distance", "combination", "seed", "holdout", "generated_prompts", "extra_keys", "candidates")
     LAYERS_FIELD_NUMBER: _ClassVar[int]
     SITES_FIELD_NUMBER: _ClassVar[int]
     ALPHAS_FIELD_NUMBER: _ClassVar[int]
@@ -102,6 +102,10 @@ class LocalTrainingConfig(_message.Message):
     DISTANCE_FIELD_NUMBER: _ClassVar[int]
     COMBINATION_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
+    HOLDOUT_FIELD_NUMBER: _ClassVar[int]
+    GENERATED_PROMPTS_FIELD_NUMBER: _ClassVar[int]
+    EXTRA_KEYS_FIELD_NUMBER: _ClassVar[int]
+    CANDIDATES_FIELD_NUMBER: _ClassVar[int]
     layers: _containers.RepeatedScalarFieldContainer[int]
     sites: _containers.RepeatedScalarFieldContainer[str]
     alphas: _containers.RepeatedScalarFieldContainer[float]
@@ -109,7 +113,11 @@ class LocalTrainingConfig(_message.Message):
     distance: str
     combination: str
     seed: int
-    def __init__(self, layers: _Optional[_Iterable[int]] = ..., sites: _Optional[_Iterable[str]] = ..., alphas: _Optional[_Iterable[float]] = ..., hardness: _Optional[float] = ..., distance: _Optional[str] = ..., combination: _Optional[str] = ..., seed: _Optional[int] = ...) -> None: ...
+    holdout: float
+    generated_prompts: int
+    extra_keys: int
+    candidates: int
+    def __init__(self, layers: _Optional[_Iterable[int]] = ..., sites: _Optional[_Iterable[str]] = ..., alphas: _Optional[_Iterable[float]] = ..., hardness: _Optional[float] = ..., distance: _Optional[str] = ..., combination: _Optional[str] = ..., seed: _Optional[int] = ..., holdout: _Optional[float] = ..., generated_prompts: _Optional[int] = ..., extra_keys: _Optional[int] = ..., candidates: _Optional[int] = ...) -> None: ...
 
 class RegisterFactsRequest(_message.Message):
     __slots__ = ("set", "facts", "config")
