@@ -392,7 +392,7 @@ def _jobs_show(args: argparse.Namespace) -> int:
             ("memory", job.memory_name),
             ("state", job.state),
             ("progress", _progress(job)),
-            ("loss", f"{job.loss:.6g}"),
+            ("loss", "-" if job.loss is None else f"{job.loss:.6g}"),
             ("eta", _duration(job.eta_seconds)),
             ("message", job.message or "-"),
             ("error", job.error or "-"),
@@ -483,7 +483,9 @@ def _progress(job: JobInfo) -> str:
 def _progress_details(job: JobInfo) -> str:
     parts: list[str] = []
     if job.step:
-        parts += [f"loss {job.loss:.4g}", f"eta {_duration(job.eta_seconds)}"]
+        if job.loss is not None:
+            parts.append(f"loss {job.loss:.4g}")
+        parts.append(f"eta {_duration(job.eta_seconds)}")
     if job.message:
         parts.append(job.message)
     return ", ".join(parts)

@@ -185,7 +185,8 @@ class JobInfo:
     """queued | running | succeeded | failed | cancelled"""
     step: int
     total: int
-    loss: float
+    loss: float | None
+    """The latest training loss; None for trainers without one (local memories)."""
     eta_seconds: float
     message: str
     error: str
@@ -505,7 +506,7 @@ def _job_info(job: jobs_pb2.Job) -> JobInfo:
         state=_job_state_name(job.state),
         step=job.progress.step,
         total=job.progress.total,
-        loss=job.progress.loss,
+        loss=job.progress.loss if job.progress.HasField("loss") else None,
         eta_seconds=job.progress.eta_seconds,
         message=job.progress.message,
         error=job.error,

@@ -76,7 +76,7 @@ class JobState(StrEnum):
 class Progress:
     step: int = 0
     total: int = 0
-    loss: float = 0.0
+    loss: float | None = None  # None: the trainer has no loss (local memories search)
     eta_seconds: float = 0.0
     message: str = ""
 

@@ -80,7 +80,7 @@ class _Context(TrainContext):
         self._last_report = now
         elapsed = now - self._started
         eta = elapsed / step * (total - step) if 0 < step <= total else 0.0
-        progress = Progress(step, total, float(loss) if loss is not None else 0.0, eta, message)
+        progress = Progress(step, total, float(loss) if loss is not None else None, eta, message)
         self._worker.last_progress = progress
         try:
             outcome = self._worker.queue.report(self.job_id, self._worker.name, progress)

@@ -27,31 +27,31 @@ from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16memserve/v1/jobs.proto\x12\x0bmemserve.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\\\n\x10SubmitJobRequest\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x13\n\x0bmemory_name\x18\x02 \x01(\t\x12%\n\x04spec\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\"^\n\x0bJobProgress\x12\x0c\n\x04step\x18\x01 \x01(\x04\x12\r\n\x05total\x18\x02 \x01(\x04\x12\x0c\n\x04loss\x18\x03 \x01(\x02\x12\x13\n\x0b\x65ta_seconds\x18\x04 \x01(\x02\x12\x0f\n\x07message\x18\x05 \x01(\t\"\xce\x02\n\x03Job\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x13\n\x0bmemory_name\x18\x03 \x01(\t\x12$\n\x05state\x18\x04 \x01(\x0e\x32\x15.memserve.v1.JobState\x12*\n\x08progress\x18\x05 \x01(\x0b\x32\x18.memserve.v1.JobProgress\x12\r\n\x05\x65rror\x18\x06 \x01(\t\x12\x16\n\x0eresult_version\x18\x07 \x01(\r\x12.\n\ncreated_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nstarted_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x66inished_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06worker\x18\x0b \x01(\t\"\x1f\n\rGetJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"!\n\x0fWatchJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"\"\n\x10\x43\x61ncelJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"l\n\x0fListJobsRequest\x12$\n\x05state\x18\x01 \x01(\x0e\x32\x15.memserve.v1.JobState\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x11\n\tpage_size\x18\x03 \x01(\r\x12\x12\n\npage_token\x18\x04 \x01(\t\"K\n\x10ListJobsResponse\x12\x1e\n\x04jobs\x18\x01 \x03(\x0b\x32\x10.memserve.v1.Job\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t*\x9a\x01\n\x08JobState\x12\x19\n\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10JOB_STATE_QUEUED\x10\x01\x12\x15\n\x11JOB_STATE_RUNNING\x10\x02\x12\x17\n\x13JOB_STATE_SUCCEEDED\x10\x03\x12\x14\n\x10JOB_STATE_FAILED\x10\x04\x12\x17\n\x13JOB_STATE_CANCELLED\x10\x05\x32\xc7\x02\n\nJobService\x12\x36\n\x06GetJob\x12\x1a.memserve.v1.GetJobRequest\x1a\x10.memserve.v1.Job\x12<\n\x08WatchJob\x12\x1c.memserve.v1.WatchJobRequest\x1a\x10.memserve.v1.Job0\x01\x12<\n\tCancelJob\x12\x1d.memserve.v1.CancelJobRequest\x1a\x10.memserve.v1.Job\x12G\n\x08ListJobs\x12\x1c.memserve.v1.ListJobsRequest\x1a\x1d.memserve.v1.ListJobsResponse\x12<\n\tSubmitJob\x12\x1d.memserve.v1.SubmitJobRequest\x1a\x10.memserve.v1.Jobb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16memserve/v1/jobs.proto\x12\x0bmemserve.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\\\n\x10SubmitJobRequest\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x13\n\x0bmemory_name\x18\x02 \x01(\t\x12%\n\x04spec\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\"l\n\x0bJobProgress\x12\x0c\n\x04step\x18\x01 \x01(\x04\x12\r\n\x05total\x18\x02 \x01(\x04\x12\x11\n\x04loss\x18\x03 \x01(\x02H\x00\x88\x01\x01\x12\x13\n\x0b\x65ta_seconds\x18\x04 \x01(\x02\x12\x0f\n\x07message\x18\x05 \x01(\tB\x07\n\x05_loss\"\xce\x02\n\x03Job\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x13\n\x0bmemory_name\x18\x03 \x01(\t\x12$\n\x05state\x18\x04 \x01(\x0e\x32\x15.memserve.v1.JobState\x12*\n\x08progress\x18\x05 \x01(\x0b\x32\x18.memserve.v1.JobProgress\x12\r\n\x05\x65rror\x18\x06 \x01(\t\x12\x16\n\x0eresult_version\x18\x07 \x01(\r\x12.\n\ncreated_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nstarted_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x66inished_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06worker\x18\x0b \x01(\t\"\x1f\n\rGetJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"!\n\x0fWatchJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"\"\n\x10\x43\x61ncelJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"l\n\x0fListJobsRequest\x12$\n\x05state\x18\x01 \x01(\x0e\x32\x15.memserve.v1.JobState\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x11\n\tpage_size\x18\x03 \x01(\r\x12\x12\n\npage_token\x18\x04 \x01(\t\"K\n\x10ListJobsResponse\x12\x1e\n\x04jobs\x18\x01 \x03(\x0b\x32\x10.memserve.v1.Job\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t*\x9a\x01\n\x08JobState\x12\x19\n\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10JOB_STATE_QUEUED\x10\x01\x12\x15\n\x11JOB_STATE_RUNNING\x10\x02\x12\x17\n\x13JOB_STATE_SUCCEEDED\x10\x03\x12\x14\n\x10JOB_STATE_FAILED\x10\x04\x12\x17\n\x13JOB_STATE_CANCELLED\x10\x05\x32\xc7\x02\n\nJobService\x12\x36\n\x06GetJob\x12\x1a.memserve.v1.GetJobRequest\x1a\x10.memserve.v1.Job\x12<\n\x08WatchJob\x12\x1c.memserve.v1.WatchJobRequest\x1a\x10.memserve.v1.Job0\x01\x12<\n\tCancelJob\x12\x1d.memserve.v1.CancelJobRequest\x1a\x10.memserve.v1.Job\x12G\n\x08ListJobs\x12\x1c.memserve.v1.ListJobsRequest\x1a\x1d.memserve.v1.ListJobsResponse\x12<\n\tSubmitJob\x12\x1d.memserve.v1.SubmitJobRequest\x1a\x10.memserve.v1.Jobb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'memserve.v1.jobs_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_JOBSTATE']._serialized_start=921
-  _globals['_JOBSTATE']._serialized_end=1075
+  _globals['_JOBSTATE']._serialized_start=935
+  _globals['_JOBSTATE']._serialized_end=1089
   _globals['_SUBMITJOBREQUEST']._serialized_start=102
   _globals['_SUBMITJOBREQUEST']._serialized_end=194
   _globals['_JOBPROGRESS']._serialized_start=196
-  _globals['_JOBPROGRESS']._serialized_end=290
-  _globals['_JOB']._serialized_start=293
-  _globals['_JOB']._serialized_end=627
-  _globals['_GETJOBREQUEST']._serialized_start=629
-  _globals['_GETJOBREQUEST']._serialized_end=660
-  _globals['_WATCHJOBREQUEST']._serialized_start=662
-  _globals['_WATCHJOBREQUEST']._serialized_end=695
-  _globals['_CANCELJOBREQUEST']._serialized_start=697
-  _globals['_CANCELJOBREQUEST']._serialized_end=731
-  _globals['_LISTJOBSREQUEST']._serialized_start=733
-  _globals['_LISTJOBSREQUEST']._serialized_end=841
-  _globals['_LISTJOBSRESPONSE']._serialized_start=843
-  _globals['_LISTJOBSRESPONSE']._serialized_end=918
-  _globals['_JOBSERVICE']._serialized_start=1078
-  _globals['_JOBSERVICE']._serialized_end=1405
+  _globals['_JOBPROGRESS']._serialized_end=304
+  _globals['_JOB']._serialized_start=307
+  _globals['_JOB']._serialized_end=641
+  _globals['_GETJOBREQUEST']._serialized_start=643
+  _globals['_GETJOBREQUEST']._serialized_end=674
+  _globals['_WATCHJOBREQUEST']._serialized_start=676
+  _globals['_WATCHJOBREQUEST']._serialized_end=709
+  _globals['_CANCELJOBREQUEST']._serialized_start=711
+  _globals['_CANCELJOBREQUEST']._serialized_end=745
+  _globals['_LISTJOBSREQUEST']._serialized_start=747
+  _globals['_LISTJOBSREQUEST']._serialized_end=855
+  _globals['_LISTJOBSRESPONSE']._serialized_start=857
+  _globals['_LISTJOBSRESPONSE']._serialized_end=932
+  _globals['_JOBSERVICE']._serialized_start=1092
+  _globals['_JOBSERVICE']._serialized_end=1419
 # @@protoc_insertion_point(module_scope)
