@@ -1,26 +1,28 @@
 """Local (fact) memories: what they cost at decode time, and how well they edit.
 
-    python bench/bench_facts.py decode [--entries 10000] [--repeats 5]
-        Decode step time through the serving engine (KV cache, batch 1 and 8) with a set of N
-        entries, against no memory, measured side by side in one run. Entries are real
-        activations of the default model (keys) with random deltas, spread over 1, 8 or 60
-        (layer, site) cells; the trigger is computed for every entry at every step either way.
+python bench/bench_facts.py decode [--entries 10000] [--repeats 5]
+    Decode step time through the serving engine (KV cache, batch 1 and 8) with a set of N
+    entries, against no memory, measured side by side in one run. Entries are real
+    activations of the default model (keys) with random deltas, spread over 1, 8 or 60
+    (layer, site) cells; the trigger is computed for every entry at every step either way.
 
-    python bench/bench_facts.py counterfacts [--out DIR] [--facts FILE]
-        Trains the 50 counterfactual facts of tests/fixtures/facts/counterfacts.jsonl (3
-        paraphrases and 3 neighbours each, half held out) into one set, evaluates it on the
-        held-out prompts, and prints edit success, generalisation and locality next to the
-        numbers GRACE and MELO report.
+python bench/bench_facts.py counterfacts [--out DIR] [--facts FILE]
+    Trains the 50 counterfactual facts of tests/fixtures/facts/counterfacts.jsonl (3
+    paraphrases and 3 neighbours each, half held out) into one set, evaluates it on the
+    held-out prompts, and prints edit success, generalisation and locality next to the
+    numbers GRACE and MELO report.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import random
 import statistics
 import threading
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -45,7 +47,9 @@ ROOT = Path(__file__).resolve().parent.parent
 PROMPT = "The history of the city begins in the early middle ages, when"
 
 
-def synthetic_set(loaded: LoadedModel, engine: Engine, entries: int, cells: int, seed: int = 0) -> LoadedLocalSet:
+def synthetic_set(
+    loaded: LoadedModel, engine: Engine, entries: int, cells: int, seed: int = 0
+) -> LoadedLocalSet:
     """A set of `entries` entries spread over `cells` (layer, site) cells: keys are real
     activations of varied prompts (so distances look as they do in use), deltas are random."""
     assert engine.hooks is not None
@@ -53,9 +57,16 @@ def synthetic_set(loaded: LoadedModel, engine: Engine, entries: int, cells: int,
     num_layers = model.config.num_hidden_layers
     all_cells = [(layer, site) for layer in range(num_layers) for site in LOCAL_SITES]
     chosen = random.Random(seed).sample(all_cells, cells)
-    texts = [f"Fact number {i}: the {w} of the {v} is" for i, (w, v) in
-             enumerate(zip(["capital", "colour", "author", "height", "name"] * 40,
-                           ["city", "river", "book", "tower", "country"] * 40, strict=True))]  # fmt: skip
+    texts = [
+        f"Fact number {i}: the {w} of the {v} is"
+        for i, (w, v) in enumerate(
+            zip(
+                ["capital", "colour", "author", "height", "name"] * 40,
+                ["city", "river", "book", "tower", "country"] * 40,
+                strict=True,
+            )
+        )
+    ]
     captured: dict[tuple[int, str], list[torch.Tensor]] = {cell: [] for cell in chosen}
     context = MemoryContext()
 
@@ -79,22 +90,35 @@ def synthetic_set(loaded: LoadedModel, engine: Engine, entries: int, cells: int,
         pool = torch.cat(captured[(layer, site)])
         keys = pool[torch.randint(len(pool), (count,), generator=generator)].cpu()
         width = keys.shape[1]
-        groups.append({
-            "layer": layer, "site": site, "labels": [f"e{layer}{site}{i}" for i in range(count)],
-            "keys": keys, "deltas": torch.randn(count, width, generator=generator) * 0.1,
-            "bounds": torch.full((count,), 0.05), "hardness": torch.full((count,), 3.0),
-        })  # fmt: skip
+        groups.append(
+            {
+                "layer": layer,
+                "site": site,
+                "labels": [f"e{layer}{site}{i}" for i in range(count)],
+                "keys": keys,
+                "deltas": torch.randn(count, width, generator=generator) * 0.1,
+                "bounds": torch.full((count,), 0.05),
+                "hardness": torch.full((count,), 3.0),
+            }
+        )
     meta = MemoryMeta(
-        kind="local", name=f"bench-{entries}x{cells}", base_model=loaded.fingerprint, version=1,
+        kind="local",
+        name=f"bench-{entries}x{cells}",
+        base_model=loaded.fingerprint,
+        version=1,
         hyperparameters={"distance": "projection", "combination": "top1"},
-        details={"groups": [{"layer": g["layer"], "site": g["site"], "entries": g["labels"]} for g in groups]},
-    )  # fmt: skip
+        details={
+            "groups": [{"layer": g["layer"], "site": g["site"], "entries": g["labels"]} for g in groups]
+        },
+    )
     config = model.config
     target = LoadTarget(loaded.device, DTYPES[loaded.dtype], engine.hooks, num_layers, config.hidden_size)
     return LoadedLocalSet(Artifact(meta, group_tensors(groups)), target)
 
 
-def step_times(engine: Engine, prompt_ids: tuple[int, ...], memories: tuple, batch: int, tokens: int) -> list[float]:
+def step_times(
+    engine: Engine, prompt_ids: tuple[int, ...], memories: tuple, batch: int, tokens: int
+) -> list[float]:
     """Seconds between consecutive tokens of the first request, with `batch` requests decoding together."""
     stamps: list[float] = []
     done = threading.Semaphore(0)
@@ -118,7 +142,7 @@ def step_times(engine: Engine, prompt_ids: tuple[int, ...], memories: tuple, bat
     if errors:
         raise errors[0]
     # The first interval includes joining the batch: left out.
-    return [b - a for a, b in zip(stamps[1:], stamps[2:], strict=False)]
+    return [b - a for a, b in itertools.pairwise(stamps[1:])]
 
 
 def decode(args: argparse.Namespace) -> None:
@@ -128,8 +152,10 @@ def decode(args: argparse.Namespace) -> None:
     engine.start()
     prompt_ids = tuple(loaded.tokenizer(PROMPT).input_ids)
     sets = {cells: synthetic_set(loaded, engine, args.entries, cells) for cells in args.cells}
-    print(f"default model on {loaded.device} ({loaded.dtype}), {torch.get_num_threads()} threads; "
-          f"{args.entries} entries; {args.tokens} tokens per run, {args.repeats} repeats, medians")  # fmt: skip
+    print(
+        f"default model on {loaded.device} ({loaded.dtype}), {torch.get_num_threads()} threads; "
+        f"{args.entries} entries; {args.tokens} tokens per run, {args.repeats} repeats, medians"
+    )
     rows = []
     try:
         for batch in args.batches:
@@ -138,7 +164,9 @@ def decode(args: argparse.Namespace) -> None:
             for cells in args.cells:
                 medians[f"{cells}"] = []
             for _ in range(args.repeats):  # interleaved, so drift hits both sides alike
-                medians["none"].append(statistics.median(step_times(engine, prompt_ids, (), batch, args.tokens)))
+                medians["none"].append(
+                    statistics.median(step_times(engine, prompt_ids, (), batch, args.tokens))
+                )
                 for cells, local_set in sets.items():
                     bound = local_set.bind(MemoryRefSpec(name=local_set.name, kind="local"))
                     times = step_times(engine, prompt_ids, (bound,), batch, args.tokens)
@@ -166,10 +194,17 @@ PUBLISHED = [
 def counterfacts(args: argparse.Namespace) -> None:
     from memserve.hooks import MemoryHooks
     from memserve.local_eval import evaluate_set
-    from memserve.local_train import OTHER_FACT_NEIGHBOURS, FactTrainer, LocalConfig, _groups, check_facts
-    from memserve.local_train import split_prompts
+    from memserve.local_train import (
+        OTHER_FACT_NEIGHBOURS,
+        FactTrainer,
+        LocalConfig,
+        _groups,
+        check_facts,
+        split_prompts,
+    )
 
     facts = check_facts([json.loads(line) for line in args.facts.read_text().splitlines() if line.strip()])
+    facts = facts[: args.limit] if args.limit else facts
     loaded = load_model(ModelConfig())
     config = LocalConfig(distance=args.distance)
     hooks = MemoryHooks(loaded.model)
@@ -179,7 +214,8 @@ def counterfacts(args: argparse.Namespace) -> None:
     results = []
     prompts = [f.prompt for f in facts]
     for i, fact in enumerate(facts):
-        others = rng.sample([p for p in prompts if p != fact.prompt], OTHER_FACT_NEIGHBOURS)
+        pool = [p for p in prompts if p != fact.prompt]
+        others = rng.sample(pool, min(OTHER_FACT_NEIGHBOURS, len(pool)))
         results.append(trainer.train(fact, split_prompts(fact, config, rng), others))
         print(f"\r{i + 1}/{len(facts)} facts, {time.monotonic() - started:.0f} s", end="", flush=True)
     print()
@@ -188,14 +224,16 @@ def counterfacts(args: argparse.Namespace) -> None:
     entries = [e for r in results for e in r.entries]
     groups = _groups(entries)
     meta = MemoryMeta(
-        kind="local", name="counterfacts", base_model=loaded.fingerprint, version=1,
-        hyperparameters=vars(config) if hasattr(config, "__dict__") else {},
-        details={"groups": [{"layer": g["layer"], "site": g["site"], "entries": g["labels"]} for g in groups],
-                 "facts": [r.details(loaded.tokenizer) for r in results]},
-    )  # fmt: skip
-    from dataclasses import asdict
-
-    meta.hyperparameters.update(asdict(config))
+        kind="local",
+        name="counterfacts",
+        base_model=loaded.fingerprint,
+        version=1,
+        hyperparameters=asdict(config),
+        details={
+            "groups": [{"layer": g["layer"], "site": g["site"], "entries": g["labels"]} for g in groups],
+            "facts": [r.details(loaded.tokenizer) for r in results],
+        },
+    )
     artifact = Artifact(meta, group_tensors(groups))
     metrics = evaluate_set(loaded, artifact, args.out)
     metrics["train_seconds"] = round(train_seconds, 1)
@@ -203,21 +241,31 @@ def counterfacts(args: argparse.Namespace) -> None:
     cells: dict[str, int] = {}
     for entry in entries:
         cells[f"L{entry.layer} {entry.site}"] = cells.get(f"L{entry.layer} {entry.site}", 0) + 1
-    print(f"{len(facts)} facts → {len(entries)} entries in {len(cells)} cells; trained in {train_seconds:.0f} s "
-          f"({train_seconds / len(facts):.1f} s per fact); report in {args.out}/report.md")  # fmt: skip
+    print(
+        f"{len(facts)} facts → {len(entries)} entries in {len(cells)} cells; "
+        f"trained in {train_seconds:.0f} s "
+        f"({train_seconds / len(facts):.1f} s per fact); report in {args.out}/report.md"
+    )
     print()
     print("| editor | edit success | generalisation | locality |")
     print("|---|---:|---:|---:|")
-    print(f"| memserve local, {args.distance} (SmolLM2-135M, 50 counterfacts, held-out prompts) | "
-          f"{metrics['edit_success']:.2f} | {metrics['generalization']:.2f} | {metrics['locality']:.2f} "
-          f"(first token {metrics['locality_first_token']:.2f}) |")  # fmt: skip
-    print(f"| base model, no edit | {metrics['base_edit_success']:.2f} | {metrics['base_generalization']:.2f} | 1.00 |")
+    print(
+        f"| memserve local, {args.distance} (SmolLM2-135M, 50 counterfacts, held-out prompts) | "
+        f"{metrics['edit_success']:.2f} | {metrics['generalization']:.2f} | {metrics['locality']:.2f} "
+        f"(first token {metrics['locality_first_token']:.2f}) |"
+    )
+    print(
+        f"| base model, no edit | {metrics['base_edit_success']:.2f} | "
+        f"{metrics['base_generalization']:.2f} | 1.00 |"
+    )
     for name, es, gen, loc in PUBLISHED:
         print(f"| {name} | {es} | {gen} | {loc} |")
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     dec = commands.add_parser("decode", help="decode step time with N entries vs none")
     dec.add_argument("--entries", type=int, default=10_000)
@@ -231,6 +279,7 @@ def main() -> None:
     cf.add_argument("--facts", type=Path, default=ROOT / "tests/fixtures/facts/counterfacts.jsonl")
     cf.add_argument("--out", type=Path, default=Path("eval-counterfacts"))
     cf.add_argument("--distance", choices=["projection", "mixed"], default="projection")
+    cf.add_argument("--limit", type=int, default=0, help="the first N facts only")
     cf.set_defaults(run=counterfacts)
     args = parser.parse_args()
     args.run(args)

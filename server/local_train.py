@@ -54,7 +54,7 @@ MAX_ALPHAS = 32
 # Rows of one batched forward in the searches (short prompts: a few hundred tokens each way).
 BATCH_ROWS = 128
 # Neighbours taken from other facts of the set, per fact.
-OTHER_FACT_NEIGHBOURS = 4
+OTHER_FACT_NEIGHBOURS = 32
 
 # Contexts for generated paraphrases: the fact's prompt, said after something else.
 PARAPHRASE_CONTEXTS = (
