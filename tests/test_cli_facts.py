@@ -11,8 +11,8 @@ import sys
 import grpc
 import pytest
 
-from memserve.clients.cli import main
 from memserve.clients.client import AsyncClient, Client, build_facts_request, local_ref
+from tests.test_cli_store import run_cli
 from tests.test_server import ServerThread
 
 FOX = {"id": "fox", "prompt": "The quick brown fox", "target": " village",
@@ -28,13 +28,6 @@ def address(store_server: ServerThread) -> str:
 @pytest.fixture(autouse=True)
 def no_ambient_tenant(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("MEMSERVE_TENANT", raising=False)
-
-
-def run_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    capsys.readouterr()
-    code = main(list(argv))
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def test_register_facts_then_generate_with_the_set_and_its_trace(address):
