@@ -42,6 +42,7 @@ from memserve.kinds import LoadTarget, MemoryRefSpec
 from memserve.local import LOCAL_SITES, LoadedLocalSet, group_tensors
 from memserve.memory_store.artifact import Artifact, MemoryMeta
 from memserve.models import DTYPES, LoadedModel, ModelConfig, load_model
+from memserve.threads import compute_threads
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMPT = "The history of the city begins in the early middle ages, when"
@@ -146,14 +147,16 @@ def step_times(
 
 
 def decode(args: argparse.Namespace) -> None:
-    torch.set_num_threads(args.threads) if args.threads else None
+    # As in `memserve serve`: the engine thread owns the only multi-threaded OpenMP team; this
+    # thread (loading, building the sets) stays on one (memserve/threads.py says why).
+    torch.set_num_threads(1)
     loaded = load_model(ModelConfig())
-    engine = Engine(loaded.model, loaded.tokenizer, EngineConfig(max_batch_size=16))
+    engine = Engine(loaded.model, loaded.tokenizer, EngineConfig(max_batch_size=16, threads=args.threads))
     engine.start()
     prompt_ids = tuple(loaded.tokenizer(PROMPT).input_ids)
     sets = {cells: synthetic_set(loaded, engine, args.entries, cells) for cells in args.cells}
     print(
-        f"default model on {loaded.device} ({loaded.dtype}), {torch.get_num_threads()} threads; "
+        f"default model on {loaded.device} ({loaded.dtype}), {args.threads or compute_threads()} threads; "
         f"{args.entries} entries; {args.tokens} tokens per run, {args.repeats} repeats, medians"
     )
     rows = []

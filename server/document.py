@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -202,6 +202,7 @@ class BoundDocument:
     selection: torch.Tensor  # (m,)
     scale: float
     label: str = ""  # what the key was, for traces: a document id, "docrep" or the mix
+    apply_order: ClassVar[int] = 10  # before adapters at the same layer
 
     def add_ops(self, context: MemoryContext, rows: torch.Tensor) -> None:
         key = ("document", self.bank.layer)

@@ -19,7 +19,7 @@ import random
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
@@ -42,6 +42,7 @@ from memserve.hooks import ARCHITECTURES
 from memserve.kinds import LoadTarget, MemoryKind, TrainContext, Trained, register_kind
 from memserve.memory_store.artifact import Artifact
 from memserve.names import check_name
+from memserve.options import options_from_spec
 
 MAX_DOCUMENTS = 1000
 MAX_TEXT_CHARS = 1_000_000
@@ -75,22 +76,7 @@ class DocumentConfig:
 
     @classmethod
     def from_spec(cls, given: dict[str, Any]) -> DocumentConfig:
-        known = {f.name: f.type for f in fields(cls)}
-        unknown = set(given) - set(known)
-        if unknown:
-            raise InvalidArgument(f"unknown document training options: {sorted(unknown)}")
-        values: dict[str, Any] = {}
-        for name, value in given.items():
-            default = getattr(cls, name)
-            try:
-                values[name] = type(default)(value)
-            except (TypeError, ValueError):
-                raise InvalidArgument(
-                    f"config.{name} must be a {type(default).__name__}, got {value!r}"
-                ) from None
-        config = cls(**values)
-        config.check()
-        return config
+        return options_from_spec(cls, given, "document")
 
     def check(self) -> None:
         if self.key_activation not in KEY_ACTIVATIONS:
@@ -355,7 +341,7 @@ MAX_RESIDUAL_BYTES = 4 << 30
 MAX_STEP_LOGIT_BYTES = 6 << 30
 
 
-def _check_memory(model: PreTrainedModel, windows: int, tokens: int, batch_size: int) -> None:
+def check_memory_budget(model: PreTrainedModel, windows: int, tokens: int, batch_size: int) -> None:
     config = model.config
     residual = windows * tokens * config.hidden_size * 4
     if residual > MAX_RESIDUAL_BYTES:
@@ -437,7 +423,7 @@ class GuidanceTrainer:
         if not texts:
             raise InvalidArgument("the documents give no training windows")
         self.windows = tokenize_windows(tokenizer, texts, owners, config.max_length)
-        _check_memory(model, len(self.windows), self.windows.input_ids.shape[1], config.batch_size)
+        check_memory_budget(model, len(self.windows), self.windows.input_ids.shape[1], config.batch_size)
         # The bank trains in fp32 whatever the model's dtype: AdamW's small steps would round
         # away in bf16. (On an fp32 model this changes nothing.)
         self.docreps = docreps.to(self.device, torch.float32)

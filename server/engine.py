@@ -42,6 +42,7 @@ from memserve.errors import (
 from memserve.hooks import MemoryContext, MemoryHooks, TraceRecord
 from memserve.kv_cache import new_cache
 from memserve.sampling import Choice, SamplingParams, choose
+from memserve.threads import use_compute_threads
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +55,10 @@ class FinishReason(StrEnum):
 
 
 class RowMemory(Protocol):
-    """A ready-to-run memory attached to a request; each memory kind supplies one."""
+    """A ready-to-run memory attached to a request; each memory kind supplies one.
+
+    It may have an `apply_order` (int, default 100): where several kinds act at one site,
+    lower orders apply first."""
 
     name: str
 
@@ -126,6 +130,8 @@ class EngineConfig:
     max_prefill_tokens: int = 4096
     """Padded prompt tokens prefilled in one forward at most (a longer single prompt goes
     alone): bounds the pause that joining requests impose on running ones, and the memory."""
+    threads: int = 0
+    """Intra-op CPU threads of the engine thread; 0 = $MEMSERVE_THREADS or every usable CPU."""
 
     def __post_init__(self) -> None:
         names = ("max_batch_size", "max_queue_size", "default_max_new_tokens", "max_context_tokens",
@@ -133,6 +139,8 @@ class EngineConfig:
         for name in names:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.threads < 0:
+            raise ValueError(f"threads must be >= 0 (0 = every usable CPU), got {self.threads}")
         if not 1 <= self.default_max_new_tokens <= self.max_new_tokens_limit:
             raise ValueError(
                 f"default_max_new_tokens ({self.default_max_new_tokens}) must be in "
@@ -267,6 +275,7 @@ class Engine:
 
     def _loop(self) -> None:
         try:
+            use_compute_threads(self.config.threads or None)  # memserve/threads.py: why
             with torch.inference_mode():
                 self._serve_forever()
         except BaseException as exc:  # the thread is ending: nothing in flight may wait forever
@@ -419,7 +428,10 @@ class Engine:
             return None
         traced = frozenset(i for i, row in enumerate(rows) if row.request.trace)
         context = MemoryContext(mask=new_positions, traced=traced)
-        for memory, indices in groups.values():
+        # Kinds that share a site apply in a fixed order (documents, then adapters), whatever
+        # order a request lists its memories in (README: "One request, several memories").
+        ordered = sorted(groups.values(), key=lambda group: getattr(group[0], "apply_order", 100))
+        for memory, indices in ordered:
             try:
                 memory.add_ops(context, torch.tensor(indices, device=self.device))
             except Exception as exc:

@@ -44,16 +44,84 @@ def trigger_values(
     activations: torch.Tensor, keys: torch.Tensor, bounds: torch.Tensor, hardness: torch.Tensor, distance: str
 ) -> torch.Tensor:
     """f for every activation against every key: (N, D) × (n, D) → (N, n), in fp32."""
-    a = activations.float()
-    dots = a @ keys.T
-    norms_sq = (keys * keys).sum(-1)
-    projection = dots / norms_sq
-    if distance == "projection":
-        x = 1 - projection.clamp(max=1)
-    else:
-        cosine = dots / (a.norm(dim=-1, keepdim=True) * norms_sq.sqrt()).clamp(min=1e-12)
-        x = 0.5 * (1 - projection).abs() + 0.5 * (1 - cosine)
-    return torch.exp(-(((x / bounds) ** 2) ** hardness))
+    return Entries(keys, bounds, hardness, keys, distance).triggers(activations)
+
+
+class Entries:
+    """Entries of one (layer, site) in the form the trigger is computed from fastest.
+
+    f = exp(−z) with z = (x²/b²)^h, so `top1` needs one exp per position, not one per entry,
+    and the constants of the distance (1/‖a_mem‖², ‖a_mem‖, 1/b) are folded into the keys
+    once at load time. With the projection distance and one hardness for all entries (what
+    the trainer makes), x/b = 1/b − a·(a_mem/(‖a_mem‖²·b)) is a single addmm and the best
+    entry is the one with the smallest x/b: so a decode step at a site is a handful of ops
+    whatever the number of entries.
+    """
+
+    def __init__(self, keys: torch.Tensor, bounds: torch.Tensor, hardness: torch.Tensor,
+                 deltas: torch.Tensor, distance: str, dtype: torch.dtype | None = None) -> None:  # fmt: skip
+        if distance not in DISTANCES:
+            raise InvalidArgument(f"distance must be one of {DISTANCES}, got {distance!r}")
+        self.distance = distance
+        # Distances are taken in fp32 whatever the model's dtype: a trigger lives on the
+        # difference between a projection and 1, which half precision would blur.
+        keys, bounds, hardness = keys.float(), bounds.float(), hardness.float()
+        norms_sq = (keys * keys).sum(-1)
+        self.uniform_hardness = (
+            float(hardness[0]) if len(hardness) and bool((hardness == hardness[0]).all()) else None
+        )
+        self.linear = distance == "projection" and self.uniform_hardness is not None
+        if self.linear:
+            self.inv_bounds = 1 / bounds
+            # a @ this + 1/b = (1 − a·a_mem/‖a_mem‖²)/b
+            self.keys_t = (keys * (-self.inv_bounds / norms_sq)[:, None]).T.contiguous()
+            constants = [self.keys_t, self.inv_bounds]
+        else:
+            self.keys_t = (keys / norms_sq[:, None]).T.contiguous()  # a @ this = a·a_mem/‖a_mem‖²
+            self.key_norms = norms_sq.sqrt()
+            self.inv_bounds_sq = 1 / (bounds * bounds)
+            self.hardness = hardness
+            constants = [self.keys_t, self.key_norms, self.inv_bounds_sq, self.hardness]
+        self.deltas = deltas.to(dtype or deltas.dtype)
+        self.nbytes = sum(t.nbytes for t in (*constants, self.deltas))
+
+    def __len__(self) -> int:
+        return self.deltas.shape[0]
+
+    def exponents(self, activations: torch.Tensor) -> torch.Tensor:
+        """z for every activation against every entry: (N, D) → (N, n) fp32, f = exp(−z)."""
+        a = activations.float()
+        if self.linear:
+            scaled = torch.addmm(self.inv_bounds, a, self.keys_t).clamp_(min=0)  # x/b
+            return scaled.pow_(2 * self.uniform_hardness)
+        projection = a @ self.keys_t
+        if self.distance == "projection":
+            x = (1 - projection).clamp_(min=0)  # 1 − min(p, 1)
+        else:
+            # cos(a, a_mem) = p·‖a_mem‖/‖a‖; the norm floor keeps a zero activation finite.
+            cosine = projection * (self.key_norms / a.norm(dim=-1, keepdim=True).clamp(min=1e-12))
+            x = (1 - projection).abs_().add_(1 - cosine).mul_(0.5)
+        return x.square_().mul_(self.inv_bounds_sq).pow_(self.hardness)
+
+    def triggers(self, activations: torch.Tensor) -> torch.Tensor:
+        """f for every activation against every entry: (N, D) → (N, n) fp32."""
+        return self.exponents(activations).neg_().exp_()
+
+    def update(self, hidden: torch.Tensor, combination: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """For (N, D) activations: the (N, D) update in their dtype and each position's
+        strongest trigger (N,) in fp32."""
+        if combination == "top1":
+            if self.linear:  # smallest x/b first, then f of that one only
+                # Clamped first: every saturated entry (f = 1) ties, and the first one wins, as in f.max().
+                scaled = torch.addmm(self.inv_bounds, hidden.float(), self.keys_t).clamp_(min=0)
+                best_scaled, index = scaled.min(-1)
+                best = best_scaled.pow_(2 * self.uniform_hardness).neg_().exp_()
+            else:
+                best_z, index = self.exponents(hidden).min(-1)
+                best = best_z.neg_().exp_()
+            return self.deltas.index_select(0, index) * best.to(hidden.dtype)[:, None], best
+        f = self.triggers(hidden)
+        return f.to(hidden.dtype) @ self.deltas, f.max(-1).values
 
 
 @dataclass(frozen=True)
@@ -75,18 +143,15 @@ class EntryGroup:
     """The entries of one set at one (layer, site), on the model's device."""
 
     def __init__(self, layer: int, site: str, labels: list[str], tensors: dict[str, torch.Tensor],
-                 target: LoadTarget) -> None:  # fmt: skip
+                 target: LoadTarget, distance: str) -> None:  # fmt: skip
         self.layer, self.site, self.labels = layer, Site(site), labels
-        # Distances are taken in fp32 whatever the model's dtype: a trigger lives on the
-        # difference between a projection and 1, which half precision would blur.
-        self.keys = tensors["keys"].to(target.device, torch.float32)
-        self.bounds = tensors["bounds"].to(target.device, torch.float32)
-        self.hardness = tensors["hardness"].to(target.device, torch.float32)
-        self.deltas = tensors["deltas"].to(target.device, target.dtype)
+        on_device = {k: v.to(target.device) for k, v in tensors.items()}
+        self.entries = Entries(on_device["keys"], on_device["bounds"], on_device["hardness"],
+                               on_device["deltas"], distance, target.dtype)  # fmt: skip
 
     @property
     def nbytes(self) -> int:
-        return sum(t.nbytes for t in (self.keys, self.bounds, self.hardness, self.deltas))
+        return self.entries.nbytes
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -118,16 +183,28 @@ class LoadedLocalSet(LoadedMemory):
                 )
             prefix = f"group{i}."
             tensors = {k[len(prefix) :]: v for k, v in artifact.tensors.items() if k.startswith(prefix)}
-            loaded = EntryGroup(layer, site, list(group["entries"]), tensors, target)
+            if set(tensors) != {"keys", "deltas", "bounds", "hardness"}:
+                raise InvalidArgument(f"local memory set {meta.name!r}: group {i} is incomplete")
+            keys, deltas = tensors["keys"], tensors["deltas"]
             width = _site_width(target, layer, site)
-            if loaded.keys.shape[1:] != (width,) or loaded.deltas.shape != loaded.keys.shape:
+            if keys.ndim != 2 or keys.shape[1] != width or deltas.shape != keys.shape:
                 raise InvalidArgument(
                     f"local memory set {meta.name!r}: entries at layer {layer} ({site}) are "
-                    f"{tuple(loaded.keys.shape[1:])} wide; this model's site is {width} wide"
+                    f"{tuple(keys.shape[1:])} wide; this model's site is {width} wide"
                 )
-            if not len(loaded) == len(loaded.bounds) == len(loaded.hardness) == loaded.keys.shape[0]:
+            counts = (len(group["entries"]), len(tensors["bounds"]), len(tensors["hardness"]))
+            if tensors["bounds"].ndim != 1 or tensors["hardness"].ndim != 1 or set(counts) != {len(keys)}:
                 raise InvalidArgument(f"local memory set {meta.name!r}: group {i} is inconsistent")
-            self.groups.append(loaded)
+            bounds, hardness = tensors["bounds"], tensors["hardness"]
+            if not (
+                bool((bounds > 0).all()) and bool(bounds.isfinite().all()) and bool(hardness.isfinite().all())
+            ):
+                raise InvalidArgument(
+                    f"local memory set {meta.name!r}: group {i} has a bound <= 0 or not finite"
+                )
+            self.groups.append(
+                EntryGroup(layer, site, list(group["entries"]), tensors, target, self.distance)
+            )
 
     @property
     def nbytes(self) -> int:
@@ -160,6 +237,16 @@ class BoundLocalSet:
             site_op.join(self, group, rows)
 
 
+@dataclass(frozen=True)
+class _Rows:
+    """The batch rows that use one set in one forward pass, shared by all of its sites."""
+
+    rows: torch.Tensor
+    scales: torch.Tensor | None  # (R,) per row; None when every scale is 1
+    count: int
+    in_order: bool  # rows are 0..count-1: the whole batch when it has `count` rows
+
+
 @dataclass(eq=False)
 class _SiteOp:
     """Every row of one forward that uses a local set at one (layer, site). Each set reads the
@@ -169,7 +256,9 @@ class _SiteOp:
     layer: int
     site: Site
     members: list[BoundLocalSet] = field(default_factory=list)
-    _parts: list[tuple[EntryGroup, torch.Tensor]] = field(default_factory=list)
+    _parts: dict[int, tuple[EntryGroup, list[tuple[BoundLocalSet, torch.Tensor]]]] = field(
+        default_factory=dict
+    )
 
     @property
     def name(self) -> str:
@@ -177,38 +266,50 @@ class _SiteOp:
 
     def join(self, memory: BoundLocalSet, group: EntryGroup, rows: torch.Tensor) -> None:
         self.members.append(memory)
-        self._parts.append((group, rows))
+        self._parts.setdefault(id(group), (group, []))[1].append((memory, rows))
 
     def op(self, hidden: torch.Tensor) -> torch.Tensor:
-        sets: dict[int, list[tuple[BoundLocalSet, EntryGroup, torch.Tensor]]] = {}
-        for member, (group, rows) in zip(self.members, self._parts, strict=True):
-            sets.setdefault(id(group), []).append((member, group, rows))
         out = hidden
-        for parts in sets.values():
-            memory, group = parts[0][0], parts[0][1]
-            rows = torch.cat([r for _, _, r in parts])
-            scales = torch.tensor([m.scale for m, _, r in parts for _ in range(len(r))], device=hidden.device)
-            out = out.index_add(0, rows, self._update(memory.set, group, hidden[rows], scales, rows))
+        for group, parts in self._parts.values():
+            local_set = parts[0][0].set
+            rows = self._rows(local_set, parts)
+            whole = rows.in_order and rows.count == hidden.shape[0]
+            update = self._update(local_set, group, hidden if whole else hidden[rows.rows], rows)
+            out = out + update if whole else out.index_add(0, rows.rows, update)
         return out
 
-    def _update(self, local_set: LoadedLocalSet, group: EntryGroup, hidden: torch.Tensor,
-                scales: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:  # fmt: skip
+    def _rows(self, local_set: LoadedLocalSet, parts: list[tuple[BoundLocalSet, torch.Tensor]]) -> _Rows:
+        """The set's rows and scales, worked out at its first site and reused at the others."""
+        key = ("local-rows", id(local_set))
+        rows = self.context.groups.get(key)
+        if rows is None:
+            indices = torch.cat([r for _, r in parts]) if len(parts) > 1 else parts[0][1]
+            scales = [m.scale for m, r in parts for _ in range(len(r))]
+            listed = indices.tolist()
+            rows = _Rows(
+                rows=indices,
+                scales=None
+                if all(s == 1 for s in scales)
+                else torch.tensor(scales, device=indices.device, dtype=torch.float32),
+                count=len(listed),
+                in_order=listed == list(range(len(listed))),
+            )
+            self.context.groups[key] = rows
+        return rows
+
+    def _update(
+        self, local_set: LoadedLocalSet, group: EntryGroup, hidden: torch.Tensor, rows: _Rows
+    ) -> torch.Tensor:
         """The (R, T, D) update of one set's entries at this site."""
         r, t, d = hidden.shape
-        f = trigger_values(
-            hidden.reshape(r * t, d), group.keys, group.bounds, group.hardness, local_set.distance
-        )
-        if local_set.combination == "top1":
-            best, index = f.max(-1)
-            update = group.deltas[index] * best.to(hidden.dtype)[:, None]
-        else:
-            best = f.max(-1).values
-            update = f.to(hidden.dtype) @ group.deltas
-        update = update.reshape(r, t, d) * scales.to(hidden.dtype)[:, None, None]
+        update, best = group.entries.update(hidden.reshape(r * t, d), local_set.combination)
+        update = update.reshape(r, t, d)
+        if rows.scales is not None:
+            update = update * rows.scales.to(hidden.dtype)[:, None, None]
         if LoadedLocalSet.observer is not None:
-            LoadedLocalSet.observer(self._stats(local_set, best.reshape(r, t), rows))
-        for i, row in self.context.traced_rows(rows):
-            self._trace(local_set, group, f.reshape(r, t, -1)[i, -1], row)
+            LoadedLocalSet.observer(self._stats(local_set, best.reshape(r, t), rows.rows))
+        for i, row in self.context.traced_rows(rows.rows):
+            self._trace(local_set, group, group.entries.triggers(hidden[i, -1:])[0], row)
         return update
 
     def _stats(self, local_set: LoadedLocalSet, best: torch.Tensor, rows: torch.Tensor) -> TriggerStats:

@@ -32,7 +32,7 @@ import random
 import re
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
@@ -41,9 +41,17 @@ from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 from memserve.errors import FailedPrecondition, InvalidArgument
 from memserve.hooks import MemoryContext, MemoryHooks, Site
 from memserve.kinds import LoadTarget, MemoryKind, TrainContext, Trained, register_kind
-from memserve.local import COMBINATIONS, DISTANCES, LOCAL_SITES, LoadedLocalSet, group_tensors, trigger_values
+from memserve.local import (
+    COMBINATIONS,
+    DISTANCES,
+    LOCAL_SITES,
+    Entries,
+    LoadedLocalSet,
+    group_tensors,
+)
 from memserve.memory_store.artifact import Artifact
 from memserve.names import NAME_PATTERN
+from memserve.options import options_from_spec
 
 MAX_FACTS = 1000
 MAX_PROMPT_CHARS = 2000
@@ -99,26 +107,16 @@ class LocalConfig:
 
     @classmethod
     def from_spec(cls, given: dict[str, Any]) -> LocalConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = set(given) - known
-        if unknown:
-            raise InvalidArgument(f"unknown local training options: {sorted(unknown)}")
-        values: dict[str, Any] = {}
-        try:
-            for name, value in given.items():
-                default = getattr(cls, name)
-                if isinstance(default, tuple):
-                    if not isinstance(value, list | tuple):
-                        raise TypeError
-                    item = str if name == "sites" else int if name == "layers" else float
-                    values[name] = tuple(item(v) for v in value)
-                else:
-                    values[name] = type(default)(value)
-        except (TypeError, ValueError):
-            raise InvalidArgument(f"config.{name} has the wrong type: {given[name]!r}") from None
-        config = cls(**values)
-        config.check()
-        return config
+        def convert(name: str, value: Any) -> Any:
+            default = getattr(cls, name)
+            if not isinstance(default, tuple):
+                return type(default)(value)
+            if not isinstance(value, list | tuple):
+                raise TypeError(name)
+            item = str if name == "sites" else int if name == "layers" else float
+            return tuple(item(v) for v in value)
+
+        return options_from_spec(cls, given, "local", convert)
 
     def check(self) -> None:
         if self.distance not in DISTANCES:
@@ -225,16 +223,15 @@ def apply_entries(
 ) -> torch.Tensor:
     """`hidden` (R, T, D) with `entries` (all at its site) applied at every position."""
     r, t, d = hidden.shape
-    keys = torch.stack([e.key for e in entries]).to(hidden.device)
-    bounds = torch.tensor([e.bound for e in entries], device=hidden.device)
-    hardness = torch.tensor([e.hardness for e in entries], device=hidden.device)
-    deltas = torch.stack([e.delta for e in entries]).to(hidden.device, hidden.dtype)
-    f = trigger_values(hidden.reshape(r * t, d), keys, bounds, hardness, distance)
-    if combination == "top1":
-        best, index = f.max(-1)
-        update = deltas[index] * best.to(hidden.dtype)[:, None]
-    else:
-        update = f.to(hidden.dtype) @ deltas
+    compiled = Entries(
+        torch.stack([e.key for e in entries]).to(hidden.device),
+        torch.tensor([e.bound for e in entries], device=hidden.device),
+        torch.tensor([e.hardness for e in entries], device=hidden.device),
+        torch.stack([e.delta for e in entries]).to(hidden.device),
+        distance,
+        hidden.dtype,
+    )
+    update, _ = compiled.update(hidden.reshape(r * t, d), combination)
     return hidden + update.reshape(r, t, d)
 
 

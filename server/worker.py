@@ -32,6 +32,7 @@ from memserve.memory_store.artifact import Artifact, MemoryMeta
 from memserve.memory_store.jobs import Job, JobQueue, JobState, Progress
 from memserve.memory_store.redis_store import RedisStore, connect, wait_for_redis
 from memserve.models import LoadedModel, ModelConfig, load_model
+from memserve.threads import run_in_compute_thread
 
 log = logging.getLogger(__name__)
 
@@ -160,7 +161,12 @@ class Worker:
             version = self._already_published(job)
             if version is None:
                 kind = get_kind(job.kind)
-                trained = kind.train(job.spec, _Context(self, job))
+                context = _Context(self, job)
+                # A thread of its own, ending with the job: its OpenMP team must not outlive it
+                # and slow the engine of a server this worker runs in (memserve/threads.py).
+                trained = run_in_compute_thread(
+                    lambda: kind.train(job.spec, context), name=f"memserve-train-{job.id}"
+                )
                 meta = MemoryMeta(
                     kind=job.kind,
                     name=job.memory_name,

@@ -8,6 +8,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -32,6 +33,7 @@ from memserve.engine import (
     GenerationRequest,
     TokenEvent,
 )
+from memserve.hooks import MemoryHooks
 from memserve.kinds import TrainContext
 from memserve.memory_store.artifact import Artifact
 from memserve.memory_store.redis_server import RedisServer, start_cluster
@@ -100,6 +102,33 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
 @pytest.fixture(scope="session", params=TINY_ARCHITECTURES)
 def tiny_model(request: pytest.FixtureRequest, tiny_tokenizer: PreTrainedTokenizerFast) -> PreTrainedModel:
     return build_tiny_model(request.param, len(tiny_tokenizer))
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_tokenizer: PreTrainedTokenizerFast) -> LoadedModel:
+    """A tiny random Llama, loaded as the server would hold it (one per test module)."""
+    model = build_tiny_model("llama", len(tiny_tokenizer))
+    return LoadedModel(model, tiny_tokenizer, "tiny", "tiny-fingerprint", torch.device("cpu"), "fp32")
+
+
+@pytest.fixture(scope="module")
+def hooks(tiny: LoadedModel) -> Iterator[MemoryHooks]:
+    """Memory hooks on `tiny`, removed after the module."""
+    hooks = MemoryHooks(tiny.model)
+    yield hooks
+    hooks.remove()
+
+
+@pytest.fixture(scope="module")
+def store_address(store_server: Any) -> str:
+    """The address of the module's store server (tiny Llama, a real Redis)."""
+    return f"127.0.0.1:{store_server.running.port}"
+
+
+@pytest.fixture
+def no_ambient_tenant(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Requests go to the default tenant, whatever $MEMSERVE_TENANT the shell has."""
+    monkeypatch.delenv("MEMSERVE_TENANT", raising=False)
 
 
 @pytest.fixture(scope="session")

@@ -33,12 +33,6 @@ TEXTS = {
 }
 
 
-@pytest.fixture(scope="module")
-def tiny(tiny_tokenizer) -> LoadedModel:
-    model = build_tiny_model("llama", len(tiny_tokenizer))
-    return LoadedModel(model, tiny_tokenizer, "tiny", "tiny-fingerprint", torch.device("cpu"), "fp32")
-
-
 def spec(texts: dict[str, str], **config) -> dict:
     documents = [{"id": doc_id, "title": doc_id.title(), "text": text} for doc_id, text in texts.items()]
     defaults = {"epochs": 30, "learning_rate": 1e-2, "window_words": 16, "window_stride": 8, "max_windows": 4}

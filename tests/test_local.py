@@ -15,7 +15,7 @@ from memserve.engine import GenerationRequest, StoppingParams
 from memserve.errors import InvalidArgument
 from memserve.hooks import MemoryContext, MemoryHooks
 from memserve.kinds import LoadTarget, MemoryRefSpec
-from memserve.local import LoadedLocalSet, TriggerStats, group_tensors, trigger_values
+from memserve.local import Entries, LoadedLocalSet, TriggerStats, group_tensors, trigger_values
 from memserve.local_eval import generate_all
 from memserve.local_train import (
     Fact,
@@ -27,20 +27,7 @@ from memserve.local_train import (
 )
 from memserve.memory_store.artifact import Artifact, MemoryMeta, decode, encode
 from memserve.models import LoadedModel
-from tests.conftest import FakeContext, build_tiny_model, run_all
-
-
-@pytest.fixture(scope="module")
-def tiny(tiny_tokenizer) -> LoadedModel:
-    model = build_tiny_model("llama", len(tiny_tokenizer))
-    return LoadedModel(model, tiny_tokenizer, "tiny", "tiny-fingerprint", torch.device("cpu"), "fp32")
-
-
-@pytest.fixture(scope="module")
-def hooks(tiny) -> MemoryHooks:
-    hooks = MemoryHooks(tiny.model)
-    yield hooks
-    hooks.remove()
+from tests.conftest import FakeContext, run_all
 
 
 class _Named:
@@ -106,6 +93,49 @@ def test_the_trigger_is_the_blogs_band_pass_with_both_distances():
     expected = math.exp(-(((x / 0.5) ** 2) ** 3))
     assert float(trigger_values(a, key, bound, hardness, "mixed")) == pytest.approx(expected)
     assert float(trigger_values(key, key, bound, hardness, "mixed")) == pytest.approx(1.0)
+
+
+def _written_out(a: torch.Tensor, keys: torch.Tensor, bounds: torch.Tensor, hardness: torch.Tensor,
+                 deltas: torch.Tensor, distance: str, combination: str) -> torch.Tensor:  # fmt: skip
+    """DESIGN.md's formula, entry by entry and position by position, in float64."""
+    out = torch.zeros_like(a, dtype=torch.float64)
+    for n, position in enumerate(a.double()):
+        f = []
+        for key, b, h in zip(keys.double(), bounds.double(), hardness.double(), strict=True):
+            projection = position @ key / (key @ key)
+            if distance == "projection":
+                x = 1 - min(float(projection), 1.0)
+            else:
+                cosine = position @ key / (position.norm() * key.norm())
+                x = 0.5 * abs(1 - float(projection)) + 0.5 * (1 - float(cosine))
+            f.append(math.exp(-(((x / float(b)) ** 2) ** float(h))))
+        if combination == "top1":
+            best = max(range(len(f)), key=f.__getitem__)
+            out[n] = f[best] * deltas[best].double()
+        else:
+            out[n] = sum(fi * d.double() for fi, d in zip(f, deltas, strict=True))
+    return out
+
+
+@pytest.mark.parametrize("distance", ["projection", "mixed"])
+@pytest.mark.parametrize("combination", ["top1", "sum"])
+@pytest.mark.parametrize("uniform_hardness", [True, False])
+def test_every_fast_form_of_the_trigger_matches_the_formula(distance, combination, uniform_hardness):
+    generator = torch.Generator().manual_seed(3)
+    keys = torch.randn(7, 16, generator=generator)
+    # Positions near some keys (inside, at and beyond their bounds) and far from all.
+    a = torch.cat(
+        [keys[:4] * torch.tensor([[1.0], [1.02], [1.1], [1.6]]), torch.randn(3, 16, generator=generator)]
+    )
+    bounds = torch.rand(7, generator=generator) * 0.3 + 0.05
+    hardness = torch.full((7,), 3.0) if uniform_hardness else torch.rand(7, generator=generator) * 3 + 1
+    deltas = torch.randn(7, 16, generator=generator)
+    update, best = Entries(keys, bounds, hardness, deltas, distance).update(a, combination)
+    expected = _written_out(a, keys, bounds, hardness, deltas, distance, combination)
+    torch.testing.assert_close(update.double(), expected, atol=1e-4, rtol=1e-4)
+    full = trigger_values(a, keys, bounds, hardness, distance)
+    torch.testing.assert_close(best, full.max(-1).values, atol=1e-5, rtol=1e-5)
+    assert float(best.max()) > 0.5 and float(best.min()) < 0.01  # the positions span fire and not
 
 
 def test_an_entry_changes_its_prompt_and_leaves_far_prompts_alone(tiny, hooks, make_engine):
