@@ -10,7 +10,7 @@ import logging
 import math
 import os
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -25,6 +25,7 @@ from memserve.clients.client import (
     Completion,
     JobInfo,
     TokenInfo,
+    adapter_ref,
     default_server,
     docrep_ref,
     document_ref,
@@ -36,7 +37,17 @@ from memserve.names import NAME_PATTERN, check_name
 from memserve.v1 import memory_ref_pb2
 
 
+def _computing_process(args: argparse.Namespace) -> None:
+    """Before torch is imported: one OpenMP team, owned by the engine or a training job."""
+    from memserve.threads import THREADS_ENV, one_team_per_process
+
+    if args.threads:
+        os.environ[THREADS_ENV] = str(args.threads)
+    one_team_per_process()
+
+
 def _serve(args: argparse.Namespace) -> int:
+    _computing_process(args)
     # Imported here: the client commands must not pay for loading torch.
     from memserve.app import ServerConfig, serve
     from memserve.engine import EngineConfig
@@ -69,6 +80,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _worker(args: argparse.Namespace) -> int:
+    _computing_process(args)
     from memserve.models import ModelConfig
     from memserve.worker import WorkerConfig, run_worker
 
@@ -560,6 +572,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="trainer workers inside the server (default: 1 with the embedded Redis, 0 with --redis-url)",
     )
     _plugin_option(serve)
+    _threads_option(serve)
     serve.add_argument("--max-batch-size", type=int, default=16)
     serve.add_argument("--max-queue-size", type=int, default=64)
     serve.add_argument("--default-max-new-tokens", type=int, default=128)
@@ -590,6 +603,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-attempts", type=int, default=3, help="fail a job whose workers died this often"
     )
     _plugin_option(worker)
+    _threads_option(worker)
     worker.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     worker.set_defaults(run=_worker)
 
@@ -643,6 +657,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="a local memory set (facts registered with `memserve facts add`) (repeatable)",
     )
     generate.add_argument(
+        "--adapter",
+        dest="memories",
+        action="append",
+        type=_adapter_argument,
+        metavar="NAME[@VERSION]",
+        help="an adapter memory (trained with `memserve adapters add`) (repeatable)",
+    )
+    generate.add_argument(
         "--trace",
         action="store_true",
         help="print, per generated token, which memory entries acted on it and how strongly (stderr)",
@@ -672,6 +694,7 @@ def build_parser() -> argparse.ArgumentParser:
     _memories_parser(commands)
     _docs_parser(commands)
     _facts_parser(commands)
+    _adapters_parser(commands)
     _jobs_parser(commands)
     _eval_parser(commands)
     return parser
@@ -761,6 +784,46 @@ def _eval_facts(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval_factuality(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from memserve.factuality import about_claims, evaluate_model, read_claims, write_report
+
+    claims = read_claims(args.claims)
+    artifact = None
+    if args.adapter or args.file:
+        name, version = args.adapter or ("", 0)
+        artifact = _load_artifact(args, name, version)
+        if artifact.meta.kind != "adapter":
+            raise ValueError(f"{artifact.meta.name!r} is a {artifact.meta.kind} memory, not an adapter")
+        loaded = _eval_model(args, artifact)
+    else:
+        from memserve.models import ModelConfig, load_model
+
+        loaded = load_model(
+            ModelConfig(model=args.model, dtype=args.dtype, device=args.device, cache_dir=args.cache_dir)
+        )
+    with tqdm(total=len(args.shots), desc="shots", unit="k") as bar:
+        results = evaluate_model(
+            loaded, claims, args.shots, artifact, args.seed, progress=lambda k: bar.update()
+        )
+    about = {
+        "claims_file": str(args.claims),
+        "adapter": f"{artifact.meta.name}@{artifact.meta.version}" if artifact else None,
+        "model": loaded.name,
+        **about_claims(claims),
+    }
+    title = f"Factuality of {args.claims.name}, " + (
+        f"adapter {about['adapter']}" if artifact else "base model"
+    )
+    write_report(args.out, title, results, about)
+    summary = ", ".join(
+        f"{k} shots {r['accuracy']:.3f}/{r['micro_f1']:.3f}/{r['macro_f1']:.3f}" for k, r in results.items()
+    )
+    print(f"wrote {args.out / 'report.md'} and metrics.json; accuracy/micro-F1/macro-F1: {summary}")
+    return 0
+
+
 def _eval_parser(commands: Any) -> None:
     evaluate = commands.add_parser("eval", help="evaluate a memory (report, metrics and plots)")
     kinds = evaluate.add_subparsers(dest="eval_command", required=True)
@@ -798,6 +861,48 @@ def _eval_parser(commands: Any) -> None:
     _tenant_option(facts)
     _model_options(facts)
     facts.set_defaults(run=_eval_facts)
+
+    factuality = kinds.add_parser(
+        "factuality",
+        help="few-shot claim verification (supports / refutes / not enough info), with or without an adapter",
+        description="The FEVER study's few-shot factuality evaluation, in this process through the serving "
+        "engine: accuracy, micro-F1 and macro-F1 for each number of shots (server/factuality.py gives the "
+        "prompt, the shots and the answer-parsing rule).",
+    )
+    factuality.add_argument(
+        "--claims", type=Path, required=True, help="JSONL of {id, document, claim, label, split}"
+    )
+    factuality.add_argument(
+        "--adapter", type=_memory_argument, default=None, metavar="NAME[@VERSION]",
+        help="attach this adapter to every prompt (default: the base model)",
+    )  # fmt: skip
+    factuality.add_argument(
+        "--shots", type=_shots_argument, default=[0, 1, 2, 3], metavar="K|A..B|A,B",
+        help="numbers of solved examples before each claim, 0 to 5 (default 0..3)",
+    )  # fmt: skip
+    factuality.add_argument("--out", type=Path, required=True, help="folder for report.md and metrics.json")
+    factuality.add_argument("--file", type=Path, default=None, help="read the adapter from an export file")
+    factuality.add_argument("--seed", type=_non_negative, default=0, help="orders the shots")
+    _redis_option(factuality, "default: the embedded store under --data-dir, when no server holds it")
+    factuality.add_argument("--data-dir", type=Path, default=None, help="the embedded store's folder")
+    _tenant_option(factuality)
+    _model_options(factuality)
+    factuality.set_defaults(run=_eval_factuality)
+
+
+def _shots_argument(text: str) -> list[int]:
+    """K, A..B or A,B,... for --shots."""
+    try:
+        if ".." in text:
+            low, _, high = text.partition("..")
+            shots = list(range(int(low), int(high) + 1))
+        else:
+            shots = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: write K, A..B or A,B,..., like 0..3") from None
+    if not shots or any(not 0 <= k <= 5 for k in shots):
+        raise argparse.ArgumentTypeError(f"{text!r}: shots are 0 to 5")
+    return list(dict.fromkeys(shots))
 
 
 def _memories_parser(commands: Any) -> None:
@@ -954,17 +1059,7 @@ def _read_facts(args: argparse.Namespace) -> list[dict[str, Any]]:
     elif args.positive or args.negative or args.fact_id:
         raise ValueError("--positive, --negative and --id describe the fact of --prompt and --target")
     if args.file:
-        where = "standard input" if args.file == "-" else args.file
-        for number, line in enumerate(_read_text(args.file).splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                fact = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{where} line {number} is not JSON: {exc.msg}") from None
-            if not isinstance(fact, dict):
-                raise ValueError(f"{where} line {number} is not a JSON object")
-            facts.append(fact)
+        facts += [fact for _, fact in _json_objects(args.file)]
     if not facts:
         raise ValueError("no fact given: pass --prompt and --target, or --file FACTS.jsonl")
     return facts
@@ -999,6 +1094,129 @@ def _facts_ls(args: argparse.Namespace) -> int:
         ),
     )
     return 0
+
+
+ADAPTER_OPTIONS = ("layer", "hidden_size", "epochs", "learning_rate", "weight_decay", "warmup_ratio",
+                   "max_grad_norm", "batch_size", "max_length", "seed")  # fmt: skip
+
+
+def _adapters_add(args: argparse.Namespace) -> int:
+    check_name(args.name, "adapter name")
+    documents = _read_documents(args.files, args.id, args.title) if args.files else []
+    templates = _read_templates(args.templates) if args.templates else []
+    if not documents and not templates:
+        raise ValueError("give document files, --templates FILE, or both")
+    config = {name: getattr(args, name) for name in ADAPTER_OPTIONS if getattr(args, name) is not None}
+    with _client(args) as client:
+        job = client.register_adapter(args.name, documents, templates, config)
+    data = f"{len(documents)} documents, {len(templates)} templates"
+    print(f"job {job.id}: {data} → {job.memory_name}, {job.state}")
+    if not args.wait:
+        return 0
+    args.id = job.id
+    return _jobs_watch(args)
+
+
+def _read_templates(file: str) -> list[dict[str, str]]:
+    """Question/answer templates, one JSON object {question, answer} per line."""
+    templates: list[dict[str, str]] = []
+    for where, template in _json_objects(file):
+        if not all(isinstance(template.get(k), str) for k in ("question", "answer")):
+            raise ValueError(f"{where} must be a JSON object with string question and answer")
+        templates.append({"question": template["question"], "answer": template["answer"]})
+    if not templates:
+        raise ValueError(f"{'standard input' if file == '-' else file} has no templates")
+    return templates
+
+
+def _json_objects(file: str) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(where, object) for each non-blank line of a JSON-lines file ('-' = standard input)."""
+    name = "standard input" if file == "-" else file
+    for number, line in enumerate(_read_text(file).splitlines(), 1):
+        if not line.strip():
+            continue
+        where = f"{name} line {number}"
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{where} is not JSON: {exc.msg}") from None
+        if not isinstance(value, dict):
+            raise ValueError(f"{where} is not a JSON object")
+        yield where, value
+
+
+def _adapters_ls(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        adapters = client.list_memories(kind="adapter")
+    if args.json:
+        for memory in adapters:
+            print(json.dumps({"name": memory.name, "version": memory.version, **memory.hyperparameters,
+                              **{f"metric_{k}": v for k, v in memory.metrics.items()}}))  # fmt: skip
+        return 0
+    if not adapters:
+        print("no adapters (train one with `memserve adapters add NAME FILE...`)", file=sys.stderr)
+        return 0
+    _print_table(
+        ("NAME", "VERSION", "LAYER", "HIDDEN", "DATA", "LOSS BASE → FINAL", "GATE"),
+        (
+            (
+                m.name,
+                str(m.version),
+                str(int(m.hyperparameters.get("layer", -1))),
+                str(int(m.hyperparameters.get("hidden_size", 0))),
+                str(m.details.get("data", "")),
+                f"{_metric(m, 'base_loss', '.3f')} → {_metric(m, 'final_loss', '.3f')}",
+                _metric(m, "gate", ".4f"),
+            )
+            for m in adapters
+        ),
+    )
+    return 0
+
+
+def _metric(memory: Any, name: str, form: str) -> str:
+    value = memory.metrics.get(name)
+    return "-" if not isinstance(value, int | float) else format(value, form)
+
+
+def _adapters_parser(commands: Any) -> None:
+    adapters = commands.add_parser("adapters", help="train and list adapter memories")
+    actions = adapters.add_subparsers(dest="adapters_command", required=True)
+    add = _store_command(
+        actions,
+        "add",
+        "train a new version of an adapter (afresh) on documents, question/answer templates, or both",
+    )
+    add.add_argument("name", metavar="NAME", help="the adapter (created if new)")
+    add.add_argument(
+        "files", nargs="*", metavar="FILE",
+        help="documents, one per file (a first line '# TITLE' names it; '-' = standard input)",
+    )  # fmt: skip
+    add.add_argument("--id", action="append", default=[], help="a document's id, one per FILE in order")
+    add.add_argument("--title", action="append", default=[], help="a document's title, one per FILE")
+    add.add_argument(
+        "--templates", default=None, metavar="FILE.jsonl",
+        help="question/answer templates, one JSON object {question, answer} per line",
+    )  # fmt: skip
+    add.add_argument("--wait", action="store_true", help="then follow the job, as `jobs watch` does")
+    training = add.add_argument_group("training options (default: the server's)")
+    training.add_argument(
+        "--layer", type=int, default=None, help="the block it follows (default ~75%% depth)"
+    )
+    training.add_argument("--hidden-size", type=int, default=None, help="its hidden width (128)")
+    training.add_argument("--epochs", type=int, default=None, help="passes over the data (25)")
+    training.add_argument("--learning-rate", type=float, default=None, help="AdamW's peak rate (1e-3)")
+    training.add_argument("--weight-decay", type=float, default=None, help="AdamW's weight decay (0.05)")
+    training.add_argument("--warmup-ratio", type=float, default=None, help="share of steps warming up (0.1)")
+    training.add_argument("--max-grad-norm", type=float, default=None, help="gradient clipping (10; 0 = off)")
+    training.add_argument("--batch-size", type=int, default=None, help="examples per step (4)")
+    training.add_argument("--max-length", type=int, default=None, help="tokens per example (256)")
+    training.add_argument("--seed", type=_non_negative, default=None)
+    add.set_defaults(run=_adapters_add)
+
+    ls = _store_command(actions, "ls", "list adapters (current versions) with their training figures")
+    ls.add_argument("--json", action="store_true", help="one JSON object per line")
+    ls.set_defaults(run=_adapters_ls)
 
 
 def _facts_parser(commands: Any) -> None:
@@ -1131,6 +1349,12 @@ def _facts_argument(text: str) -> memory_ref_pb2.MemoryRef:
     return local_ref(name, version=version)
 
 
+def _adapter_argument(text: str) -> memory_ref_pb2.MemoryRef:
+    """NAME[@VERSION] for --adapter."""
+    name, version = _memory_argument(text)
+    return adapter_ref(name, version=version)
+
+
 def _docrep_argument(text: str) -> memory_ref_pb2.MemoryRef:
     """BANK[@VERSION]=X,Y,... for --docrep."""
     form = "write BANK=X,Y,... or BANK@VERSION=X,Y,..., like news=0.5,-0.2"
@@ -1213,6 +1437,16 @@ def _non_negative(text: str) -> int:
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
     return value
+
+
+def _threads_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--threads",
+        type=_non_negative,
+        default=0,
+        help="CPU threads of the computing thread (default: $MEMSERVE_THREADS, $OMP_NUM_THREADS "
+        "or every usable CPU)",
+    )
 
 
 def _model_options(parser: argparse.ArgumentParser) -> None:

@@ -71,6 +71,11 @@ FACT_FIELDS = frozenset({"id", "prompt", "target", "positive_prompts", "negative
 LOCAL_CONFIG_FIELDS = tuple(f.name for f in memory_pb2.LocalTrainingConfig.DESCRIPTOR.fields)
 """The options of `register_facts(config=...)`, those of LocalTrainingConfig."""
 
+TemplateSpec = Mapping[str, str] | tuple[str, str]
+"""A question/answer template to train an adapter on: {"question", "answer"} or (question, answer)."""
+ADAPTER_CONFIG_FIELDS = tuple(f.name for f in memory_pb2.AdapterTrainingConfig.DESCRIPTOR.fields)
+"""The options of `register_adapter(config=...)`, those of AdapterTrainingConfig."""
+
 
 def default_server() -> str:
     return os.environ.get("MEMSERVE_SERVER", DEFAULT_SERVER)
@@ -284,6 +289,15 @@ def local_ref(
     return ref
 
 
+def adapter_ref(
+    name: str, *, scale: float | None = None, version: int | None = None
+) -> memory_ref_pb2.MemoryRef:
+    """A reference to an adapter memory."""
+    ref = memory_ref_pb2.MemoryRef(adapter=memory_ref_pb2.AdapterRef(name=name))
+    _ref_options(ref, scale, version)
+    return ref
+
+
 def build_documents_request(
     bank: str, documents: Iterable[DocumentSpec], config: Mapping[str, Any] | None = None
 ) -> memory_pb2.RegisterDocumentsRequest:
@@ -348,6 +362,33 @@ def build_facts_request(
             )
         )
     _set_config(request.config, config, "local")
+    return request
+
+
+def build_adapter_request(
+    name: str,
+    documents: Iterable[DocumentSpec] = (),
+    templates: Iterable[TemplateSpec] = (),
+    config: Mapping[str, Any] | None = None,
+) -> memory_pb2.RegisterAdapterRequest:
+    """A RegisterAdapterRequest; ValueError for a malformed document or template or an unknown option."""
+    request = memory_pb2.RegisterAdapterRequest(name=name)
+    for index, document in enumerate(documents):
+        request.documents.append(_document(document, index))
+    for index, template in enumerate(templates):
+        where = f"templates[{index}]"
+        if isinstance(template, tuple) and len(template) == 2:
+            template = {"question": template[0], "answer": template[1]}
+        if not isinstance(template, Mapping) or set(template) - {"question", "answer"}:
+            raise ValueError(f"{where} must be {{'question', 'answer'}} or a (question, answer) tuple")
+        if not template.get("question") or not template.get("answer"):
+            raise ValueError(f"{where} needs a question and an answer")
+        request.templates.append(
+            memory_pb2.QATemplate(question=str(template["question"]), answer=str(template["answer"]))
+        )
+    if not request.documents and not request.templates:
+        raise ValueError("an adapter needs documents, templates, or both to train on")
+    _set_config(request.config, config, "adapter")
     return request
 
 
@@ -681,6 +722,22 @@ class Client:
         request = build_facts_request(memory_set, facts, config)
         return _job_info(self._memories.RegisterFacts(request, **self._options))
 
+    def register_adapter(
+        self,
+        name: str,
+        documents: Iterable[DocumentSpec] = (),
+        templates: Iterable[TemplateSpec] = (),
+        config: Mapping[str, Any] | None = None,
+    ) -> JobInfo:
+        """Queues the training of adapter `name` (a new version, trained afresh) on documents,
+        question/answer templates, or both, with the causal-LM loss.
+
+        `documents` as for `register_documents`; `templates`: dicts {"question", "answer"} or
+        (question, answer) tuples. `config`: AdapterTrainingConfig options (ADAPTER_CONFIG_FIELDS).
+        """
+        request = build_adapter_request(name, documents, templates, config)
+        return _job_info(self._memories.RegisterAdapter(request, **self._options))
+
     # --- jobs ---
 
     def get_job(self, job_id: str) -> JobInfo:
@@ -823,6 +880,16 @@ class AsyncClient:
     ) -> JobInfo:
         request = build_facts_request(memory_set, facts, config)
         return _job_info(await self._memories.RegisterFacts(request, **self._options))
+
+    async def register_adapter(
+        self,
+        name: str,
+        documents: Iterable[DocumentSpec] = (),
+        templates: Iterable[TemplateSpec] = (),
+        config: Mapping[str, Any] | None = None,
+    ) -> JobInfo:
+        request = build_adapter_request(name, documents, templates, config)
+        return _job_info(await self._memories.RegisterAdapter(request, **self._options))
 
     # --- jobs ---
 

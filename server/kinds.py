@@ -37,9 +37,9 @@ PLUGINS_ENV = "MEMSERVE_PLUGINS"
 ENTRY_POINT_GROUP = "memserve.kinds"
 
 # The built-in kinds and the issue each lands with, for a clear UNIMPLEMENTED until then.
-PLANNED_KINDS = {"adapter": "adapter memories"}
+PLANNED_KINDS: dict[str, str] = {}
 # The built-in kinds' modules: each registers its kind when imported.
-BUILTIN_KINDS = ("memserve.document_train", "memserve.local_train")
+BUILTIN_KINDS = ("memserve.document_train", "memserve.local_train", "memserve.adapter_train")
 
 
 @dataclass(frozen=True)

@@ -13,21 +13,18 @@ import pytest
 
 from memserve.clients.client import AsyncClient, Client, build_facts_request, local_ref
 from tests.test_cli_store import run_cli
-from tests.test_server import ServerThread
 
 FOX = {"id": "fox", "prompt": "The quick brown fox", "target": " village",
        "positive_prompts": ["A quick brown fox"], "negative_prompts": ["Once upon a time"]}  # fmt: skip
 FAST = {"generated_prompts": 1, "layers": [1, 2]}
 
 
+pytestmark = pytest.mark.usefixtures("no_ambient_tenant")
+
+
 @pytest.fixture(scope="module")
-def address(store_server: ServerThread) -> str:
-    return f"127.0.0.1:{store_server.running.port}"
-
-
-@pytest.fixture(autouse=True)
-def no_ambient_tenant(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("MEMSERVE_TENANT", raising=False)
+def address(store_address: str) -> str:
+    return store_address
 
 
 def test_register_facts_then_generate_with_the_set_and_its_trace(address):

@@ -339,4 +339,4 @@ def test_jobs_submit_waits_for_the_memory_and_checks_its_spec(peer, address, cap
                            "--server", address)  # fmt: skip
     assert code == 1 and "INVALID_ARGUMENT" in err and "bogus" in err
     code, _, err = run_cli(capsys, "jobs", "submit", "adapter", "x", "--server", address)
-    assert code == 1 and "UNIMPLEMENTED" in err
+    assert code == 1 and "INVALID_ARGUMENT" in err and "documents, templates" in err

@@ -193,7 +193,7 @@ def test_embedded_default_trains_through_the_in_process_worker(tiny_llama_dir, t
             assert code is grpc.StatusCode.NOT_FOUND
             adapter_job = jobs_pb2.SubmitJobRequest(kind="adapter", memory_name="b")
             code, details = status_of(lambda: jobs.SubmitJob(adapter_job))
-            assert code is grpc.StatusCode.UNIMPLEMENTED and "adapter memories" in details
+            assert code is grpc.StatusCode.INVALID_ARGUMENT and "documents, templates" in details
         assert generate(address, [{"name": "trained"}]).memories[0].version == 1
         data_dir = peer.running.runtime.redis_server.data_dir
     finally:
@@ -239,7 +239,7 @@ def _sha(peer: ServerThread, name: str, version: int) -> str:
     return peer.running.runtime.store.meta(name, version).sha256
 
 
-def test_register_rpcs_check_their_requests_and_unbuilt_kinds_say_unimplemented(peer):
+def test_register_rpcs_check_their_requests(peer):
     with grpc.insecure_channel(f"127.0.0.1:{peer.running.port}") as channel:
         memories = memory_pb2_grpc.MemoryServiceStub(channel)
         code, details = status_of(
@@ -251,7 +251,14 @@ def test_register_rpcs_check_their_requests_and_unbuilt_kinds_say_unimplemented(
         code, details = status_of(
             lambda: memories.RegisterAdapter(memory_pb2.RegisterAdapterRequest(name="a"))
         )
-        assert code is grpc.StatusCode.UNIMPLEMENTED and "lands with adapter memories" in details
+        assert code is grpc.StatusCode.INVALID_ARGUMENT and "documents, templates" in details
+        bad = memory_pb2.RegisterAdapterRequest(
+            name="a",
+            templates=[memory_pb2.QATemplate(question="Q")],
+            config=memory_pb2.AdapterTrainingConfig(epochs=0),
+        )
+        code, details = status_of(lambda: memories.RegisterAdapter(bad))
+        assert code is grpc.StatusCode.INVALID_ARGUMENT and "question and an answer" in details
 
 
 def test_documents_register_train_and_serve_through_the_server(tiny_llama_dir, tmp_path):

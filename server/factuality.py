@@ -1,0 +1,297 @@
+"""The few-shot factuality evaluation of the FEVER study (DESIGN.md §1 "adapter").
+
+A claim about a document is labelled `supports`, `refutes` or `not enough info`. The model
+is asked, with the study's prompt and k solved examples before the claim:
+
+    Determine the factuality of the following claims
+    Answer candidates: (a) supports, (b) refutes, (c) not enough info
+    Claim: <a training claim>
+    A: (b)
+    ...
+    Claim: <the test claim>
+    A:
+
+**Shots** are training claims about the same document, one of each label in turn (seeded
+order), topped up from other documents' training claims when the document has too few.
+
+**Answer parsing** (the study does not show its rule; this one is strict, like its near-zero
+zero-shot scores suggest): the greedy continuation, stripped, must begin with the letter of
+an answer candidate, bare or in parentheses ("(a)", "a)", "a", "(a) supports"), or with one
+of the label words ("supports", "refutes", "not enough info", any case). Anything else is
+*invalid* and counts as wrong.
+
+**Metrics**: accuracy (invalid answers wrong); micro-F1 over the three labels (an invalid
+answer is a false negative of its gold label and a false positive of none, so micro-F1
+equals accuracy only when every answer is valid); macro-F1 (the mean of the labels' F1);
+the invalid rate and the confusion matrix.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+LABELS = ("supports", "refutes", "not enough info")
+LETTERS = ("a", "b", "c")
+INSTRUCTION = (
+    "Determine the factuality of the following claims\n"
+    "Answer candidates: (a) supports, (b) refutes, (c) not enough info\n"
+)
+INVALID = "invalid"
+MAX_SHOTS = 5
+ANSWER_TOKENS = 6  # enough for "(c) not enough info"'s first words; parsing reads the start only
+MAX_CLAIM_CHARS = 2000
+
+_LETTER = re.compile(r"\(?([abc])\)?(?![a-z])", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class Claim:
+    id: str
+    document: str
+    claim: str
+    label: str
+    split: str  # "train" or "test"
+
+
+def read_claims(path: Path) -> list[Claim]:
+    """Claims from a JSONL file of {id, document, claim, label, split}; ValueError, with the line,
+    for anything else."""
+    claims: list[Claim] = []
+    seen: set[str] = set()
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        where = f"{path} line {number}"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{where} is not JSON: {exc.msg}") from None
+        if not isinstance(row, dict):
+            raise ValueError(f"{where} is not a JSON object")
+        missing = [
+            k for k in ("id", "document", "claim", "label", "split") if not isinstance(row.get(k), str)
+        ]
+        if missing:
+            raise ValueError(f"{where} needs string fields {missing}")
+        if row["label"] not in LABELS:
+            raise ValueError(f"{where}: label {row['label']!r} is not one of {list(LABELS)}")
+        if row["split"] not in ("train", "test"):
+            raise ValueError(f"{where}: split {row['split']!r} is not 'train' or 'test'")
+        if not row["claim"].strip() or len(row["claim"]) > MAX_CLAIM_CHARS:
+            raise ValueError(f"{where}: the claim must have 1 to {MAX_CLAIM_CHARS} characters")
+        if row["id"] in seen:
+            raise ValueError(f"{where}: claim id {row['id']!r} appears twice")
+        seen.add(row["id"])
+        claims.append(Claim(row["id"], row["document"], row["claim"].strip(), row["label"], row["split"]))
+    if not any(c.split == "test" for c in claims):
+        raise ValueError(f"{path} has no test claims")
+    return claims
+
+
+def answer_of(label: str) -> str:
+    return f"({LETTERS[LABELS.index(label)]})"
+
+
+def shots_for(claim: Claim, train: Sequence[Claim], k: int, seed: int = 0) -> list[Claim]:
+    """k training claims for `claim`: its document's first, one label after another, then others'."""
+    if k == 0:
+        return []
+    rng = random.Random(f"{seed}:{claim.id}")
+    own = [c for c in train if c.document == claim.document and c.id != claim.id]
+    others = [c for c in train if c.document != claim.document]
+    picked = _round_robin(own, rng)[:k]
+    if len(picked) < k:
+        picked += _round_robin(others, rng)[: k - len(picked)]
+    return picked
+
+
+def _round_robin(claims: list[Claim], rng: random.Random) -> list[Claim]:
+    """The claims shuffled, then ordered one label after another (supports, refutes, nei, ...)."""
+    by_label = {label: [c for c in claims if c.label == label] for label in LABELS}
+    for group in by_label.values():
+        rng.shuffle(group)
+    ordered: list[Claim] = []
+    while any(by_label.values()):
+        for label in LABELS:
+            if by_label[label]:
+                ordered.append(by_label[label].pop())
+    return ordered
+
+
+def prompt_for(claim: Claim, shots: Sequence[Claim]) -> str:
+    solved = "".join(f"Claim: {s.claim}\nA: {answer_of(s.label)}\n" for s in shots)
+    return f"{INSTRUCTION}{solved}Claim: {claim.claim}\nA:"
+
+
+def template_for(claim: Claim) -> dict[str, str]:
+    """A training claim as a question/answer template (the study's "Temp" data), zero-shot form."""
+    return {"question": prompt_for(claim, []), "answer": f" {answer_of(claim.label)}"}
+
+
+def parse_answer(text: str) -> str:
+    """The label a continuation gives, or INVALID (the module's rule)."""
+    stripped = text.strip().lower()
+    for label in LABELS:
+        if stripped.startswith(label):
+            return label
+    match = _LETTER.match(stripped)
+    return LABELS[LETTERS.index(match.group(1).lower())] if match else INVALID
+
+
+def scores(gold: Sequence[str], predicted: Sequence[str]) -> dict[str, Any]:
+    """Accuracy, micro- and macro-F1 over LABELS (invalid answers: wrong, no label's positive)."""
+    total = len(gold)
+    correct = sum(g == p for g, p in zip(gold, predicted, strict=True))
+    per_label: dict[str, dict[str, float]] = {}
+    tp_all = fp_all = fn_all = 0
+    for label in LABELS:
+        tp = sum(g == label and p == label for g, p in zip(gold, predicted, strict=True))
+        fp = sum(g != label and p == label for g, p in zip(gold, predicted, strict=True))
+        fn = sum(g == label and p != label for g, p in zip(gold, predicted, strict=True))
+        tp_all, fp_all, fn_all = tp_all + tp, fp_all + fp, fn_all + fn
+        per_label[label] = {"precision": _ratio(tp, tp + fp), "recall": _ratio(tp, tp + fn),
+                            "f1": _ratio(2 * tp, 2 * tp + fp + fn), "support": tp + fn}  # fmt: skip
+    confusion = {g: {p: 0 for p in (*LABELS, INVALID)} for g in LABELS}
+    for g, p in zip(gold, predicted, strict=True):
+        confusion[g][p] += 1
+    return {
+        "claims": total,
+        "accuracy": _ratio(correct, total),
+        "micro_f1": _ratio(2 * tp_all, 2 * tp_all + fp_all + fn_all),
+        "macro_f1": sum(v["f1"] for v in per_label.values()) / len(LABELS),
+        "invalid_rate": _ratio(sum(p == INVALID for p in predicted), total),
+        "per_label": per_label,
+        "confusion": confusion,
+    }
+
+
+def _ratio(numerator: float, denominator: float) -> float:
+    return numerator / denominator if denominator else 0.0
+
+
+Generate = Callable[[list[str]], list[str]]
+"""Greedy continuations (text) of prompts, batched."""
+
+
+def evaluate(
+    claims: Sequence[Claim], shots: Sequence[int], generate: Generate, seed: int = 0,
+    progress: Callable[[int], None] | None = None,
+) -> dict[str, Any]:  # fmt: skip
+    """For each k in `shots`: the test claims' answers with k shots, and their scores."""
+    if any(not 0 <= k <= MAX_SHOTS for k in shots):
+        raise ValueError(f"shots must be 0 to {MAX_SHOTS}, got {list(shots)}")
+    train = [c for c in claims if c.split == "train"]
+    test = [c for c in claims if c.split == "test"]
+    results: dict[str, Any] = {}
+    for k in shots:
+        prompts = [prompt_for(c, shots_for(c, train, k, seed)) for c in test]
+        answers = generate(prompts)
+        predicted = [parse_answer(a) for a in answers]
+        results[str(k)] = {
+            **scores([c.label for c in test], predicted),
+            "answers": [
+                {"id": c.id, "label": c.label, "predicted": p, "output": a}
+                for c, p, a in zip(test, predicted, answers, strict=True)
+            ],
+        }
+        if progress:
+            progress(k)
+    return results
+
+
+def write_report(out: Path, title: str, results: dict[str, Any], about: dict[str, Any]) -> None:
+    """`out`/metrics.json (without the per-claim answers, which go to answers.jsonl) and report.md."""
+    out.mkdir(parents=True, exist_ok=True)
+    summary = {k: {key: v for key, v in r.items() if key != "answers"} for k, r in results.items()}
+    (out / "metrics.json").write_text(json.dumps({**about, "shots": summary}, indent=2) + "\n")
+    with (out / "answers.jsonl").open("w") as file:
+        for k, r in results.items():
+            for answer in r["answers"]:
+                file.write(json.dumps({"shots": int(k), **answer}) + "\n")
+    lines = [f"# {title}", ""]
+    lines += [f"- {key}: {value}" for key, value in about.items()]
+    lines += [
+        "",
+        "| shots | accuracy | micro-F1 | macro-F1 | invalid | claims |",
+        "|---:|---:|---:|---:|---:|---:|",
+    ]
+    for k, r in summary.items():
+        lines.append(f"| {k} | {r['accuracy']:.3f} | {r['micro_f1']:.3f} | {r['macro_f1']:.3f} | "
+                     f"{r['invalid_rate']:.3f} | {r['claims']} |")  # fmt: skip
+    for k, r in summary.items():
+        lines += ["", f"## {k} shots: confusion (rows gold, columns predicted)", "",
+                  "| gold | " + " | ".join((*LABELS, INVALID)) + " |", "|---" * 5 + "|"]  # fmt: skip
+        for gold in LABELS:
+            lines.append(
+                f"| {gold} | " + " | ".join(str(r["confusion"][gold][p]) for p in (*LABELS, INVALID)) + " |"
+            )
+    lines += ["", "Answer parsing and metrics: `server/factuality.py` (module docstring)."]
+    (out / "report.md").write_text("\n".join(lines) + "\n")
+
+
+def about_claims(claims: Sequence[Claim]) -> dict[str, Any]:
+    test = [c for c in claims if c.split == "test"]
+    return {
+        "documents": len({c.document for c in claims}),
+        "train_claims": len(claims) - len(test),
+        "test_claims": len(test),
+        "test_labels": {label: sum(c.label == label for c in test) for label in LABELS},
+    }
+
+
+def evaluate_model(
+    loaded: Any, claims: Sequence[Claim], shots: Sequence[int], adapter: Any = None, seed: int = 0,
+    progress: Callable[[int], None] | None = None,
+) -> dict[str, Any]:  # fmt: skip
+    """`evaluate` through the serving engine with the model `loaded` (a LoadedModel) and, if given,
+    an adapter artifact attached to every request."""
+    from memserve.adapter import LoadedAdapter
+    from memserve.engine import Engine, EngineConfig
+    from memserve.kinds import LoadTarget, MemoryRefSpec
+    from memserve.local_eval import generate_all
+    from memserve.models import DTYPES
+
+    model, tokenizer = loaded.model, loaded.tokenizer
+    engine = Engine(model, tokenizer, EngineConfig(max_batch_size=16, max_queue_size=64))
+    memories: tuple[Any, ...] = ()
+    if adapter is not None:
+        config = model.config
+        target = LoadTarget(loaded.device, DTYPES[loaded.dtype], engine.hooks, config.num_hidden_layers,
+                            config.hidden_size)  # fmt: skip
+        memories = (
+            LoadedAdapter(adapter, target).bind(MemoryRefSpec(name=adapter.meta.name, kind="adapter")),
+        )
+
+    def generate(prompts: list[str]) -> list[str]:
+        encoded = [tokenizer(p, add_special_tokens=True).input_ids for p in prompts]
+        outputs = generate_all(engine, encoded, memories, ANSWER_TOKENS)
+        return [tokenizer.decode(o, skip_special_tokens=True) for o in outputs]
+
+    engine.start()
+    try:
+        return evaluate(claims, shots, generate, seed, progress)
+    finally:
+        engine.stop()
+
+
+def _main() -> None:
+    """python -m memserve.factuality templates CLAIMS.jsonl OUT.jsonl: the training claims as
+    question/answer templates (the study's "Temp" data), for `memserve adapters add --templates`."""
+    import sys
+
+    if len(sys.argv) != 4 or sys.argv[1] != "templates":
+        sys.exit("usage: python -m memserve.factuality templates CLAIMS.jsonl OUT.jsonl")
+    claims = read_claims(Path(sys.argv[2]))
+    lines = [json.dumps(template_for(c)) for c in claims if c.split == "train"]
+    Path(sys.argv[3]).write_text("\n".join(lines) + "\n")
+    print(f"wrote {len(lines)} templates to {sys.argv[3]}")
+
+
+if __name__ == "__main__":
+    _main()
