@@ -11,8 +11,9 @@ is asked, with the study's prompt and k solved examples before the claim:
     Claim: <the test claim>
     A:
 
-**Shots** are training claims about the same document, one of each label in turn (seeded
-order), topped up from other documents' training claims when the document has too few.
+**Shots** are training claims about the same document, covering the labels in turn, topped up
+from other documents' training claims when the document has too few, and shown in a seeded
+random order (in a fixed order, the default model answers by continuing the letters).
 
 **Answer parsing** (the study does not show its rule; this one is strict, like its near-zero
 zero-shot scores suggest): the greedy continuation, stripped, must begin with the letter of
@@ -99,7 +100,9 @@ def answer_of(label: str) -> str:
 
 
 def shots_for(claim: Claim, train: Sequence[Claim], k: int, seed: int = 0) -> list[Claim]:
-    """k training claims for `claim`: its document's first, one label after another, then others'."""
+    """k training claims for `claim`: its document's first, covering the labels in turn (in an
+    order drawn per claim), then other documents'; shown in a shuffled order. A fixed order would
+    let a small model answer by continuing the letters: after "(a)", "(b)", "(c)" it says "(d)"."""
     if k == 0:
         return []
     rng = random.Random(f"{seed}:{claim.id}")
@@ -108,17 +111,20 @@ def shots_for(claim: Claim, train: Sequence[Claim], k: int, seed: int = 0) -> li
     picked = _round_robin(own, rng)[:k]
     if len(picked) < k:
         picked += _round_robin(others, rng)[: k - len(picked)]
+    rng.shuffle(picked)
     return picked
 
 
 def _round_robin(claims: list[Claim], rng: random.Random) -> list[Claim]:
-    """The claims shuffled, then ordered one label after another (supports, refutes, nei, ...)."""
-    by_label = {label: [c for c in claims if c.label == label] for label in LABELS}
+    """The claims shuffled, then ordered one label after another, the labels in a random order."""
+    labels = list(LABELS)
+    rng.shuffle(labels)
+    by_label = {label: [c for c in claims if c.label == label] for label in labels}
     for group in by_label.values():
         rng.shuffle(group)
     ordered: list[Claim] = []
     while any(by_label.values()):
-        for label in LABELS:
+        for label in labels:
             if by_label[label]:
                 ordered.append(by_label[label].pop())
     return ordered
