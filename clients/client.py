@@ -599,22 +599,33 @@ def _replacing(path: str | os.PathLike[str]) -> Iterator[BinaryIO]:
         partial.unlink(missing_ok=True)  # a failed export leaves no half-written file
 
 
-def _tenant_metadata(tenant: str | None) -> tuple[tuple[str, str], ...] | None:
-    return ((TENANT_METADATA, tenant),) if tenant else None
+def _metadata(tenant: str | None, token: str | None) -> tuple[tuple[str, str], ...] | None:
+    pairs = ((TENANT_METADATA, tenant),) if tenant else ()
+    pairs += (("authorization", f"Bearer {token}"),) if token else ()
+    return pairs or None
+
+
+def default_token() -> str | None:
+    """$MEMSERVE_TOKEN, or None: the bearer token a server with auth wants for mutating RPCs."""
+    return os.environ.get("MEMSERVE_TOKEN") or None
 
 
 class Client:
     """Blocking client. Keyword arguments of `generate` are those of `build_request`.
 
-    `tenant` (default $MEMSERVE_TENANT, else the server's default tenant) scopes every call.
+    `tenant` (default $MEMSERVE_TENANT, else the server's default tenant) scopes every call;
+    `token` (default $MEMSERVE_TOKEN) is sent as a bearer token, which a server started with
+    $MEMSERVE_AUTH_TOKEN wants for the RPCs that change memories and jobs.
     """
 
     def __init__(
-        self, address: str | None = None, timeout: float | None = None, tenant: str | None = None
-    ) -> None:
+        self, address: str | None = None, timeout: float | None = None, tenant: str | None = None,
+        token: str | None = None,
+    ) -> None:  # fmt: skip
         self.address = address or default_server()
         self.timeout = timeout
         self.tenant = default_tenant() if tenant is None else tenant
+        self.token = default_token() if token is None else token
         self._channel = grpc.insecure_channel(self.address)
         self._stub = generation_pb2_grpc.GenerationServiceStub(self._channel)
         self._memories = memory_pb2_grpc.MemoryServiceStub(self._channel)
@@ -623,7 +634,7 @@ class Client:
     @property
     def _options(self) -> dict[str, Any]:
         """Per-call options, read at each call so that changing `timeout` or `tenant` takes effect."""
-        return {"timeout": self.timeout, "metadata": _tenant_metadata(self.tenant)}
+        return {"timeout": self.timeout, "metadata": _metadata(self.tenant, self.token)}
 
     # --- generation ---
 
@@ -786,11 +797,13 @@ class AsyncClient:
     """asyncio client, same methods as `Client`, awaited."""
 
     def __init__(
-        self, address: str | None = None, timeout: float | None = None, tenant: str | None = None
-    ) -> None:
+        self, address: str | None = None, timeout: float | None = None, tenant: str | None = None,
+        token: str | None = None,
+    ) -> None:  # fmt: skip
         self.address = address or default_server()
         self.timeout = timeout
         self.tenant = default_tenant() if tenant is None else tenant
+        self.token = default_token() if token is None else token
         self._channel = grpc.aio.insecure_channel(self.address)
         self._stub = generation_pb2_grpc.GenerationServiceStub(self._channel)
         self._memories = memory_pb2_grpc.MemoryServiceStub(self._channel)
@@ -799,7 +812,7 @@ class AsyncClient:
     @property
     def _options(self) -> dict[str, Any]:
         """Per-call options, read at each call so that changing `timeout` or `tenant` takes effect."""
-        return {"timeout": self.timeout, "metadata": _tenant_metadata(self.tenant)}
+        return {"timeout": self.timeout, "metadata": _metadata(self.tenant, self.token)}
 
     # --- generation ---
 

@@ -7,6 +7,7 @@ import logging
 import signal
 import time
 from dataclasses import dataclass, field
+from wsgiref.simple_server import WSGIServer
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -15,6 +16,15 @@ from prometheus_client import start_http_server
 
 from memserve.engine import Engine, EngineConfig
 from memserve.interceptor import ErrorInterceptor
+from memserve.metrics import (
+    DEFAULT_MAX_MEMORY_LABELS,
+    QUEUE_DEPTH,
+    RUNNING_REQUESTS,
+    EngineMetrics,
+    install_memory_observers,
+    register_job_queue,
+    set_max_memory_labels,
+)
 from memserve.models import LoadedModel, ModelConfig, load_model
 from memserve.service import GenerationService, JobService, MemoryService
 from memserve.store_runtime import StoreConfig, StoreRuntime
@@ -42,7 +52,11 @@ class ServerConfig:
     """Address to listen on; 0.0.0.0 to accept connections from other machines."""
     port: int = 50051
     metrics_port: int | None = 9464
-    """Prometheus /metrics port; None = no metrics endpoint."""
+    """Prometheus /metrics port; 0 = any free port (tests); None = no metrics endpoint."""
+    auth_token: str | None = None
+    """A bearer token the mutating RPCs require; None = no auth (`serve` reads $MEMSERVE_AUTH_TOKEN)."""
+    metrics_max_memory_labels: int = DEFAULT_MAX_MEMORY_LABELS
+    """Memories (banks, sets, adapters) that get a metrics label of their own; later ones: `other`."""
     store: StoreConfig | None = field(default_factory=StoreConfig)
     """The memory store (Redis URL, cache, workers); None = serve without memories."""
     max_message_bytes: int = 16 << 20
@@ -63,12 +77,15 @@ class RunningServer:
         health_servicer: health.aio.HealthServicer,
         port: int,
         runtime: StoreRuntime | None,
+        metrics: WSGIServer | None = None,
     ) -> None:
         self.server = server
         self.engine = engine
         self.health = health_servicer
         self.port = port
         self.runtime = runtime
+        self.metrics = metrics
+        self.metrics_port = metrics.server_port if metrics is not None else None
 
     async def stop(self, grace: float) -> None:
         """Refuses new requests at once, gives in-flight ones `grace` seconds, then ends them.
@@ -86,6 +103,9 @@ class RunningServer:
         await transport
         if self.runtime is not None:
             await asyncio.to_thread(self.runtime.close)
+        if self.metrics is not None:
+            await asyncio.to_thread(self.metrics.shutdown)
+            self.metrics.server_close()
 
 
 async def start_server(config: ServerConfig) -> RunningServer:
@@ -115,7 +135,7 @@ async def _start(
     config: ServerConfig, loaded: LoadedModel, engine: Engine, runtime: StoreRuntime | None, started: float
 ) -> RunningServer:
     server = grpc.aio.server(
-        interceptors=[ErrorInterceptor()],
+        interceptors=[ErrorInterceptor(config.auth_token)],
         options=[
             ("grpc.max_receive_message_length", config.max_message_bytes),
             ("grpc.max_send_message_length", config.max_message_bytes),
@@ -142,11 +162,19 @@ async def _start(
         raise OSError(f"cannot listen on {address}: is another server using the port?") from exc
     if port == 0:
         raise OSError(f"cannot listen on {address}: is another server using the port?")
+    metrics_server = None
     if config.metrics_port is not None:
         try:
-            start_http_server(config.metrics_port, addr=config.host)
+            metrics_server, _ = start_http_server(config.metrics_port, addr=config.host)
         except OSError as exc:
             raise OSError(f"cannot serve metrics on {config.host}:{config.metrics_port}: {exc}") from exc
+    set_max_memory_labels(config.metrics_max_memory_labels)
+    install_memory_observers()
+    engine.observer = EngineMetrics()
+    QUEUE_DEPTH.set_function(lambda: engine.queue_depth)
+    RUNNING_REQUESTS.set_function(lambda: engine.running)
+    if runtime is not None:
+        register_job_queue(runtime.queue.depth, runtime.queue.workers_alive)
 
     loop = asyncio.get_running_loop()
 
@@ -165,7 +193,7 @@ async def _start(
         port,
         time.perf_counter() - started,
     )
-    return RunningServer(server, engine, health_servicer, port, runtime)
+    return RunningServer(server, engine, health_servicer, port, runtime, metrics_server)
 
 
 async def serve(config: ServerConfig) -> None:

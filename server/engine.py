@@ -54,6 +54,19 @@ class FinishReason(StrEnum):
     CONTEXT_LENGTH = "context_length"
 
 
+class EngineObserver(Protocol):
+    """What the metrics layer hears from the engine thread (memserve.metrics.EngineMetrics)."""
+
+    def step(self, batch_size: int, queue_depth: int, running: int) -> None:
+        """After each engine step: the rows it decoded, the queue and the running batch."""
+
+    def prefill(self, prompt_tokens: int) -> None:
+        """Prompt tokens prefilled (padding not counted)."""
+
+    def token(self, first: bool, seconds: float) -> None:
+        """A token streamed: the time since submission (the first) or since the row's last token."""
+
+
 class RowMemory(Protocol):
     """A ready-to-run memory attached to a request; each memory kind supplies one.
 
@@ -180,6 +193,8 @@ class _Row:
             request.stopping.include_stop_sequence,
         )
         self.generated: list[int] = []
+        self.submitted = time.monotonic()
+        self.last_token: float | None = None
         # Tokens the repetition penalty looks at: the prompt and the output so far.
         self.seen: torch.Tensor | None = None
         if request.sampling.repetition_penalty != 1.0:
@@ -213,6 +228,8 @@ class Engine:
         """Called (from the engine thread) if the engine thread dies, e.g. to mark health NOT_SERVING."""
         self._stopping = False
         self._thread: threading.Thread | None = None
+        self.observer: EngineObserver | None = None
+        """Set before `start` by the metrics layer."""
 
     # ---------------------------------------------------------------- public API
 
@@ -321,8 +338,11 @@ class Engine:
         self._batch.keep(self._drop_dead(self._batch.rows))
         if admitted:
             self._prefill(admitted)
-        if self._batch.rows:
+        decoded = len(self._batch.rows)
+        if decoded:
             self._decode_step()
+        if self.observer is not None:
+            self.observer.step(decoded, len(self._waiting), len(self._batch.rows))
 
     def _drop_dead(self, rows: list[_Row]) -> list[_Row]:
         """Removes cancelled rows and fails those past their deadline."""
@@ -340,6 +360,8 @@ class Engine:
     def _prefill(self, rows: list[_Row]) -> None:
         """Runs the prompts of newly admitted rows, samples their first token, joins them to the batch."""
         lengths = [len(r.request.prompt_ids) for r in rows]
+        if self.observer is not None:
+            self.observer.prefill(sum(lengths))
         width = max(lengths)
         ids = torch.full((len(rows), width), self._pad_id, dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)
@@ -470,6 +492,10 @@ class Engine:
         if row.seen is not None:
             row.seen = torch.cat([row.seen, row.seen.new_tensor([token])])
         reason = self._append(row, token)
+        if self.observer is not None:
+            now = time.monotonic()
+            self.observer.token(row.last_token is None, now - (row.last_token or row.submitted))
+            row.last_token = now
         is_eos = reason is FinishReason.EOS
         row.sink(
             TokenEvent(

@@ -55,6 +55,10 @@ class Cancelled(MemserveError):
     code = grpc.StatusCode.CANCELLED
 
 
+class Unauthenticated(MemserveError):
+    code = grpc.StatusCode.UNAUTHENTICATED
+
+
 class Unimplemented(MemserveError):
     code = grpc.StatusCode.UNIMPLEMENTED
 

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from memserve.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, Unavailable
 from memserve.kinds import LoadedMemory, LoadTarget, MemoryRefSpec, get_kind
 from memserve.memory_store.redis_store import Change, RedisStore
+from memserve.metrics import MEMORY_CACHE_BYTES, MEMORY_CACHE_HITS, MEMORY_CACHE_MISSES, MEMORY_LOAD_SECONDS
 
 log = logging.getLogger(__name__)
 
@@ -164,6 +165,7 @@ class MemoryCache:
         if cached is not None:
             self._entries.move_to_end(key)
             self.stats.hits += 1
+            MEMORY_CACHE_HITS.inc()
         return cached
 
     def _still_valid(self, key: CacheKey, cached: CachedMemory) -> bool:
@@ -192,6 +194,7 @@ class MemoryCache:
         started = time.perf_counter()
         with self._lock:
             self.stats.misses += 1
+            MEMORY_CACHE_MISSES.inc()
             generation = (self._generations.get((tenant, name), 0), self._epoch)
         artifact = self.store.load(name, version, tenant=tenant)
         meta = artifact.meta
@@ -208,6 +211,7 @@ class MemoryCache:
         with self._lock:
             self.stats.loads += 1
             self.stats.load_seconds += elapsed
+            MEMORY_LOAD_SECONDS.observe(elapsed)
             # A change to this name while it loaded (a delete, say) may concern it: this
             # request uses what it loaded, but it is not kept.
             if (self._generations.get((tenant, name), 0), self._epoch) == generation:
@@ -225,6 +229,7 @@ class MemoryCache:
             return
         self._entries[key] = loaded
         self._bytes += loaded.nbytes
+        MEMORY_CACHE_BYTES.set(self._bytes)
         while self._bytes > self.capacity_bytes:
             oldest = next(iter(self._entries))
             self._drop(oldest)
@@ -232,6 +237,7 @@ class MemoryCache:
 
     def _drop(self, key: CacheKey) -> None:
         self._bytes -= self._entries.pop(key).nbytes
+        MEMORY_CACHE_BYTES.set(self._bytes)
 
     @contextmanager
     def locked(self) -> Iterator[None]:  # tests

@@ -24,6 +24,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from prometheus_client import start_http_server
 from redis.exceptions import RedisError
 
 from memserve.errors import MemserveError, NotFound
@@ -31,6 +32,7 @@ from memserve.kinds import JobCancelled, TrainContext, get_kind, load_plugins, r
 from memserve.memory_store.artifact import Artifact, MemoryMeta
 from memserve.memory_store.jobs import Job, JobQueue, JobState, Progress
 from memserve.memory_store.redis_store import RedisStore, connect, wait_for_redis
+from memserve.metrics import JOB_DURATION, JOBS, register_job_queue
 from memserve.models import LoadedModel, ModelConfig, load_model
 from memserve.threads import run_in_compute_thread
 
@@ -156,6 +158,14 @@ class Worker:
                 self._running = None
 
     def _run(self, job: Job, entry_id: str) -> None:
+        started = time.monotonic()
+        state = self._run_job(job, entry_id)
+        if state is not None:
+            JOBS.labels(job.kind, state.value).inc()
+            JOB_DURATION.labels(job.kind).observe(time.monotonic() - started)
+
+    def _run_job(self, job: Job, entry_id: str) -> JobState | None:
+        """Runs the job to its end; returns the state it ended in (None: another worker has it)."""
         self.last_progress = None
         try:
             version = self._already_published(job)
@@ -179,23 +189,24 @@ class Worker:
                 version = self.store.publish(meta, trained.tensors, job_id=job.id).version
         except _LostJob as exc:  # its entry is the new owner's now: not acknowledged
             log.warning("worker %s: %s", self.name, exc)
-            return
+            return None
         except JobCancelled:
             self.queue.finish(job.id, entry_id, self.name, JobState.CANCELLED, progress=self.last_progress)
             log.info("worker %s: job %s cancelled", self.name, job.id)
-            return
+            return JobState.CANCELLED
         except Exception as exc:  # the job fails, with the reason; the worker goes on
             log.error("worker %s: job %s failed:\n%s", self.name, job.id, traceback.format_exc())
             error = str(exc) if isinstance(exc, MemserveError) else f"{type(exc).__name__}: {exc}"
             self.queue.finish(job.id, entry_id, self.name, JobState.FAILED, error=error,
                               progress=self.last_progress)  # fmt: skip
-            return
+            return JobState.FAILED
         done = self.last_progress or Progress(1, 1)
         done = Progress(done.total or 1, done.total or 1, done.loss, 0.0, "published")
         self.queue.finish(
             job.id, entry_id, self.name, JobState.SUCCEEDED, result_version=version, progress=done
         )
         log.info("worker %s: job %s published %s version %d", self.name, job.id, job.memory_name, version)
+        return JobState.SUCCEEDED
 
     def _already_published(self, job: Job) -> int | None:
         """The version an earlier attempt of this job published, if one did."""
@@ -216,15 +227,24 @@ class Worker:
 
 
 def run_worker(
-    redis_url: str, model_config: ModelConfig, config: WorkerConfig, *, plugins: tuple[str, ...] = ()
-) -> None:
+    redis_url: str, model_config: ModelConfig, config: WorkerConfig, *, plugins: tuple[str, ...] = (),
+    metrics_port: int | None = None, metrics_host: str = "127.0.0.1",
+) -> None:  # fmt: skip
     """`memserve worker`: runs until SIGTERM/SIGINT (the job in hand is finished first; a
-    second signal exits at once, and another worker takes the job over)."""
+    second signal exits at once, and another worker takes the job over). With `metrics_port`,
+    serves /metrics: jobs by kind and state, job durations, the queue and the live workers."""
     load_plugins(plugins)
+    if metrics_port is not None:
+        try:
+            start_http_server(metrics_port, addr=metrics_host)
+        except OSError as exc:
+            raise OSError(f"cannot serve metrics on {metrics_host}:{metrics_port}: {exc}") from exc
     loaded = load_model(model_config)
     client = connect(redis_url)
     wait_for_redis(client, timeout=30)
-    worker = Worker(RedisStore(client), JobQueue(client), lambda: loaded, config=config)
+    queue = JobQueue(client)
+    register_job_queue(queue.depth, queue.workers_alive)
+    worker = Worker(RedisStore(client), queue, lambda: loaded, config=config)
     stop = threading.Event()
 
     def on_signal(signum: int, frame: object) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 
 import grpc
 import pytest
@@ -12,6 +13,7 @@ from google.protobuf.struct_pb2 import Struct
 
 import tests.kinds  # noqa: F401  (registers the test-bias kind)
 from memserve.app import RunningServer
+from memserve.clients.client import Client
 from memserve.errors import FailedPrecondition
 from memserve.memory_store.artifact import MemoryMeta
 from memserve.memory_store.redis_server import RedisServer
@@ -304,3 +306,31 @@ def test_documents_register_train_and_serve_through_the_server(tiny_llama_dir, t
         assert code is grpc.StatusCode.INVALID_ARGUMENT and "which key" in details
     finally:
         peer.close()
+
+
+def test_with_a_token_the_mutating_rpcs_want_it_and_the_others_do_not(tiny_llama_dir, standalone_url):
+    config = replace(
+        tiny_server_config(tiny_llama_dir, store=store_config(standalone_url)), auth_token="s3cret"
+    )
+    server = ServerThread(config)
+    try:
+        address = f"127.0.0.1:{server.running.port}"
+        templates = [("Q?", "A.")]
+        for token, expected in ((None, "wants a bearer token"), ("wrong", "not this server's")):
+            with (
+                Client(address, tenant="", token=token or "") as client,
+                pytest.raises(grpc.RpcError) as error,
+            ):
+                client.register_adapter("a", templates=templates, config={"epochs": 1, "hidden_size": 4})
+            assert error.value.code() is grpc.StatusCode.UNAUTHENTICATED and expected in error.value.details()
+        with Client(address, tenant="", token="") as client:
+            assert client.generate("Hello", max_new_tokens=2).text  # reading and generating need no token
+            assert client.list_memories() == []
+            with pytest.raises(grpc.RpcError) as error:
+                client.delete_memory("a")
+            assert error.value.code() is grpc.StatusCode.UNAUTHENTICATED
+        with Client(address, tenant="", token="s3cret") as client:
+            job = client.register_adapter("a", templates=templates, config={"epochs": 1, "hidden_size": 4})
+            assert list(client.watch_job(job.id))[-1].state == "succeeded"
+    finally:
+        server.close()

@@ -1,0 +1,25 @@
+{{- define "memserve.fullname" -}}
+{{- printf "%s-%s" .Release.Name .Chart.Name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{- define "memserve.labels" -}}
+app.kubernetes.io/name: {{ .Chart.Name }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+{{- end -}}
+
+{{- define "memserve.authSecret" -}}
+{{- if .Values.auth.existingSecret -}}{{ .Values.auth.existingSecret }}{{- else -}}{{ include "memserve.fullname" . }}-auth{{- end -}}
+{{- end -}}
+
+{{- define "memserve.env" -}}
+- name: MEMSERVE_REDIS_URL
+  value: {{ .Values.redis.url | quote }}
+{{- if or .Values.auth.token .Values.auth.existingSecret }}
+- name: MEMSERVE_AUTH_TOKEN
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "memserve.authSecret" . }}
+      key: {{ .Values.auth.key }}
+{{- end }}
+{{- end -}}

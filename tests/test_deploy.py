@@ -1,0 +1,103 @@
+"""deploy/: Prometheus config and alert rules checked and unit-tested by promtool (Debian's
+prometheus package, which `make install` installs), the compose file and the Helm chart call
+the real CLI, and the Grafana dashboard is provisioned as the compose stack expects."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from memserve.clients.cli import build_parser
+
+DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
+PROMETHEUS = DEPLOY / "prometheus"
+
+
+def promtool(*args: str) -> subprocess.CompletedProcess[str]:
+    binary = shutil.which("promtool")
+    assert binary, "promtool is missing: `make install` installs Debian's prometheus package"
+    return subprocess.run([binary, *args], cwd=PROMETHEUS, capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("check", "config", "prometheus.yml"),
+        ("check", "rules", "rules.yml"),
+        ("test", "rules", "rules_test.yml"),
+    ],
+    ids=["check config", "check rules", "test rules"],
+)
+def test_promtool_passes(args):
+    result = promtool(*args)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "SUCCESS" in result.stdout + result.stderr
+
+
+def test_every_alert_has_a_unit_test_that_fires_it():
+    rules = yaml.safe_load((PROMETHEUS / "rules.yml").read_text())
+    alerts = {r["alert"] for group in rules["groups"] for r in group["rules"] if "alert" in r}
+    tests = yaml.safe_load((PROMETHEUS / "rules_test.yml").read_text())["tests"]
+    fired = {
+        case["alertname"] for t in tests for case in t.get("alert_rule_test", []) if case.get("exp_alerts")
+    }
+    assert alerts == fired
+    wanted = ["ServerDown", "HighErrorRatio", "HighLatencyP95", "SlowFirstToken", "TriggerRateJump",
+              "TriggerRateCollapse", "JobFailures", "JobBacklog", "NoWorkers"]  # fmt: skip
+    assert {f"Memserve{name}" for name in wanted} <= alerts
+
+
+def test_the_compose_stack_runs_the_real_commands_with_redis_on_aof():
+    compose = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())
+    services = compose["services"]
+    assert {"server", "worker", "redis", "prometheus", "grafana"} <= set(services)
+    assert "--appendonly" in services["redis"]["command"] and "yes" in services["redis"]["command"]
+    parser = build_parser()
+    for name in ("server", "worker"):
+        args = parser.parse_args(services[name]["command"])  # every option exists, every value parses
+        assert args.metrics_port in (9464, 9465)
+    scraped = yaml.safe_load((PROMETHEUS / "prometheus.yml").read_text())
+    targets = {t for job in scraped["scrape_configs"] for c in job["static_configs"] for t in c["targets"]}
+    assert targets == {"server:9464", "worker:9465"}
+
+
+def test_the_helm_chart_passes_only_options_the_cli_knows():
+    values = yaml.safe_load((DEPLOY / "helm" / "memserve" / "values.yaml").read_text())
+    assert values["redis"]["url"] and "auth" in values and values["serviceMonitor"]["enabled"]
+    parser = build_parser()
+    for template, command in (("server-deployment.yaml", "serve"), ("worker-deployment.yaml", "worker")):
+        text = (DEPLOY / "helm" / "memserve" / "templates" / template).read_text()
+        flags = re.findall(r"- (--[a-z-]+)=", text)
+        assert flags, template
+        # Each flag with a placeholder value of the right type parses.
+        numbers = ("--port", "--metrics-port", "--workers", "--max-batch-size", "--cache-mb", "--threads")
+        sample = dict.fromkeys(numbers, "1")
+        argv = [command] + [f"{flag}={sample.get(flag, 'auto' if flag in ('--dtype', '--device') else 'x')}"
+                            for flag in flags]  # fmt: skip
+        if command == "worker":
+            argv += ["--redis-url", "redis://r"]
+        parser.parse_args(argv)
+    for name in ("secret.yaml", "hpa.yaml", "servicemonitor.yaml", "service.yaml"):
+        assert (DEPLOY / "helm" / "memserve" / "templates" / name).exists()
+
+
+def test_the_dashboard_is_provisioned_with_the_datasource_it_names():
+    dashboard = json.loads((DEPLOY / "grafana" / "dashboards" / "memserve.json").read_text())
+    datasource = yaml.safe_load(
+        (DEPLOY / "grafana" / "provisioning" / "datasources" / "prometheus.yml").read_text()
+    )
+    uid = datasource["datasources"][0]["uid"]
+    targets = [t for p in dashboard["panels"] for t in p.get("targets", [])]
+    assert targets and all(t["datasource"]["uid"] == uid and t["expr"] for t in targets)
+    titles = {p["title"] for p in dashboard["panels"]}
+    wanted = ["Requests by RPC", "Responses by status", "Time to first token", "Tokens/s", "Batch size",
+              "Queue and running", "Document selection per bank", "Local trigger rate per set",
+              "Memory cache hit ratio", "Memory load time", "Jobs finished",
+              "Job queue and workers"]  # fmt: skip
+    assert set(wanted) <= titles
