@@ -1,6 +1,6 @@
 """Local (fact) memories: what they cost at decode time, and how well they edit.
 
-python bench/bench_facts.py decode [--entries 10000] [--repeats 5]
+python bench/bench_facts.py decode [--entries 10000] [--repeats 5] [--metrics]
     Decode step time through the serving engine (KV cache, batch 1 and 8) with a set of N
     entries, against no memory, measured side by side in one run. Entries are real
     activations of the default model (keys) with random deltas, spread over 1, 8 or 60
@@ -150,6 +150,10 @@ def decode(args: argparse.Namespace) -> None:
     # As in `memserve serve`: the engine thread owns the only multi-threaded OpenMP team; this
     # thread (loading, building the sets) stays on one (memserve/threads.py says why).
     torch.set_num_threads(1)
+    if args.metrics:  # as `memserve serve` runs: the memory kinds report to Prometheus
+        from memserve.metrics import install_memory_observers
+
+        install_memory_observers()
     loaded = load_model(ModelConfig())
     engine = Engine(loaded.model, loaded.tokenizer, EngineConfig(max_batch_size=16, threads=args.threads))
     engine.start()
@@ -158,6 +162,7 @@ def decode(args: argparse.Namespace) -> None:
     print(
         f"default model on {loaded.device} ({loaded.dtype}), {args.threads or compute_threads()} threads; "
         f"{args.entries} entries; {args.tokens} tokens per run, {args.repeats} repeats, medians"
+        + ("; metrics observers on" if args.metrics else "")
     )
     rows = []
     try:
@@ -277,6 +282,7 @@ def main() -> None:
     dec.add_argument("--tokens", type=int, default=48)
     dec.add_argument("--repeats", type=int, default=5)
     dec.add_argument("--threads", type=int, default=0)
+    dec.add_argument("--metrics", action="store_true", help="with the Prometheus observers, as a server runs")
     dec.set_defaults(run=decode)
     cf = commands.add_parser("counterfacts", help="train and evaluate the 50 counterfactual facts")
     cf.add_argument("--facts", type=Path, default=ROOT / "tests/fixtures/facts/counterfacts.jsonl")

@@ -426,6 +426,8 @@ class Engine:
                     use_cache=True,
                     logits_to_keep=1,
                 )
+            if context:
+                context.finish()
             return out.logits[:, -1, :].float(), rows, context.trace if context else {}
         except MemoryHookError as exc:
             error: MemserveError = exc

@@ -142,6 +142,12 @@ class MemoryContext:
     # DocRep). A group op names its requests' memories in a `members` attribute, so a
     # failure is blamed on exactly those requests.
     groups: dict[object, Any] = field(default_factory=dict)
+    # Run once the forward pass is done (e.g. a kind's per-forward statistics for the metrics).
+    finishers: list[Callable[[], None]] = field(default_factory=list)
+
+    def finish(self) -> None:
+        for finisher in self.finishers:
+            finisher()
 
     def add(self, layer: int, site: Site | str, memory: NamedMemory, op: SiteOp) -> None:
         self.ops.setdefault((layer, Site(site)), []).append(BoundOp(memory, op))

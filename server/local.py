@@ -126,14 +126,14 @@ class Entries:
 
 @dataclass(frozen=True)
 class TriggerStats:
-    """Per forward, set and site: what the metrics layer reads (trigger rate and values)."""
+    """Per forward and set, over all its sites: what the metrics layer reads (trigger rate and
+    values). A position is checked once per site; the trigger rate is triggered / checked."""
 
     set: str
-    layer: int
-    site: str
-    positions_checked: int
-    positions_triggered: int  # positions whose strongest trigger is >= TRIGGERED_ABOVE
-    values: torch.Tensor  # strongest trigger of each position where it is >= NEGLIGIBLE (CPU, fp32)
+    sites: int
+    positions_checked: int  # real (non-pad) positions × sites
+    positions_triggered: int  # of those, where the site's strongest trigger is >= TRIGGERED_ABOVE
+    values: torch.Tensor  # the strongest triggers that are >= NEGLIGIBLE (CPU, fp32)
 
 
 TriggerObserver = Callable[[TriggerStats], None]
@@ -307,23 +307,20 @@ class _SiteOp:
         if rows.scales is not None:
             update = update * rows.scales.to(hidden.dtype)[:, None, None]
         if LoadedLocalSet.observer is not None:
-            LoadedLocalSet.observer(self._stats(local_set, best.reshape(r, t), rows.rows))
+            self._collect(local_set, best.reshape(r, t), rows.rows)
         for i, row in self.context.traced_rows(rows.rows):
             self._trace(local_set, group, group.entries.triggers(hidden[i, -1:])[0], row)
         return update
 
-    def _stats(self, local_set: LoadedLocalSet, best: torch.Tensor, rows: torch.Tensor) -> TriggerStats:
-        real = self.context.real_positions(rows)
-        values = best if real is None else best[real]
-        values = values.detach().float().cpu()
-        return TriggerStats(
-            set=local_set.name,
-            layer=self.layer,
-            site=self.site.value,
-            positions_checked=values.numel(),
-            positions_triggered=int((values >= TRIGGERED_ABOVE).sum()),
-            values=values[values >= NEGLIGIBLE],
-        )
+    def _collect(self, local_set: LoadedLocalSet, best: torch.Tensor, rows: torch.Tensor) -> None:
+        """Keeps a site's strongest triggers; the set's statistics are made once, after the forward."""
+        key = ("local-stats", id(local_set))
+        collected = self.context.groups.get(key)
+        if collected is None:
+            collected = _TriggerCollector(self.context, local_set.name, rows)
+            self.context.groups[key] = collected
+            self.context.finishers.append(collected.finish)
+        collected.bests.append(best)
 
     def _trace(self, local_set: LoadedLocalSet, group: EntryGroup, f: torch.Tensor, row: int) -> None:
         """Records the entries that acted on the row's last position (the one that picks the token)."""
@@ -333,6 +330,34 @@ class _SiteOp:
             if value >= NEGLIGIBLE:
                 label = f"{group.labels[i]} ({self.site.value})"
                 self.context.record(row, TraceRecord(local_set.name, "local", self.layer, label, value))
+
+
+@dataclass(eq=False)
+class _TriggerCollector:
+    """One set's strongest triggers at each of its sites in one forward: a few ops for all of them."""
+
+    context: MemoryContext
+    name: str
+    rows: torch.Tensor
+    bests: list[torch.Tensor] = field(default_factory=list)  # (R, T) per site
+
+    def finish(self) -> None:
+        observer = LoadedLocalSet.observer
+        if observer is None or not self.bests:
+            return
+        stacked = torch.stack(self.bests)  # (sites, R, T)
+        real = self.context.real_positions(self.rows)
+        values = stacked[:, real] if real is not None else stacked.reshape(len(self.bests), -1)
+        values = values.detach().float()
+        observer(
+            TriggerStats(
+                set=self.name,
+                sites=len(self.bests),
+                positions_checked=values.numel(),
+                positions_triggered=int((values >= TRIGGERED_ABOVE).sum()),
+                values=values[values >= NEGLIGIBLE].cpu(),
+            )
+        )
 
 
 def _site_width(target: LoadTarget, layer: int, site: str) -> int:

@@ -223,7 +223,7 @@ def test_traces_and_trigger_numbers_say_which_entry_fired(tiny, hooks, make_engi
     ]
     assert traced[0].value == pytest.approx(1.0)  # the prompt's last position is the key itself
     assert all(not trace for trace in outcomes[1].traces)  # not asked for
-    assert seen and all(s.set == "facts" and s.layer == 1 and s.site == "attn_out" for s in seen)
+    assert seen and all(s.set == "facts" and s.sites == 1 for s in seen)  # one site: layer 1, attn_out
     prefill = [s for s in seen if s.positions_checked > 2]
     # Padding is not counted: the prefill checks exactly the real prompt positions.
     lengths = [len(tiny.tokenizer(text).input_ids) for text in (prompt, other)]
