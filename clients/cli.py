@@ -48,7 +48,8 @@ def _computing_process(args: argparse.Namespace) -> None:
 
 def _serve(args: argparse.Namespace) -> int:
     _computing_process(args)
-    token = os.environ.get("MEMSERVE_AUTH_TOKEN") or None
+    # A token file or a Kubernetes Secret made with --from-file usually ends with a newline.
+    token = os.environ.get("MEMSERVE_AUTH_TOKEN", "").strip() or None
     # Imported here: the client commands must not pay for loading torch.
     from memserve.app import ServerConfig, serve
     from memserve.engine import EngineConfig

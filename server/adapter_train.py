@@ -113,7 +113,7 @@ def examples(
 ) -> Windows:  # fmt: skip
     """Token chunks of every document and every template, right-padded, pads labelled -100.
     A document longer than `max_length` tokens becomes several chunks (the tail kept); a
-    template longer than that is cut."""
+    template longer than that loses the start of its question."""
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
     rows: list[list[int]] = []
     owners: list[int] = []
@@ -127,7 +127,8 @@ def examples(
                 owners.append(index)
     for template in templates:
         ids = tokenizer(template_text(template["question"], template["answer"]), add_special_tokens=False)
-        rows.append((bos + ids.input_ids)[:max_length])
+        # Too long: the question loses its start, never the answer (what the template teaches).
+        rows.append(bos + ids.input_ids[-(max_length - len(bos)) :])
         owners.append(-1)
     if len(rows) > MAX_EXAMPLES:
         raise InvalidArgument(
@@ -238,6 +239,8 @@ class AdapterTrainer:
 def _check_data(spec: dict[str, Any]) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
     documents = spec.get("documents") or []
     templates = spec.get("templates") or []
+    if not isinstance(documents, list) or not isinstance(templates, list):
+        raise InvalidArgument("documents and templates must be lists")
     if not documents and not templates:
         raise InvalidArgument("an adapter needs documents, templates, or both to train on")
     if len(documents) > MAX_DOCUMENTS:
@@ -252,8 +255,8 @@ def _check_data(spec: dict[str, Any]) -> tuple[list[dict[str, str]], list[dict[s
         if doc_id in seen:
             raise InvalidArgument(f"document id {doc_id!r} appears twice")
         seen.add(doc_id)
-        text = str(doc.get("text", ""))
-        if not text.split():
+        text = doc.get("text", "")
+        if not isinstance(text, str) or not text.split():
             raise InvalidArgument(f"document {doc_id!r} has no text")
         if len(text) > MAX_TEXT_CHARS:
             raise InvalidArgument(f"document {doc_id!r} is longer than {MAX_TEXT_CHARS} characters")
@@ -262,8 +265,10 @@ def _check_data(spec: dict[str, Any]) -> tuple[list[dict[str, str]], list[dict[s
     for i, template in enumerate(templates):
         if not isinstance(template, dict):
             raise InvalidArgument(f"templates[{i}] must be an object with question and answer")
-        question, answer = str(template.get("question", "")), str(template.get("answer", ""))
-        if not question.strip() or not answer.strip():
+        question, answer = template.get("question", ""), template.get("answer", "")
+        if not (
+            isinstance(question, str) and isinstance(answer, str) and question.strip() and answer.strip()
+        ):
             raise InvalidArgument(f"templates[{i}] needs a question and an answer")
         if len(question) + len(answer) > MAX_TEMPLATE_CHARS:
             raise InvalidArgument(f"templates[{i}] is longer than {MAX_TEMPLATE_CHARS} characters")
@@ -276,8 +281,9 @@ class AdapterKind(MemoryKind):
 
     def validate_spec(self, spec: dict[str, Any]) -> dict[str, Any]:
         documents, templates = _check_data(spec)
-        config = AdapterConfig.from_spec(spec.get("config") or {})
-        given = {k: getattr(config, k) for k in (spec.get("config") or {})}
+        raw = spec.get("config") or {}
+        config = AdapterConfig.from_spec(raw)
+        given = {k: getattr(config, k) for k in raw}
         return {"documents": documents, "templates": templates, "config": given}
 
     def train(self, spec: dict[str, Any], context: TrainContext) -> Trained:

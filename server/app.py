@@ -16,12 +16,14 @@ from prometheus_client import start_http_server
 
 from memserve.engine import Engine, EngineConfig
 from memserve.interceptor import ErrorInterceptor
+from memserve.kinds import registered_kinds
 from memserve.metrics import (
     DEFAULT_MAX_MEMORY_LABELS,
     QUEUE_DEPTH,
     RUNNING_REQUESTS,
     EngineMetrics,
     install_memory_observers,
+    precreate_job_series,
     register_job_queue,
     set_max_memory_labels,
 )
@@ -168,13 +170,18 @@ async def _start(
             metrics_server, _ = start_http_server(config.metrics_port, addr=config.host)
         except OSError as exc:
             raise OSError(f"cannot serve metrics on {config.host}:{config.metrics_port}: {exc}") from exc
-    set_max_memory_labels(config.metrics_max_memory_labels)
-    install_memory_observers()
-    engine.observer = EngineMetrics()
-    QUEUE_DEPTH.set_function(lambda: engine.queue_depth)
-    RUNNING_REQUESTS.set_function(lambda: engine.running)
-    if runtime is not None:
-        register_job_queue(runtime.queue.depth, runtime.queue.workers_alive)
+    if metrics_server is not None:  # without a metrics port, nothing pays for statistics
+        set_max_memory_labels(config.metrics_max_memory_labels)
+        install_memory_observers()
+        engine.observer = EngineMetrics()
+        QUEUE_DEPTH.set_function(lambda: engine.queue_depth)
+        RUNNING_REQUESTS.set_function(lambda: engine.running)
+        if runtime is not None:
+            register_job_queue(runtime.queue.depth, runtime.queue.workers_alive)
+            precreate_job_series(registered_kinds())
+    if config.auth_token is None and config.host not in ("127.0.0.1", "localhost", "::1"):
+        log.warning("listening on %s without $MEMSERVE_AUTH_TOKEN: anyone who reaches it can change memories",
+                    config.host)  # fmt: skip
 
     loop = asyncio.get_running_loop()
 

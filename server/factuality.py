@@ -17,18 +17,24 @@ random order (in a fixed order, the default model answers by continuing the lett
 
 **Answer parsing** (the study does not show its rule; this one is strict, like its near-zero
 zero-shot scores suggest): the greedy continuation, stripped, must begin with the letter of
-an answer candidate, bare or in parentheses ("(a)", "a)", "a", "(a) supports"), or with one
-of the label words ("supports", "refutes", "not enough info", any case). Anything else is
-*invalid* and counts as wrong.
+an answer candidate in parentheses ("(a)", "(a) supports"), with "a)", or with a bare letter
+that ends the answer or is followed by punctuation ("a", "a."; "A Dunhaven fund ..." is the
+article, not an answer), or with one of the label words ("supports", "refutes", "not enough
+info", any case). Anything else is *invalid* and counts as wrong.
 
 **Metrics**: accuracy (invalid answers wrong); micro-F1 over the three labels (an invalid
 answer is a false negative of its gold label and a false positive of none, so micro-F1
 equals accuracy only when every answer is valid); macro-F1 (the mean of the labels' F1);
 the invalid rate and the confusion matrix.
+
+**By likelihood** (an addition, not the study's): the label whose answer " (a)", " (b)" or
+" (c)" is the most likely continuation of the prompt. It never gives an invalid answer, so it
+tells what the model prefers even when its greedy output breaks the format.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import re
@@ -36,6 +42,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from memserve.threads import run_in_compute_thread
 
 LABELS = ("supports", "refutes", "not enough info")
 LETTERS = ("a", "b", "c")
@@ -48,7 +56,9 @@ MAX_SHOTS = 5
 ANSWER_TOKENS = 6  # enough for "(c) not enough info"'s first words; parsing reads the start only
 MAX_CLAIM_CHARS = 2000
 
-_LETTER = re.compile(r"\(?([abc])\)?(?![a-z])", re.IGNORECASE)
+# A candidate's letter: "(a)", "a)", or a bare "a" that ends the answer or is followed by
+# punctuation; "a" before a word is the article ("A Dunhaven fund ..."), not an answer.
+_LETTER = re.compile(r"\(([abc])\)|([abc])(?:\)|[.:,]|\s*$|\s*\n)", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -147,7 +157,7 @@ def parse_answer(text: str) -> str:
         if stripped.startswith(label):
             return label
     match = _LETTER.match(stripped)
-    return LABELS[LETTERS.index(match.group(1).lower())] if match else INVALID
+    return LABELS[LETTERS.index((match.group(1) or match.group(2)).lower())] if match else INVALID
 
 
 def scores(gold: Sequence[str], predicted: Sequence[str]) -> dict[str, Any]:
@@ -192,11 +202,10 @@ def evaluate(
     """For each k in `shots`: the test claims' answers with k shots, and their scores."""
     if any(not 0 <= k <= MAX_SHOTS for k in shots):
         raise ValueError(f"shots must be 0 to {MAX_SHOTS}, got {list(shots)}")
-    train = [c for c in claims if c.split == "train"]
     test = [c for c in claims if c.split == "test"]
     results: dict[str, Any] = {}
     for k in shots:
-        prompts = [prompt_for(c, shots_for(c, train, k, seed)) for c in test]
+        prompts = prompts_for(claims, k, seed)
         answers = generate(prompts)
         predicted = [parse_answer(a) for a in answers]
         results[str(k)] = {
@@ -209,6 +218,26 @@ def evaluate(
         if progress:
             progress(k)
     return results
+
+
+def prompts_for(claims: Sequence[Claim], k: int, seed: int = 0) -> list[str]:
+    """The prompt of every test claim with k shots."""
+    train = [c for c in claims if c.split == "train"]
+    return [prompt_for(c, shots_for(c, train, k, seed)) for c in claims if c.split == "test"]
+
+
+def add_likelihood(results: dict[str, Any], claims: Sequence[Claim], rank: Callable[[str], str],
+                   seed: int = 0) -> None:  # fmt: skip
+    """Adds, for each k in `results`, the scores of the label chosen by likelihood (`rank`)."""
+    test = [c for c in claims if c.split == "test"]
+    for k, result in results.items():
+        chosen = [rank(p) for p in prompts_for(claims, int(k), seed)]
+        likely = scores([c.label for c in test], chosen)
+        result["by_likelihood"] = {
+            key: likely[key] for key in ("accuracy", "micro_f1", "macro_f1", "confusion")
+        }
+        for answer, label in zip(result["answers"], chosen, strict=True):
+            answer["likely"] = label
 
 
 def write_report(out: Path, title: str, results: dict[str, Any], about: dict[str, Any]) -> None:
@@ -230,6 +259,12 @@ def write_report(out: Path, title: str, results: dict[str, Any], about: dict[str
     for k, r in summary.items():
         lines.append(f"| {k} | {r['accuracy']:.3f} | {r['micro_f1']:.3f} | {r['macro_f1']:.3f} | "
                      f"{r['invalid_rate']:.3f} | {r['claims']} |")  # fmt: skip
+    if all("by_likelihood" in r for r in summary.values()):
+        lines += ["", "By likelihood (the most likely of the three answers; never invalid):", "",
+                  "| shots | accuracy | macro-F1 |", "|---:|---:|---:|"]  # fmt: skip
+        for k, r in summary.items():
+            likely = r["by_likelihood"]
+            lines.append(f"| {k} | {likely['accuracy']:.3f} | {likely['macro_f1']:.3f} |")
     for k, r in summary.items():
         lines += ["", f"## {k} shots: confusion (rows gold, columns predicted)", "",
                   "| gold | " + " | ".join((*LABELS, INVALID)) + " |", "|---" * 5 + "|"]  # fmt: skip
@@ -281,9 +316,47 @@ def evaluate_model(
 
     engine.start()
     try:
-        return evaluate(claims, shots, generate, seed, progress)
+        results = evaluate(claims, shots, generate, seed, progress)
     finally:
         engine.stop()
+    # After the engine thread has ended, in a thread of its own: one OpenMP team at a time.
+    rank = _likelihood_ranker(loaded, engine.hooks, memories)
+    run_in_compute_thread(lambda: add_likelihood(results, claims, rank, seed), name="factuality-likelihood")
+    return results
+
+
+def _likelihood_ranker(loaded: Any, hooks: Any, memories: tuple[Any, ...]) -> Callable[[str], str]:
+    """rank(prompt): the label whose answer is the most likely continuation (summed log-probs)."""
+    import torch
+
+    from memserve.hooks import MemoryContext
+
+    model, tokenizer = loaded.model, loaded.tokenizer
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id or 0
+
+    def rank(prompt: str) -> str:
+        base = tokenizer(prompt, add_special_tokens=True).input_ids
+        rows = [
+            tokenizer(f"{prompt} {answer_of(label)}", add_special_tokens=True).input_ids for label in LABELS
+        ]
+        width = max(len(r) for r in rows)
+        ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows], device=loaded.device)
+        mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows], device=loaded.device)
+        context = MemoryContext()
+        for memory in memories:
+            memory.add_ops(context, torch.arange(len(rows), device=loaded.device))
+        with torch.inference_mode(), hooks.using(context) if hooks is not None else contextlib.nullcontext():
+            logprobs = model(input_ids=ids, attention_mask=mask).logits.float().log_softmax(-1)
+        totals = []
+        for i, row in enumerate(rows):
+            start = len(base) if row[: len(base)] == base else len(base) - 1  # where the answer begins
+            positions = torch.arange(start, len(row), device=loaded.device)
+            totals.append(
+                float(logprobs[i, positions - 1, torch.tensor(row[start:], device=loaded.device)].sum())
+            )
+        return LABELS[max(range(len(LABELS)), key=totals.__getitem__)]
+
+    return rank
 
 
 def _main() -> None:

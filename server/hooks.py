@@ -17,6 +17,7 @@ is a single attribute check, and a site no memory has used has no hook at all.
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -28,6 +29,8 @@ import torch
 from torch import nn
 
 from memserve.errors import MemoryHookError, UnsupportedArchitecture
+
+log = logging.getLogger(__name__)
 
 
 class Site(StrEnum):
@@ -146,8 +149,13 @@ class MemoryContext:
     finishers: list[Callable[[], None]] = field(default_factory=list)
 
     def finish(self) -> None:
+        """Runs the finishers; one that fails is logged with its traceback, and the requests go on
+        (a finisher only reports statistics; it never changes an output)."""
         for finisher in self.finishers:
-            finisher()
+            try:
+                finisher()
+            except Exception:
+                log.exception("a memory's per-forward statistics failed")
 
     def add(self, layer: int, site: Site | str, memory: NamedMemory, op: SiteOp) -> None:
         self.ops.setdefault((layer, Site(site)), []).append(BoundOp(memory, op))

@@ -196,12 +196,9 @@ class LoadedLocalSet(LoadedMemory):
             if tensors["bounds"].ndim != 1 or tensors["hardness"].ndim != 1 or set(counts) != {len(keys)}:
                 raise InvalidArgument(f"local memory set {meta.name!r}: group {i} is inconsistent")
             bounds, hardness = tensors["bounds"], tensors["hardness"]
-            if not (
-                bool((bounds > 0).all()) and bool(bounds.isfinite().all()) and bool(hardness.isfinite().all())
-            ):
-                raise InvalidArgument(
-                    f"local memory set {meta.name!r}: group {i} has a bound <= 0 or not finite"
-                )
+            problem = _entry_problem(keys, deltas, bounds, hardness)
+            if problem:
+                raise InvalidArgument(f"local memory set {meta.name!r}: group {i} {problem}")
             self.groups.append(
                 EntryGroup(layer, site, list(group["entries"]), tensors, target, self.distance)
             )
@@ -358,6 +355,21 @@ class _TriggerCollector:
                 values=values[values >= NEGLIGIBLE].cpu(),
             )
         )
+
+
+def _entry_problem(
+    keys: torch.Tensor, deltas: torch.Tensor, bounds: torch.Tensor, hardness: torch.Tensor
+) -> str:
+    """What makes a group's tensors unusable, or "" (a set may come from any export file)."""
+    if len(keys) == 0:
+        return "has no entries"
+    if not all(bool(t.isfinite().all()) for t in (keys, deltas, bounds, hardness)):
+        return "has values that are not finite"
+    if not bool((bounds > 0).all()) or not bool((hardness > 0).all()):
+        return "has a bound or a hardness <= 0"
+    if not bool(((keys.float() * keys.float()).sum(-1) > 0).all()):
+        return "has a key of norm 0"
+    return ""
 
 
 def _site_width(target: LoadTarget, layer: int, site: str) -> int:

@@ -88,6 +88,15 @@ JOB_DURATION = Histogram(
 )  # fmt: skip
 
 
+def precreate_job_series(kinds: Iterable[str]) -> None:
+    """Creates every (kind, final state) series at 0, so that a first failure is an increase
+    (a series born at 1 has no increase, and an alert on increase() would miss it)."""
+    for kind in kinds:
+        for state in ("succeeded", "failed", "cancelled"):
+            JOBS.labels(kind, state)
+        JOB_DURATION.labels(kind)
+
+
 class BoundedLabels:
     """Label values for memory names: the first `limit` names seen keep theirs, later ones `other`."""
 

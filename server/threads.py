@@ -21,12 +21,14 @@ from collections.abc import Callable
 from typing import TypeVar
 
 THREADS_ENV = "MEMSERVE_THREADS"
+_ARRANGED = "MEMSERVE_ONE_TEAM"  # set once OMP_NUM_THREADS is memserve's, not the user's
 
 T = TypeVar("T")
 
 
 def compute_threads() -> int:
-    """Intra-op threads of the computing threads: $MEMSERVE_THREADS, else every usable CPU."""
+    """Intra-op threads of the computing threads: $MEMSERVE_THREADS, else every CPU this process
+    may use (its affinity, capped by a container's CPU limit)."""
     given = os.environ.get(THREADS_ENV, "").strip()
     if given:
         try:
@@ -37,18 +39,46 @@ def compute_threads() -> int:
             raise ValueError(f"${THREADS_ENV} must be >= 1, got {threads}")
         return threads
     try:
-        return len(os.sched_getaffinity(0)) or 1
+        usable = len(os.sched_getaffinity(0)) or 1
     except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
+        usable = os.cpu_count() or 1
+    quota = _cgroup_cpus()  # a container's CPU limit: fewer than the node's CPUs it can see
+    return max(1, min(usable, quota)) if quota else usable
+
+
+def _cgroup_cpus() -> int | None:
+    """The CPU limit of this process's cgroup (v2 `cpu.max`, v1 `cfs_quota_us`), rounded up; None if none."""
+    v1 = "/sys/fs/cgroup/cpu/cpu.cfs_"
+    candidates = (("/sys/fs/cgroup/cpu.max", None), (f"{v1}quota_us", f"{v1}period_us"))
+    for quota_path, period_path in candidates:
+        try:
+            with open(quota_path) as file:
+                fields = file.read().split()
+            if period_path is not None:
+                with open(period_path) as file:
+                    fields = [fields[0], file.read().strip()]
+        except (OSError, IndexError):
+            continue
+        if len(fields) != 2 or fields[0] in ("max", "-1"):
+            return None
+        try:
+            quota, period = int(fields[0]), int(fields[1])
+        except ValueError:
+            return None
+        return -(-quota // period) if quota > 0 and period > 0 else None
+    return None
 
 
 def one_team_per_process() -> None:
     """Called first thing by a serving process, before torch is imported: every thread gets one
     OpenMP thread unless it asks for more. A user's OMP_NUM_THREADS becomes the compute threads."""
+    if os.environ.get(_ARRANGED) == "1":  # done already (this process, or its parent)
+        return
     user = os.environ.get("OMP_NUM_THREADS", "").strip()
-    if user and user != "1" and not os.environ.get(THREADS_ENV):
+    if user and not os.environ.get(THREADS_ENV):
         os.environ[THREADS_ENV] = user
     os.environ["OMP_NUM_THREADS"] = "1"
+    os.environ[_ARRANGED] = "1"
 
 
 def use_compute_threads(threads: int | None = None) -> int:
@@ -67,8 +97,8 @@ def run_in_compute_thread(work: Callable[[], T], name: str, threads: int | None 
     error: list[BaseException] = []
 
     def target() -> None:
-        use_compute_threads(threads)
         try:
+            use_compute_threads(threads)
             result.append(work())
         except BaseException as exc:  # handed to the caller, raised there
             error.append(exc)

@@ -32,7 +32,7 @@ from memserve.kinds import JobCancelled, TrainContext, get_kind, load_plugins, r
 from memserve.memory_store.artifact import Artifact, MemoryMeta
 from memserve.memory_store.jobs import Job, JobQueue, JobState, Progress
 from memserve.memory_store.redis_store import RedisStore, connect, wait_for_redis
-from memserve.metrics import JOB_DURATION, JOBS, register_job_queue
+from memserve.metrics import JOB_DURATION, JOBS, precreate_job_series, register_job_queue
 from memserve.models import LoadedModel, ModelConfig, load_model
 from memserve.threads import run_in_compute_thread
 
@@ -244,6 +244,7 @@ def run_worker(
     wait_for_redis(client, timeout=30)
     queue = JobQueue(client)
     register_job_queue(queue.depth, queue.workers_alive)
+    precreate_job_series(registered_kinds())
     worker = Worker(RedisStore(client), queue, lambda: loaded, config=config)
     stop = threading.Event()
 

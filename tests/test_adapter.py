@@ -20,6 +20,8 @@ from memserve.errors import InvalidArgument
 from memserve.factuality import (
     INSTRUCTION,
     Claim,
+    add_likelihood,
+    evaluate,
     parse_answer,
     prompt_for,
     read_claims,
@@ -211,6 +213,14 @@ def test_training_options_and_data_are_checked():
                        ({"hidden_size": "wide"}, "hidden_size")]:  # fmt: skip
         with pytest.raises(InvalidArgument, match=words):
             kind.validate_spec({"templates": [{"question": "Q", "answer": "A"}], "config": bad})
+    for bad, words in [({"documents": 5}, "lists"),
+                       ({"templates": [{"question": 1, "answer": "A"}]}, "question"),
+                       ({"templates": [{"question": "Q", "answer": "A"}], "config": ["epochs"]}, "object"),
+                       ({"templates": [{"question": "Q", "answer": "A"}], "config": {"hidden_size": 128.9}},
+                        "hidden_size")]:  # fmt: skip
+        with pytest.raises(InvalidArgument, match=words):
+            kind.validate_spec(bad)
+    assert kind.validate_spec({"templates": [{"question": "Q", "answer": "A"}], "config": {"epochs": 3.0}})
     assert AdapterConfig().resolved_layer(30) == default_layer(30) == 22  # ~75 % of the default model
     with pytest.raises(InvalidArgument, match="outside"):
         AdapterConfig(layer=30).resolved_layer(30)
@@ -226,6 +236,11 @@ def test_examples_chunk_long_documents_and_mask_pads(tiny_tokenizer):
     assert int(data.attention_mask.sum(1).max()) <= 32
     assert torch.equal(data.labels == -100, data.attention_mask == 0)
     assert template_text("Q?", "A.") == "Q? A." and template_text("Q:", " A") == "Q: A"
+    long_question = examples(
+        tiny_tokenizer, [], [{"question": "word " * 200 + "Q?", "answer": "The end."}], 16
+    )
+    ids = long_question.input_ids[0].tolist()
+    assert len(ids) == 16 and tiny_tokenizer.decode(ids).endswith("The end.")  # the answer survives
 
 
 # --- the factuality evaluation -------------------------------------------------------------
@@ -275,6 +290,7 @@ def test_shots_come_from_the_same_document_one_label_after_another_then_others()
     [(" (a)", "supports"), (" (b) refutes", "refutes"), ("c) not enough", "not enough info"),
      (" a\n", "supports"), (" Refutes.", "refutes"), (" not enough info", "not enough info"),
      (" (d)", "invalid"), (" about", "invalid"), ("", "invalid"), (" The claim", "invalid"),
+     (" A Dunhaven pension fund", "invalid"), (" b.", "refutes"), (" C", "not enough info"),
      (" ab", "invalid")],
 )  # fmt: skip
 def test_answers_are_parsed_by_the_documented_rule(text, label):
@@ -292,6 +308,18 @@ def test_scores_count_invalid_answers_as_wrong_and_no_labels_positive():
     assert result["macro_f1"] == pytest.approx(supports_f1 / 3)
     assert result["confusion"]["not enough info"]["invalid"] == 1
     assert scores(gold, gold)["micro_f1"] == scores(gold, gold)["accuracy"] == 1.0
+
+
+def test_the_likelihood_choice_is_scored_beside_the_generated_answers():
+    claims = [claim(i, "d", label, split) for i, (label, split) in
+              enumerate([("supports", "train"), ("refutes", "test"), ("supports", "test")])]  # fmt: skip
+    results = evaluate(claims, [0, 1], lambda prompts: [" (z)"] * len(prompts))  # every answer invalid
+    add_likelihood(results, claims, lambda prompt: "refutes")
+    for result in results.values():
+        assert result["accuracy"] == 0 and result["invalid_rate"] == 1
+        assert result["by_likelihood"]["accuracy"] == 0.5 and all(
+            a["likely"] == "refutes" for a in result["answers"]
+        )
 
 
 def test_the_fixture_is_balanced_and_its_templates_file_is_up_to_date():

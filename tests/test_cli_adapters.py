@@ -156,8 +156,10 @@ def test_eval_factuality_writes_the_report_for_the_base_model_and_an_adapter(
         assert set(metrics["shots"]) == {"0", "2"} and metrics["test_claims"] == 48
         for result in metrics["shots"].values():
             assert {"accuracy", "micro_f1", "macro_f1", "invalid_rate", "confusion"} <= set(result)
+            assert 0 <= result["by_likelihood"]["accuracy"] <= 1  # never invalid: one of the three labels
         answers = [json.loads(line) for line in (out / "answers.jsonl").read_text().splitlines()]
-        assert len(answers) == 2 * 48 and {"output", "predicted", "label"} <= set(answers[0])
+        assert len(answers) == 2 * 48 and {"output", "predicted", "label", "likely"} <= set(answers[0])
+        assert {a["likely"] for a in answers} <= {"supports", "refutes", "not enough info"}
         assert "| shots | accuracy | micro-F1 | macro-F1 |" in (out / "report.md").read_text()
     assert json.loads((tmp_path / "adapter" / "metrics.json").read_text())["adapter"] == "eval-adapter@1"
     with pytest.raises(SystemExit):  # a usage error, from argparse

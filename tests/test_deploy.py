@@ -83,8 +83,18 @@ def test_the_helm_chart_passes_only_options_the_cli_knows():
         if command == "worker":
             argv += ["--redis-url", "redis://r"]
         parser.parse_args(argv)
-    for name in ("secret.yaml", "hpa.yaml", "servicemonitor.yaml", "service.yaml"):
+    for name in ("secret.yaml", "hpa.yaml", "servicemonitor.yaml", "service.yaml", "prometheusrule.yaml"):
         assert (DEPLOY / "helm" / "memserve" / "templates" / name).exists()
+    # The chart's alert rules are the tested ones, and its jobs are named as the rules expect.
+    assert (DEPLOY / "helm" / "memserve" / "files" / "rules.yml").read_text() == (
+        PROMETHEUS / "rules.yml"
+    ).read_text()
+    services = (DEPLOY / "helm" / "memserve" / "templates" / "service.yaml").read_text()
+    assert "memserve.io/job: memserve-server" in services and "memserve.io/job: memserve-worker" in services
+    assert (
+        "jobLabel: memserve.io/job"
+        in (DEPLOY / "helm" / "memserve" / "templates" / "servicemonitor.yaml").read_text()
+    )
 
 
 def test_the_dashboard_is_provisioned_with_the_datasource_it_names():

@@ -422,3 +422,18 @@ def test_the_blogs_nepal_fact_on_the_default_model(default_model, make_engine):
     )
     assert positives >= 6, texts[: len(BLOG_POSITIVES)]
     assert kept >= 7, texts[len(BLOG_POSITIVES) :]
+
+
+@pytest.mark.parametrize(
+    ("change", "problem"),
+    [({"hardness": torch.zeros(1)}, "hardness <= 0"), ({"bounds": torch.zeros(1)}, "bound"),
+     ({"keys": torch.zeros(1, 64)}, "norm 0"), ({"deltas": torch.full((1, 64), float("nan"))}, "not finite")],
+)  # fmt: skip
+def test_a_set_with_unusable_entries_is_refused_at_load(tiny, hooks, change, problem):
+    key = torch.randn(1, 64, generator=torch.Generator().manual_seed(5))
+    group = {**entry_group(1, "attn_out", key, key, 0.05), **change}
+    with pytest.raises(InvalidArgument, match=problem):
+        make_set(tiny, hooks, [group])
+    empty = entry_group(1, "attn_out", torch.zeros(0, 64), torch.zeros(0, 64), 0.05)
+    with pytest.raises(InvalidArgument, match="no entries"):
+        make_set(tiny, hooks, [empty])
