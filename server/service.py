@@ -199,7 +199,7 @@ class MemoryService(memory_pb2_grpc.MemoryServiceServicer):
 
     async def _submit(self, context: Any, kind_name: str, memory_name: str, spec: dict[str, Any]) -> Any:
         check_name(memory_name)
-        kind = get_kind(kind_name)  # UNIMPLEMENTED until the kind lands
+        kind = get_kind(kind_name)  # INVALID_ARGUMENT for a kind this server does not know
         spec = kind.validate_spec(spec)
         job = await self.runtime.run(
             self.runtime.queue.submit, kind_name, memory_name, spec, tenant=tenant_of(context)
