@@ -33,6 +33,7 @@ from memserve.clients.client import (
     mix_ref,
     parse_memory_version,
 )
+from memserve.jsonl import json_objects
 from memserve.names import NAME_PATTERN, check_name
 from memserve.v1 import memory_ref_pb2
 
@@ -1145,18 +1146,7 @@ def _read_templates(file: str) -> list[dict[str, str]]:
 
 def _json_objects(file: str) -> Iterator[tuple[str, dict[str, Any]]]:
     """(where, object) for each non-blank line of a JSON-lines file ('-' = standard input)."""
-    name = "standard input" if file == "-" else file
-    for number, line in enumerate(_read_text(file).splitlines(), 1):
-        if not line.strip():
-            continue
-        where = f"{name} line {number}"
-        try:
-            value = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{where} is not JSON: {exc.msg}") from None
-        if not isinstance(value, dict):
-            raise ValueError(f"{where} is not a JSON object")
-        yield where, value
+    return json_objects(_read_text(file), "standard input" if file == "-" else file)
 
 
 def _adapters_ls(args: argparse.Namespace) -> int:

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from memserve.errors import InvalidArgument
-from memserve.hooks import MemoryContext, Site, TraceRecord
+from memserve.hooks import MemoryContext, Site, TraceRecord, rows_and_scales
 from memserve.kinds import LoadedMemory, LoadTarget, MemoryRefSpec
 from memserve.memory_store.artifact import Artifact
 
@@ -157,13 +157,10 @@ class _AdapterGroup:
         out = hidden
         for pairs in adapters.values():
             loaded = pairs[0][0].adapter
-            rows = torch.cat([r for _, r in pairs]) if len(pairs) > 1 else pairs[0][1]
+            rows, scales = rows_and_scales([(m.scale, r) for m, r in pairs], hidden.dtype)
             update = loaded.adapter(hidden[rows])
-            if any(m.scale != 1 for m, _ in pairs):
-                scales = [m.scale for m, r in pairs for _ in range(len(r))]
-                update = (
-                    update * torch.tensor(scales, device=hidden.device, dtype=hidden.dtype)[:, None, None]
-                )
+            if scales is not None:
+                update = update * scales
             observer = LoadedAdapter.observer
             if observer is not None:
                 real = self.context.real_positions(rows)

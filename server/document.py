@@ -20,7 +20,7 @@ from torch import nn
 from transformers.activations import ACT2FN
 
 from memserve.errors import InvalidArgument, NotFound
-from memserve.hooks import MemoryContext, Site, TraceRecord
+from memserve.hooks import MemoryContext, Site, TraceRecord, rows_and_scales
 from memserve.kinds import LoadedMemory, LoadTarget, MemoryRefSpec
 from memserve.memory_store.artifact import Artifact
 
@@ -244,10 +244,11 @@ class _LayerGroup:
         out = hidden
         for pairs in banks.values():
             bank = pairs[0][0].bank
-            rows = torch.cat([r for _, r in pairs])
+            rows, scales = rows_and_scales([(m.scale, r) for m, r in pairs], hidden.dtype)
             selection = torch.cat([m.selection.expand(len(r), -1) for m, r in pairs])
-            scales = torch.tensor([m.scale for m, r in pairs for _ in range(len(r))], device=hidden.device)
-            update = bank.bank(hidden[rows], selection) * scales.to(hidden.dtype)[:, None, None]
+            update = bank.bank(hidden[rows], selection)
+            if scales is not None:
+                update = update * scales
             observer = LoadedDocumentBank.observer
             if observer is not None:
                 observer(_stats(bank, selection, hidden.shape[1]))

@@ -43,6 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from memserve.jsonl import json_objects
 from memserve.threads import run_in_compute_thread
 
 LABELS = ("supports", "refutes", "not enough info")
@@ -75,16 +76,7 @@ def read_claims(path: Path) -> list[Claim]:
     for anything else."""
     claims: list[Claim] = []
     seen: set[str] = set()
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        where = f"{path} line {number}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{where} is not JSON: {exc.msg}") from None
-        if not isinstance(row, dict):
-            raise ValueError(f"{where} is not a JSON object")
+    for where, row in json_objects(path.read_text(encoding="utf-8"), str(path)):
         missing = [
             k for k in ("id", "document", "claim", "label", "split") if not isinstance(row.get(k), str)
         ]

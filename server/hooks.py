@@ -17,7 +17,6 @@ is a single attribute check, and a site no memory has used has no hook at all.
 
 from __future__ import annotations
 
-import logging
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -29,8 +28,6 @@ import torch
 from torch import nn
 
 from memserve.errors import MemoryHookError, UnsupportedArchitecture
-
-log = logging.getLogger(__name__)
 
 
 class Site(StrEnum):
@@ -146,16 +143,16 @@ class MemoryContext:
     # failure is blamed on exactly those requests.
     groups: dict[object, Any] = field(default_factory=dict)
     # Run once the forward pass is done (e.g. a kind's per-forward statistics for the metrics).
-    finishers: list[Callable[[], None]] = field(default_factory=list)
+    finishers: list[tuple[NamedMemory, Callable[[], None]]] = field(default_factory=list)
 
     def finish(self) -> None:
-        """Runs the finishers; one that fails is logged with its traceback, and the requests go on
-        (a finisher only reports statistics; it never changes an output)."""
-        for finisher in self.finishers:
+        """Runs the finishers after the forward; one that fails fails the requests of its memory,
+        with its name (MemoryHookError), as a failing op would."""
+        for memory, finisher in self.finishers:
             try:
                 finisher()
-            except Exception:
-                log.exception("a memory's per-forward statistics failed")
+            except Exception as exc:
+                raise MemoryHookError(memory, "while reporting its per-forward statistics", exc) from exc
 
     def add(self, layer: int, site: Site | str, memory: NamedMemory, op: SiteOp) -> None:
         self.ops.setdefault((layer, Site(site)), []).append(BoundOp(memory, op))
@@ -175,6 +172,18 @@ class MemoryContext:
 
     def __bool__(self) -> bool:
         return bool(self.ops)
+
+
+def rows_and_scales(
+    parts: Sequence[tuple[float, torch.Tensor]], dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """For the requests sharing one loaded memory in a forward, given as (scale, rows) pairs: their
+    batch rows in order, and their scales as an (R, 1, 1) factor (None when every scale is 1)."""
+    rows = torch.cat([r for _, r in parts]) if len(parts) > 1 else parts[0][1]
+    if all(scale == 1 for scale, _ in parts):
+        return rows, None
+    scales = [scale for scale, r in parts for _ in range(len(r))]
+    return rows, torch.tensor(scales, device=rows.device, dtype=dtype)[:, None, None]
 
 
 class MemoryHooks:

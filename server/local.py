@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from memserve.errors import InvalidArgument
-from memserve.hooks import MemoryContext, Site, TraceRecord
+from memserve.hooks import MemoryContext, Site, TraceRecord, rows_and_scales
 from memserve.kinds import LoadedMemory, LoadTarget, MemoryRefSpec
 from memserve.memory_store.artifact import Artifact
 
@@ -239,7 +239,7 @@ class _Rows:
     """The batch rows that use one set in one forward pass, shared by all of its sites."""
 
     rows: torch.Tensor
-    scales: torch.Tensor | None  # (R,) per row; None when every scale is 1
+    scales: torch.Tensor | None  # (R, 1, 1) per row; None when every scale is 1
     count: int
     in_order: bool  # rows are 0..count-1: the whole batch when it has `count` rows
 
@@ -280,17 +280,9 @@ class _SiteOp:
         key = ("local-rows", id(local_set))
         rows = self.context.groups.get(key)
         if rows is None:
-            indices = torch.cat([r for _, r in parts]) if len(parts) > 1 else parts[0][1]
-            scales = [m.scale for m, r in parts for _ in range(len(r))]
+            indices, scales = rows_and_scales([(m.scale, r) for m, r in parts], torch.float32)
             listed = indices.tolist()
-            rows = _Rows(
-                rows=indices,
-                scales=None
-                if all(s == 1 for s in scales)
-                else torch.tensor(scales, device=indices.device, dtype=torch.float32),
-                count=len(listed),
-                in_order=listed == list(range(len(listed))),
-            )
+            rows = _Rows(indices, scales, count=len(listed), in_order=listed == list(range(len(listed))))
             self.context.groups[key] = rows
         return rows
 
@@ -302,7 +294,7 @@ class _SiteOp:
         update, best = group.entries.update(hidden.reshape(r * t, d), local_set.combination)
         update = update.reshape(r, t, d)
         if rows.scales is not None:
-            update = update * rows.scales.to(hidden.dtype)[:, None, None]
+            update = update * rows.scales.to(hidden.dtype)
         if LoadedLocalSet.observer is not None:
             self._collect(local_set, best.reshape(r, t), rows.rows)
         for i, row in self.context.traced_rows(rows.rows):
@@ -314,9 +306,10 @@ class _SiteOp:
         key = ("local-stats", id(local_set))
         collected = self.context.groups.get(key)
         if collected is None:
-            collected = _TriggerCollector(self.context, local_set.name, rows)
+            members = [m for m in self.members if m.set is local_set]
+            collected = _TriggerCollector(self.context, local_set.name, rows, members)
             self.context.groups[key] = collected
-            self.context.finishers.append(collected.finish)
+            self.context.finishers.append((collected, collected.finish))
         collected.bests.append(best)
 
     def _trace(self, local_set: LoadedLocalSet, group: EntryGroup, f: torch.Tensor, row: int) -> None:
@@ -336,6 +329,7 @@ class _TriggerCollector:
     context: MemoryContext
     name: str
     rows: torch.Tensor
+    members: list[BoundLocalSet]  # the requests' views of the set: a failure is blamed on them
     bests: list[torch.Tensor] = field(default_factory=list)  # (R, T) per site
 
     def finish(self) -> None:

@@ -11,6 +11,7 @@ label `other`.
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -18,6 +19,10 @@ from typing import Any
 from prometheus_client import Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import REGISTRY, Collector
+
+from memserve.errors import MemserveError
+
+log = logging.getLogger(__name__)
 
 DEFAULT_MAX_MEMORY_LABELS = 20
 OTHER = "other"
@@ -176,7 +181,8 @@ class JobQueueCollector(Collector):
     def collect(self) -> Iterable[Any]:
         try:
             depth, alive = self._depth(), len(list(self._workers()))
-        except Exception:  # Redis unreachable: no sample (an absent series, not a wrong one)
+        except MemserveError as exc:  # Redis unreachable: no sample (an absent series, not a wrong one)
+            log.warning("metrics: the job queue cannot be read: %s", exc)
             return
         yield GaugeMetricFamily(
             "memserve_job_queue_depth", "Training jobs queued, not yet taken", value=depth

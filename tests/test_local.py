@@ -437,3 +437,29 @@ def test_a_set_with_unusable_entries_is_refused_at_load(tiny, hooks, change, pro
     empty = entry_group(1, "attn_out", torch.zeros(0, 64), torch.zeros(0, 64), 0.05)
     with pytest.raises(InvalidArgument, match="no entries"):
         make_set(tiny, hooks, [empty])
+
+
+def test_a_failing_statistics_observer_fails_the_sets_requests_loudly_and_no_other(tiny, hooks, make_engine):
+    key = site_activations(tiny, hooks, "The quick brown fox", 1, "attn_out")[-1]
+    local_set = make_set(tiny, hooks, [entry_group(1, "attn_out", key[None], key[None], 0.05)])
+    engine = make_engine(tiny.model, tiny.tokenizer)
+    prompt = tuple(tiny.tokenizer("The quick brown fox").input_ids)
+    stopping = StoppingParams(max_new_tokens=3, ignore_eos=True)
+    uses_it = GenerationRequest(
+        prompt, stopping=stopping, memories=(local_set.bind(MemoryRefSpec("facts", "local")),)
+    )
+
+    def broken(stats: TriggerStats) -> None:
+        raise RuntimeError("the metrics layer is broken")
+
+    LoadedLocalSet.observer = broken
+    try:
+        failed, fine = run_all(engine, [uses_it, GenerationRequest(prompt, stopping=stopping)])
+    finally:
+        LoadedLocalSet.observer = None
+    assert (
+        failed.error is not None
+        and "'facts'" in str(failed.error)
+        and "metrics layer is broken" in str(failed.error)
+    )
+    assert fine.error is None and len(fine.token_ids) == 3
