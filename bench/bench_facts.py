@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from memserve.engine import (
+from memserve.engine.scheduler import (
     Engine,
     EngineConfig,
     Event,
@@ -37,19 +37,25 @@ from memserve.engine import (
     StoppingParams,
     TokenEvent,
 )
-from memserve.hooks import MemoryContext
-from memserve.kinds import LoadTarget, MemoryRefSpec
-from memserve.local import LOCAL_SITES, LoadedLocalSet, group_tensors
+from memserve.engine.threads import compute_threads
+from memserve.kinds.local.config import LOCAL_SITES
+from memserve.kinds.local.module import LoadedLocalSet, group_tensors
+from memserve.memory.hooks import MemoryContext
+from memserve.memory.kind import LoadTarget, MemoryObserver, MemoryRefSpec
 from memserve.memory_store.artifact import Artifact, MemoryMeta
-from memserve.models import DTYPES, LoadedModel, ModelConfig, load_model
-from memserve.threads import compute_threads
+from memserve.models import LoadedModel, ModelConfig, load_model
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMPT = "The history of the city begins in the early middle ages, when"
 
 
 def synthetic_set(
-    loaded: LoadedModel, engine: Engine, entries: int, cells: int, seed: int = 0
+    loaded: LoadedModel,
+    engine: Engine,
+    entries: int,
+    cells: int,
+    observe: MemoryObserver | None = None,
+    seed: int = 0,
 ) -> LoadedLocalSet:
     """A set of `entries` entries spread over `cells` (layer, site) cells: keys are real
     activations of varied prompts (so distances look as they do in use), deltas are random."""
@@ -112,8 +118,7 @@ def synthetic_set(
             "groups": [{"layer": g["layer"], "site": g["site"], "entries": g["labels"]} for g in groups]
         },
     )
-    config = model.config
-    target = LoadTarget(loaded.device, DTYPES[loaded.dtype], engine.hooks, num_layers, config.hidden_size)
+    target = LoadTarget.for_model(loaded, engine.hooks, observe)
     return LoadedLocalSet(Artifact(meta, group_tensors(groups)), target)
 
 
@@ -150,15 +155,16 @@ def decode(args: argparse.Namespace) -> None:
     # As in `memserve serve`: the engine thread owns the only multi-threaded OpenMP team; this
     # thread (loading, building the sets) stays on one (memserve/threads.py says why).
     torch.set_num_threads(1)
+    observe = None
     if args.metrics:  # as `memserve serve` runs: the memory kinds report to Prometheus
-        from memserve.metrics import install_memory_observers
+        from memserve.metrics import MemoryMetrics
 
-        install_memory_observers()
+        observe = MemoryMetrics()
     loaded = load_model(ModelConfig())
     engine = Engine(loaded.model, loaded.tokenizer, EngineConfig(max_batch_size=16, threads=args.threads))
     engine.start()
     prompt_ids = tuple(loaded.tokenizer(PROMPT).input_ids)
-    sets = {cells: synthetic_set(loaded, engine, args.entries, cells) for cells in args.cells}
+    sets = {cells: synthetic_set(loaded, engine, args.entries, cells, observe) for cells in args.cells}
     print(
         f"default model on {loaded.device} ({loaded.dtype}), {args.threads or compute_threads()} threads; "
         f"{args.entries} entries; {args.tokens} tokens per run, {args.repeats} repeats, medians"
@@ -200,16 +206,12 @@ PUBLISHED = [
 
 
 def counterfacts(args: argparse.Namespace) -> None:
-    from memserve.hooks import MemoryHooks
-    from memserve.local_eval import evaluate_set
-    from memserve.local_train import (
-        OTHER_FACT_NEIGHBOURS,
-        FactTrainer,
-        LocalConfig,
-        _groups,
-        check_facts,
-        split_prompts,
-    )
+    from memserve.kinds.local.config import LocalConfig, check_facts
+    from memserve.kinds.local.eval import evaluate_set
+    from memserve.kinds.local.prompts import split_prompts
+    from memserve.kinds.local.train import OTHER_FACT_NEIGHBOURS, FactTrainer, _groups
+    from memserve.memory.evaluation import offline_context
+    from memserve.memory.hooks import MemoryHooks
 
     facts = check_facts([json.loads(line) for line in args.facts.read_text().splitlines() if line.strip()])
     facts = facts[: args.limit] if args.limit else facts
@@ -243,7 +245,8 @@ def counterfacts(args: argparse.Namespace) -> None:
         },
     )
     artifact = Artifact(meta, group_tensors(groups))
-    metrics = evaluate_set(loaded, artifact, args.out)
+    with offline_context(loaded, artifact, args.out) as context:
+        metrics = evaluate_set(context, artifact, continuation_tokens=16)
     metrics["train_seconds"] = round(train_seconds, 1)
     (args.out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     cells: dict[str, int] = {}

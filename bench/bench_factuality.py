@@ -20,12 +20,21 @@ from typing import Any
 
 import torch
 
-from memserve.adapter import adapter_tensors
-from memserve.adapter_train import AdapterConfig, AdapterTrainer, examples
-from memserve.factuality import LABELS, about_claims, evaluate_model, read_claims, template_for, write_report
+from memserve.engine.threads import run_in_compute_thread
+from memserve.kinds.adapter.config import AdapterConfig
+from memserve.kinds.adapter.eval import (
+    LABELS,
+    about_claims,
+    evaluate_model,
+    read_claims,
+    template_for,
+    write_report,
+)
+from memserve.kinds.adapter.module import adapter_tensors
+from memserve.kinds.adapter.train import AdapterTrainer, examples
+from memserve.memory.evaluation import offline_context
 from memserve.memory_store.artifact import Artifact, MemoryMeta, encode, export_bytes, import_bytes
 from memserve.models import ModelConfig, load_model
-from memserve.threads import run_in_compute_thread
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURE = ROOT / "tests" / "fixtures" / "factuality"
@@ -107,7 +116,8 @@ def main() -> None:
     table: dict[str, dict[str, Any]] = {}
     for name, artifact in artifacts.items():
         started = time.monotonic()
-        results = evaluate_model(loaded, claims, args.shots, artifact)
+        with offline_context(loaded, artifact, args.out / name) as context:
+            results = evaluate_model(context, claims, args.shots)
         about = {"variant": name, "model": loaded.name, **about_claims(claims), **trained.get(name, {})}
         write_report(args.out / name, f"Factuality, {name}", results, about)
         table[name] = {k: {**{m: r[m] for m in ("accuracy", "micro_f1", "macro_f1", "invalid_rate")},

@@ -32,7 +32,7 @@ from common import launch_server, stop, wait_for_first_token
 from transformers import DynamicCache
 
 from memserve.clients import AsyncClient
-from memserve.hooks import MemoryHooks
+from memserve.memory.hooks import MemoryHooks
 from memserve.models import ModelConfig, load_model
 
 PROMPTS = [

@@ -32,8 +32,8 @@ from common import launch_server, stop, wait_for_first_token
 
 import tests.kinds  # noqa: F401  (registers test-bias)
 from memserve.clients import Client
-from memserve.kinds import LoadTarget, MemoryRefSpec
-from memserve.memories import MemoryCache
+from memserve.memory.cache import MemoryCache
+from memserve.memory.kind import LoadTarget, MemoryRefSpec
 from memserve.memory_store.artifact import MemoryMeta
 from memserve.memory_store.redis_server import RedisServer
 from memserve.memory_store.redis_store import RedisStore

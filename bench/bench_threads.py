@@ -16,9 +16,9 @@ import time
 import torch
 from bench_facts import PROMPT, step_times
 
-from memserve.engine import Engine, EngineConfig
+from memserve.engine.scheduler import Engine, EngineConfig
+from memserve.engine.threads import run_in_compute_thread
 from memserve.models import ModelConfig, load_model
-from memserve.threads import run_in_compute_thread
 
 
 def main() -> None:

@@ -40,7 +40,7 @@ from memserve.v1 import memory_ref_pb2
 
 def _computing_process(args: argparse.Namespace) -> None:
     """Before torch is imported: one OpenMP team, owned by the engine or a training job."""
-    from memserve.threads import THREADS_ENV, one_team_per_process
+    from memserve.engine.threads import THREADS_ENV, one_team_per_process
 
     if args.threads:
         os.environ[THREADS_ENV] = str(args.threads)
@@ -50,12 +50,12 @@ def _computing_process(args: argparse.Namespace) -> None:
 def _serve(args: argparse.Namespace) -> int:
     _computing_process(args)
     # A token file or a Kubernetes Secret made with --from-file usually ends with a newline.
-    token = os.environ.get("MEMSERVE_AUTH_TOKEN", "").strip() or None
+    token = os.environ.get("MEMSERVE_TOKEN", "").strip() or None
     # Imported here: the client commands must not pay for loading torch.
-    from memserve.app import ServerConfig, serve
-    from memserve.engine import EngineConfig
+    from memserve.api.app import ServerConfig, serve
+    from memserve.engine.scheduler import EngineConfig
+    from memserve.memory.runtime import StoreConfig
     from memserve.models import ModelConfig
-    from memserve.store_runtime import StoreConfig
 
     config = ServerConfig(
         host=args.host,
@@ -87,7 +87,7 @@ def _serve(args: argparse.Namespace) -> int:
 def _worker(args: argparse.Namespace) -> int:
     _computing_process(args)
     from memserve.models import ModelConfig
-    from memserve.worker import WorkerConfig, run_worker
+    from memserve.training.worker import WorkerConfig, run_worker
 
     if not args.redis_url:
         raise ValueError(
@@ -128,7 +128,7 @@ def _generate(args: argparse.Namespace) -> int:
     with _client(args) as client:
         if args.stream:
             seed = None
-            used: list[tuple[str, str, int]] = []
+            used: Sequence[tuple[str, str, int]] = []
             for chunk in client.generate_stream(prompt, **options):
                 print(chunk.text, end="", flush=True)
                 tokens += chunk.tokens
@@ -170,7 +170,9 @@ def _print_trace(tokens: Sequence[TokenInfo]) -> None:
 
 def _info(args: argparse.Namespace) -> int:
     with Client(args.server) as client:
-        print(client.model_info(), end="")
+        info = client.model_info()
+    for name, value in info.to_dict().items():
+        print(f"{name}: {', '.join(value) if isinstance(value, list) else value}")
     return 0
 
 
@@ -719,7 +721,10 @@ def _eval_docs(args: argparse.Namespace) -> int:
     # Imported here: evaluating loads the model in this process.
     from tqdm import tqdm
 
-    from memserve.document_eval import evaluate_bank
+    from memserve.memory.evaluation import evaluate_offline
+    from memserve.memory.registry import get_kind, load_plugins
+
+    load_plugins()
 
     name, version = args.bank
     artifact = _load_artifact(args, name, version)
@@ -733,7 +738,8 @@ def _eval_docs(args: argparse.Namespace) -> int:
             bar.set_postfix_str(doc_id)
             bar.update(done - bar.n)
 
-        metrics = evaluate_bank(loaded, artifact, args.out, grid=args.grid, progress=progress)
+        evaluate_offline(get_kind("document"), loaded, artifact, {"grid": args.grid}, args.out, progress)
+    metrics = json.loads((args.out / "metrics.json").read_text())
     worst = max(m["ppl_own"] / m["ppl_other"] for m in metrics["documents"].values())
     print(
         f"wrote {args.out / 'report.md'}, metrics.json and plots; "
@@ -778,7 +784,10 @@ def _eval_model(args: argparse.Namespace, artifact: Any) -> Any:
 def _eval_facts(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from memserve.local_eval import evaluate_set  # loads torch: only here
+    from memserve.memory.evaluation import evaluate_offline  # loads torch: only here
+    from memserve.memory.registry import get_kind, load_plugins
+
+    load_plugins()
 
     name, version = args.set
     artifact = _load_artifact(args, name, version)
@@ -791,7 +800,8 @@ def _eval_facts(args: argparse.Namespace) -> int:
             bar.set_postfix_str(what)
             bar.update(done - bar.n)
 
-        metrics = evaluate_set(loaded, artifact, args.out, progress=progress)
+        evaluate_offline(get_kind("local"), loaded, artifact, {}, args.out, progress)
+    metrics = json.loads((args.out / "metrics.json").read_text())
     shown = ("edit_success", "generalization", "locality", "locality_first_token")
     print(f"wrote {args.out / 'report.md'} and metrics.json; " + ", ".join(
         f"{key} {metrics[key]:.3f}" if metrics[key] is not None else f"{key} n/a" for key in shown
@@ -802,9 +812,12 @@ def _eval_facts(args: argparse.Namespace) -> int:
 def _eval_factuality(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from memserve.factuality import about_claims, evaluate_model, read_claims, write_report
+    from memserve.kinds.adapter.eval import read_claims
+    from memserve.memory.evaluation import evaluate_offline
+    from memserve.memory.registry import get_kind, load_plugins
 
-    claims = read_claims(args.claims)
+    load_plugins()
+    read_claims(args.claims)  # a bad file is refused before the model loads
     artifact = None
     if args.adapter or args.file:
         name, version = args.adapter or ("", 0)
@@ -818,20 +831,15 @@ def _eval_factuality(args: argparse.Namespace) -> int:
         loaded = load_model(
             ModelConfig(model=args.model, dtype=args.dtype, device=args.device, cache_dir=args.cache_dir)
         )
+    rows = [json.loads(line) for line in args.claims.read_text().splitlines() if line.strip()]
+    options = {"claims": rows, "shots": list(args.shots), "seed": args.seed, "source": str(args.claims)}
     with tqdm(total=len(args.shots), desc="shots", unit="k") as bar:
-        results = evaluate_model(
-            loaded, claims, args.shots, artifact, args.seed, progress=lambda k: bar.update()
-        )
-    about = {
-        "claims_file": str(args.claims),
-        "adapter": f"{artifact.meta.name}@{artifact.meta.version}" if artifact else None,
-        "model": loaded.name,
-        **about_claims(claims),
-    }
-    title = f"Factuality of {args.claims.name}, " + (
-        f"adapter {about['adapter']}" if artifact else "base model"
-    )
-    write_report(args.out, title, results, about)
+
+        def progress(done: int, total: int, what: str) -> None:
+            bar.update(done - bar.n)
+
+        evaluate_offline(get_kind("adapter"), loaded, artifact, options, args.out, progress)
+    results = json.loads((args.out / "metrics.json").read_text())["shots"]
     summary = ", ".join(
         f"{k} shots {r['accuracy']:.3f}/{r['micro_f1']:.3f}/{r['macro_f1']:.3f}" for k, r in results.items()
     )

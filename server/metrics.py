@@ -106,6 +106,8 @@ class BoundedLabels:
     """Label values for memory names: the first `limit` names seen keep theirs, later ones `other`."""
 
     def __init__(self, limit: int = DEFAULT_MAX_MEMORY_LABELS) -> None:
+        if limit < 0:
+            raise ValueError(f"the per-memory label limit must be >= 0, got {limit}")
         self.limit = limit
         self._names: set[str] = set()
         self._lock = threading.Lock()
@@ -118,15 +120,6 @@ class BoundedLabels:
                 self._names.add(name)
                 return name
         return OTHER
-
-
-LABELS = BoundedLabels()
-
-
-def set_max_memory_labels(limit: int) -> None:
-    if limit < 0:
-        raise ValueError(f"the per-memory label limit must be >= 0, got {limit}")
-    LABELS.limit = limit
 
 
 class EngineMetrics:
@@ -145,31 +138,43 @@ class EngineMetrics:
         (TIME_TO_FIRST_TOKEN if first else INTER_TOKEN_LATENCY).observe(seconds)
 
 
-def install_memory_observers() -> None:
-    """Points the memory kinds' observers at the metrics (idempotent)."""
-    from memserve.adapter import AdapterStats, LoadedAdapter
-    from memserve.document import LoadedDocumentBank, SelectionStats
-    from memserve.local import LoadedLocalSet, TriggerStats
+class MemoryMetrics:
+    """Hears the memory kinds' per-forward statistics (a `LoadTarget.observe`), by their type.
 
-    def on_selection(stats: SelectionStats) -> None:
-        bank = LABELS(stats.bank)
+    Per-memory labels name the first `max_memory_labels` memories it hears of; later ones `other`."""
+
+    def __init__(self, max_memory_labels: int = DEFAULT_MAX_MEMORY_LABELS) -> None:
+        self.labels = BoundedLabels(max_memory_labels)
+        from memserve.kinds.adapter.module import AdapterStats
+        from memserve.kinds.document.module import SelectionStats
+        from memserve.kinds.local.module import TriggerStats
+
+        self._by_type: dict[type, Callable[[Any], None]] = {
+            SelectionStats: self.selection,
+            TriggerStats: self.triggers,
+            AdapterStats: self.adapter,
+        }
+
+    def __call__(self, stats: object) -> None:
+        record = self._by_type.get(type(stats))
+        if record is not None:  # a plugin kind's statistics: not exported
+            record(stats)
+
+    def selection(self, stats: Any) -> None:
+        bank = self.labels(stats.bank)
         DOCUMENT_SELECTED_ENTRIES.labels(bank).observe(stats.selected_entries)
         DOCUMENT_SELECTION_MASS.labels(bank).observe(stats.selection_mass)
 
-    def on_triggers(stats: TriggerStats) -> None:
-        name = LABELS(stats.set)
+    def triggers(self, stats: Any) -> None:
+        name = self.labels(stats.set)
         LOCAL_POSITIONS_CHECKED.labels(name).inc(stats.positions_checked)
         LOCAL_TRIGGERS.labels(name).inc(stats.positions_triggered)
         histogram = LOCAL_TRIGGER_VALUE.labels(name)
         for value in stats.values.tolist():
             histogram.observe(value)
 
-    def on_adapter(stats: AdapterStats) -> None:
-        ADAPTER_TOKENS.labels(LABELS(stats.adapter)).inc(stats.tokens)
-
-    LoadedDocumentBank.observer = on_selection
-    LoadedLocalSet.observer = on_triggers
-    LoadedAdapter.observer = on_adapter
+    def adapter(self, stats: Any) -> None:
+        ADAPTER_TOKENS.labels(self.labels(stats.adapter)).inc(stats.tokens)
 
 
 class JobQueueCollector(Collector):
@@ -190,13 +195,12 @@ class JobQueueCollector(Collector):
         yield GaugeMetricFamily("memserve_workers_alive", "Trainer workers heartbeating", value=alive)
 
 
-_collector: JobQueueCollector | None = None
+def register_job_queue(depth: Callable[[], int], workers: Callable[[], Iterable[str]]) -> JobQueueCollector:
+    """Exports the job queue's depth and live workers; `unregister` it when the queue goes away."""
+    collector = JobQueueCollector(depth, workers)
+    REGISTRY.register(collector)
+    return collector
 
 
-def register_job_queue(depth: Callable[[], int], workers: Callable[[], Iterable[str]]) -> None:
-    """Exports the job queue's depth and live workers (one queue per process: a later call replaces)."""
-    global _collector
-    if _collector is not None:
-        REGISTRY.unregister(_collector)
-    _collector = JobQueueCollector(depth, workers)
-    REGISTRY.register(_collector)
+def unregister(collector: Collector) -> None:
+    REGISTRY.unregister(collector)

@@ -24,7 +24,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from memserve.engine import (
+from memserve.engine.scheduler import (
     Engine,
     EngineConfig,
     Event,
@@ -33,8 +33,8 @@ from memserve.engine import (
     GenerationRequest,
     TokenEvent,
 )
-from memserve.hooks import MemoryHooks
-from memserve.kinds import TrainContext
+from memserve.memory.hooks import MemoryHooks
+from memserve.memory.kind import TrainContext
 from memserve.memory_store.artifact import Artifact
 from memserve.memory_store.redis_server import RedisServer, start_cluster
 from memserve.models import LoadedModel, ModelConfig, load_model

@@ -3,34 +3,39 @@
 ``test-bias`` adds a fixed vector to the residual stream at one layer. Its
 trainer draws the vector from a seed and takes `steps` steps of `step_seconds`
 each, reporting progress at every step, so tests can watch, cancel and kill a
-job part-way. `rows` pads the artifact to a chosen size (benchmarks). Load it
+job part-way; its evaluation compares a prompt's greedy tokens with and without it,
+after `steps` progress reports. `rows` pads the artifact to a chosen size (benchmarks). Load it
 with ``--plugin tests.kinds`` or ``MEMSERVE_PLUGINS=tests.kinds``.
 """
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from memserve.engine.offline import generate_all
 from memserve.errors import InvalidArgument
-from memserve.hooks import MemoryContext, Site
-from memserve.kinds import (
+from memserve.memory.evaluation import EvalContext
+from memserve.memory.hooks import MemoryContext, Site
+from memserve.memory.kind import (
     LoadedMemory,
     LoadTarget,
     MemoryKind,
     MemoryRefSpec,
+    RowMemory,
     TrainContext,
     Trained,
-    register_kind,
 )
+from memserve.memory.registry import register_kind
 from memserve.memory_store.artifact import Artifact
 
 
 @dataclass(frozen=True)
-class BoundBias:
+class BoundBias(RowMemory):
     name: str
     delta: torch.Tensor
     layer: int
@@ -95,6 +100,28 @@ class BiasKind(MemoryKind):
             hyperparameters={"layer": spec["layer"], "value": spec["value"], "seed": spec["seed"]},
             metrics={"final_loss": 1.0 / max(spec["steps"], 1)},
         )
+
+    def evaluate(self, options: dict[str, Any], context: EvalContext) -> None:
+        """Greedy tokens of a prompt with and without the bias, after `steps` progress reports."""
+        unknown = set(options) - {"prompt", "steps", "step_seconds"}
+        if unknown:
+            raise InvalidArgument(f"unknown test-bias evaluation options: {sorted(unknown)}")
+        steps = int(options.get("steps", 1))
+        for step in range(steps):
+            time.sleep(float(options.get("step_seconds", 0.0)))
+            context.progress(step + 1, steps, f"step {step + 1}")
+        if context.artifact is None:
+            raise InvalidArgument("a test-bias evaluation needs a memory")
+        bias = self.load(context.artifact, context.target).bind(
+            MemoryRefSpec(context.artifact.meta.name, self.name)
+        )
+        prompt = context.model.tokenizer(str(options.get("prompt", "The quick brown fox"))).input_ids
+        with_bias, without = (
+            generate_all(context.engine, [prompt], memories, 4)[0] for memories in ((bias,), ())
+        )
+        metrics = {"memory": context.artifact.meta.name, "with": with_bias, "without": without}
+        (context.out / "metrics.json").write_text(json.dumps(metrics))
+        (context.out / "report.md").write_text(f"# {metrics['memory']}\n\nchanged: {with_bias != without}\n")
 
     def load(self, artifact: Artifact, target: LoadTarget) -> LoadedBias:
         layer = int(artifact.meta.hyperparameters["layer"])

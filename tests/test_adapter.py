@@ -12,12 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from memserve.adapter import Adapter, LoadedAdapter, adapter_tensors
-from memserve.adapter_train import AdapterConfig, AdapterKind, default_layer, examples, template_text
-from memserve.document import DocumentBank, LoadedDocumentBank, shape_from
-from memserve.engine import GenerationRequest, StoppingParams
+from memserve.engine.scheduler import GenerationRequest, StoppingParams
 from memserve.errors import InvalidArgument
-from memserve.factuality import (
+from memserve.kinds.adapter import AdapterKind
+from memserve.kinds.adapter.config import AdapterConfig, default_layer
+from memserve.kinds.adapter.eval import (
     INSTRUCTION,
     Claim,
     add_likelihood,
@@ -29,8 +28,11 @@ from memserve.factuality import (
     shots_for,
     template_for,
 )
-from memserve.hooks import MemoryContext, MemoryHooks
-from memserve.kinds import LoadTarget, MemoryKey, MemoryRefSpec
+from memserve.kinds.adapter.module import Adapter, LoadedAdapter, adapter_tensors
+from memserve.kinds.adapter.train import examples, template_text
+from memserve.kinds.document.module import DocumentBank, LoadedDocumentBank, shape_from
+from memserve.memory.hooks import MemoryContext, MemoryHooks
+from memserve.memory.kind import LoadTarget, MemoryKey, MemoryRefSpec
 from memserve.memory_store.artifact import Artifact, MemoryMeta, decode, encode
 from memserve.models import LoadedModel
 from tests.conftest import FakeContext, run_all
@@ -333,7 +335,7 @@ def test_the_fixture_is_balanced_and_its_templates_file_is_up_to_date():
                 assert sum(c.label == label and c.split == split for c in own) >= 2, (document, label, split)
     expected = [template_for(c) for c in claims if c.split == "train"]
     written = [json.loads(line) for line in (FIXTURE / "templates.jsonl").read_text().splitlines()]
-    assert written == expected, "regenerate with: python -m memserve.factuality templates"
+    assert written == expected, "regenerate with: python -m memserve.kinds.adapter.eval templates"
 
 
 def test_bad_claims_files_are_refused_with_the_line(tmp_path):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 
-from memserve.detokenize import IncrementalText
+from memserve.engine.detokenize import IncrementalText
 
 
 def _stream(tokenizer, text: str, stops: tuple[str, ...] = (), include: bool = False) -> tuple[list, str]:

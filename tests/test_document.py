@@ -8,22 +8,17 @@ import math
 import pytest
 import torch
 
-from memserve.document import BankShape, DocumentBank, LoadedDocumentBank, spread_docreps
-from memserve.document_train import (
-    DocumentConfig,
-    DocumentKind,
-    logits_after,
-    residual_at,
-    split_windows,
-    token_losses,
-    windows,
-)
-from memserve.engine import GenerationRequest, StoppingParams
+from memserve.engine.sampling import SamplingParams
+from memserve.engine.scheduler import GenerationRequest, StoppingParams
 from memserve.errors import FailedPrecondition, InvalidArgument, NotFound
-from memserve.kinds import LoadTarget, MemoryKey, MemoryRefSpec
+from memserve.kinds.document import DocumentKind
+from memserve.kinds.document.config import DocumentConfig
+from memserve.kinds.document.module import BankShape, DocumentBank, LoadedDocumentBank, spread_docreps
+from memserve.kinds.document.train import split_windows, windows
+from memserve.memory.kind import LoadTarget, MemoryKey, MemoryObserver, MemoryRefSpec
 from memserve.memory_store.artifact import Artifact, MemoryMeta, decode, encode
 from memserve.models import LoadedModel
-from memserve.sampling import SamplingParams
+from memserve.training.frozen import logits_after, residual_at, token_losses
 from tests.conftest import FakeContext, build_tiny_model, run_all
 
 TEXTS = {
@@ -48,9 +43,10 @@ def as_artifact(trained, version: int = 1) -> Artifact:
     return decode(replace(meta, version=version), blob)
 
 
-def target(model) -> LoadTarget:
+def target(model, observe: MemoryObserver | None = None) -> LoadTarget:
+    config = model.config
     return LoadTarget(
-        torch.device("cpu"), torch.float32, None, model.config.num_hidden_layers, model.config.hidden_size
+        torch.device("cpu"), torch.float32, None, config.num_hidden_layers, config.hidden_size, observe
     )
 
 
@@ -209,7 +205,7 @@ def test_requests_with_different_documents_share_a_batch_and_match_running_alone
 
 
 def test_the_evaluation_writes_the_report_metrics_and_plots(trained, tiny, tmp_path):
-    from memserve.document_eval import evaluate_bank
+    from memserve.kinds.document.eval import evaluate_bank
 
     result, _ = trained
     metrics = evaluate_bank(tiny, as_artifact(result), tmp_path, grid=3)
@@ -249,20 +245,19 @@ def test_eval_docs_from_the_command_line_on_an_export_file(trained, tiny_llama_d
 
 
 def test_each_forward_reports_selection_numbers_per_bank(trained, tiny, make_engine):
-    from memserve.document import SelectionStats
+    from memserve.kinds.document.module import SelectionStats
 
-    loaded = LoadedDocumentBank(as_artifact(trained[0]), target(tiny.model))
     seen: list[SelectionStats] = []
-    LoadedDocumentBank.observer = seen.append
-    try:
-        engine = make_engine(tiny.model, tiny.tokenizer)
-        memories = tuple(loaded.bind(MemoryRefSpec("bank", "document", key=MemoryKey(d))) for d in ("fox",))
-        request = GenerationRequest(prompt_ids=tuple(tiny.tokenizer("The quick").input_ids),
-                                    sampling=SamplingParams(), memories=memories,
-                                    stopping=StoppingParams(max_new_tokens=3, ignore_eos=True))  # fmt: skip
-        run_all(engine, [request, request])
-    finally:
-        LoadedDocumentBank.observer = None
+    loaded = LoadedDocumentBank(as_artifact(trained[0]), target(tiny.model, seen.append))
+    engine = make_engine(tiny.model, tiny.tokenizer)
+    memories = (loaded.bind(MemoryRefSpec("bank", "document", key=MemoryKey("fox"))),)
+    request = GenerationRequest(
+        prompt_ids=tuple(tiny.tokenizer("The quick").input_ids),
+        sampling=SamplingParams(),
+        memories=memories,
+        stopping=StoppingParams(max_new_tokens=3, ignore_eos=True),
+    )
+    run_all(engine, [request, request])
     assert seen and all(s.bank == "bank" for s in seen)
     assert max(s.rows for s in seen) == 2  # both requests' rows in one op
     assert all(0 <= s.selected_entries <= loaded.bank.shape.memory_dim and s.selection_mass > 0 for s in seen)
@@ -283,7 +278,7 @@ def test_every_loss_and_negative_trains(tiny, loss, negatives):
 
 
 def test_guidance_loss_formulas(tiny):
-    from memserve.document_train import GuidanceTrainer, SourceDocument, _docreps
+    from memserve.kinds.document.train import GuidanceTrainer, SourceDocument, _docreps
 
     documents = [SourceDocument(k, k, v) for k, v in TEXTS.items()]
     for loss, expected in [
@@ -336,7 +331,7 @@ def test_a_request_using_two_banks_gets_the_same_output_in_any_batch(trained, ti
 
 
 def test_a_job_too_big_for_memory_is_refused_before_it_starts(tiny, monkeypatch):
-    import memserve.document_train as training
+    import memserve.training.frozen as training
 
     monkeypatch.setattr(training, "MAX_STEP_LOGIT_BYTES", 10_000)
     with pytest.raises(InvalidArgument, match="lower batch_size or max_length"):

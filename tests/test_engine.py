@@ -7,7 +7,8 @@ import time
 import pytest
 import torch
 
-from memserve.engine import FinishReason, GenerationRequest, StoppingParams
+from memserve.engine.sampling import SamplingParams
+from memserve.engine.scheduler import FinishReason, GenerationRequest, StoppingParams
 from memserve.errors import (
     DeadlineExceeded,
     FailedPrecondition,
@@ -15,8 +16,8 @@ from memserve.errors import (
     MemoryHookError,
     ResourceExhausted,
 )
-from memserve.hooks import MemoryContext, Site
-from memserve.sampling import SamplingParams
+from memserve.memory.hooks import MemoryContext, Site
+from memserve.memory.kind import RowMemory
 from tests.conftest import build_tiny_model, collect, run_all, submit, take_tokens, wait_until
 
 CORPUS_LINE = "Once upon a time there was a small village by the sea. "
@@ -187,7 +188,7 @@ def test_a_prompt_longer_than_the_context_is_refused(tiny_model, tiny_tokenizer,
         submit(engine, GenerationRequest(prompt_ids=tuple(range(1, 40))))
 
 
-class _Memory:
+class _Memory(RowMemory):
     """A test memory: adds nothing, or raises on its `fail_on`-th forward (1 = the prefill)."""
 
     def __init__(

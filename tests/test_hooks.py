@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from memserve.errors import MemoryHookError
-from memserve.hooks import MemoryContext, MemoryHooks, Site, find_sites
+from memserve.memory.hooks import MemoryContext, MemoryHooks, Site, find_sites
 from tests.conftest import build_tiny_model
 
 

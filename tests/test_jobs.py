@@ -18,7 +18,7 @@ from memserve.memory_store.artifact import MemoryMeta
 from memserve.memory_store.jobs import Job, JobQueue, JobState, Progress
 from memserve.memory_store.redis_store import RedisStore
 from memserve.models import LoadedModel, ModelConfig, load_model
-from memserve.worker import Worker, WorkerConfig
+from memserve.training.worker import Worker, WorkerConfig
 from tests.conftest import wait_until
 
 REPO = Path(__file__).resolve().parent.parent

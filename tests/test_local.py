@@ -11,20 +11,15 @@ from dataclasses import replace
 import pytest
 import torch
 
-from memserve.engine import GenerationRequest, StoppingParams
+from memserve.engine.offline import generate_all
+from memserve.engine.scheduler import GenerationRequest, StoppingParams
 from memserve.errors import InvalidArgument
-from memserve.hooks import MemoryContext, MemoryHooks
-from memserve.kinds import LoadTarget, MemoryRefSpec
-from memserve.local import Entries, LoadedLocalSet, TriggerStats, group_tensors, trigger_values
-from memserve.local_eval import generate_all
-from memserve.local_train import (
-    Fact,
-    LocalConfig,
-    LocalKind,
-    check_facts,
-    generated_prompts,
-    split_prompts,
-)
+from memserve.kinds.local import LocalKind
+from memserve.kinds.local.config import Fact, LocalConfig, check_facts
+from memserve.kinds.local.module import Entries, LoadedLocalSet, TriggerStats, group_tensors, trigger_values
+from memserve.kinds.local.prompts import generated_prompts, split_prompts
+from memserve.memory.hooks import MemoryContext, MemoryHooks
+from memserve.memory.kind import LoadTarget, MemoryObserver, MemoryRefSpec
 from memserve.memory_store.artifact import Artifact, MemoryMeta, decode, encode
 from memserve.models import LoadedModel
 from tests.conftest import FakeContext, run_all
@@ -47,7 +42,13 @@ def site_activations(
     return seen[0]
 
 
-def make_set(loaded: LoadedModel, hooks: MemoryHooks, groups: list[dict], **hyper: str) -> LoadedLocalSet:
+def make_set(
+    loaded: LoadedModel,
+    hooks: MemoryHooks,
+    groups: list[dict],
+    observe: MemoryObserver | None = None,
+    **hyper: str,
+) -> LoadedLocalSet:
     described = [{"layer": g["layer"], "site": g["site"], "entries": g["labels"]} for g in groups]
     meta = MemoryMeta(
         kind="local",
@@ -59,7 +60,7 @@ def make_set(loaded: LoadedModel, hooks: MemoryHooks, groups: list[dict], **hype
     )
     config = loaded.model.config
     target = LoadTarget(
-        torch.device("cpu"), torch.float32, hooks, config.num_hidden_layers, config.hidden_size
+        torch.device("cpu"), torch.float32, hooks, config.num_hidden_layers, config.hidden_size, observe
     )
     return LoadedLocalSet(Artifact(meta, group_tensors(groups)), target)
 
@@ -97,7 +98,7 @@ def test_the_trigger_is_the_blogs_band_pass_with_both_distances():
 
 def _written_out(a: torch.Tensor, keys: torch.Tensor, bounds: torch.Tensor, hardness: torch.Tensor,
                  deltas: torch.Tensor, distance: str, combination: str) -> torch.Tensor:  # fmt: skip
-    """DESIGN.md's formula, entry by entry and position by position, in float64."""
+    """The formula of docs/design.md, entry by entry and position by position, in float64."""
     out = torch.zeros_like(a, dtype=torch.float64)
     for n, position in enumerate(a.double()):
         f = []
@@ -203,7 +204,9 @@ def test_traces_and_trigger_numbers_say_which_entry_fired(tiny, hooks, make_engi
     prompt = "The quick brown fox"
     key = site_activations(tiny, hooks, prompt, layer, site)[-1]
     delta = torch.randn(key.shape, generator=torch.Generator().manual_seed(2))
-    local_set = make_set(tiny, hooks, [entry_group(layer, site, key[None], delta[None], 0.05)])
+    seen: list[TriggerStats] = []
+    groups = [entry_group(layer, site, key[None], delta[None], 0.05)]
+    local_set = make_set(tiny, hooks, groups, observe=seen.append)
     engine = make_engine(tiny.model, tiny.tokenizer, max_batch_size=4)
     bound = local_set.bind(MemoryRefSpec("facts", "local"))
     stopping = StoppingParams(max_new_tokens=3, ignore_eos=True)
@@ -211,12 +214,7 @@ def test_traces_and_trigger_numbers_say_which_entry_fired(tiny, hooks, make_engi
     short = GenerationRequest(tuple(tiny.tokenizer(prompt).input_ids), memories=(bound,), trace=True,
                               stopping=stopping)  # fmt: skip
     longer = replace(short, prompt_ids=tuple(tiny.tokenizer(other).input_ids), trace=False)
-    seen: list[TriggerStats] = []
-    LoadedLocalSet.observer = seen.append
-    try:
-        outcomes = run_all(engine, [short, longer])
-    finally:
-        LoadedLocalSet.observer = None
+    outcomes = run_all(engine, [short, longer])
     traced = outcomes[0].traces[0]
     assert [(t.memory, t.kind, t.layer, t.entry) for t in traced] == [
         ("facts", "local", 1, "fact0#0 (attn_out)")
@@ -452,11 +450,8 @@ def test_a_failing_statistics_observer_fails_the_sets_requests_loudly_and_no_oth
     def broken(stats: TriggerStats) -> None:
         raise RuntimeError("the metrics layer is broken")
 
-    LoadedLocalSet.observer = broken
-    try:
-        failed, fine = run_all(engine, [uses_it, GenerationRequest(prompt, stopping=stopping)])
-    finally:
-        LoadedLocalSet.observer = None
+    local_set.observe = broken
+    failed, fine = run_all(engine, [uses_it, GenerationRequest(prompt, stopping=stopping)])
     assert (
         failed.error is not None
         and "'facts'" in str(failed.error)

@@ -10,8 +10,8 @@ import torch
 
 import tests.kinds  # noqa: F401  (registers the test-bias kind)
 from memserve.errors import NotFound
-from memserve.kinds import LoadTarget, MemoryRefSpec
-from memserve.memories import MemoryCache
+from memserve.memory.cache import MemoryCache
+from memserve.memory.kind import LoadTarget, MemoryRefSpec
 from memserve.memory_store.artifact import MemoryMeta
 from memserve.memory_store.redis_store import Change, RedisStore
 

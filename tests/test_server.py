@@ -13,12 +13,12 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from memserve.app import SERVICE_NAMES, RunningServer, ServerConfig, start_server
+from memserve.api.app import SERVICE_NAMES, RunningServer, ServerConfig, start_server
 from memserve.clients import AsyncClient, Client
 from memserve.clients.cli import main as cli_main
-from memserve.engine import EngineConfig
+from memserve.engine.scheduler import EngineConfig
+from memserve.memory.runtime import StoreConfig
 from memserve.models import ModelConfig
-from memserve.store_runtime import StoreConfig
 from memserve.v1 import generation_pb2 as pb
 from memserve.v1 import memory_pb2, memory_pb2_grpc, memory_ref_pb2
 
@@ -262,7 +262,7 @@ def test_cli_generate_prints_the_completion(address, client, capsys):
 def test_info_describes_the_model_and_limits(address, capsys):
     assert cli_main(["info", "--server", address]) == 0
     out = capsys.readouterr().out
-    assert 'architecture: "LlamaForCausalLM"' in out and "max_new_tokens_limit: 2000" in out
+    assert "architecture: LlamaForCausalLM" in out and "max_new_tokens_limit: 2000" in out
 
 
 def test_shutdown_lets_in_flight_requests_finish_and_refuses_new_ones(tiny_llama_dir):

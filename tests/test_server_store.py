@@ -12,16 +12,16 @@ import torch
 from google.protobuf.struct_pb2 import Struct
 
 import tests.kinds  # noqa: F401  (registers the test-bias kind)
-from memserve.app import RunningServer
+from memserve.api.app import RunningServer
 from memserve.clients.client import Client
 from memserve.errors import FailedPrecondition
+from memserve.memory.runtime import StoreConfig
 from memserve.memory_store.artifact import MemoryMeta
 from memserve.memory_store.redis_server import RedisServer
 from memserve.memory_store.redis_store import RedisStore
-from memserve.store_runtime import StoreConfig
+from memserve.training.worker import WorkerConfig
 from memserve.v1 import generation_pb2 as pb
 from memserve.v1 import generation_pb2_grpc, jobs_pb2, jobs_pb2_grpc, memory_pb2, memory_pb2_grpc
-from memserve.worker import WorkerConfig
 from tests.conftest import wait_until
 from tests.test_server import ServerThread, tiny_server_config
 

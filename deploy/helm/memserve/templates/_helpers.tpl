@@ -16,7 +16,7 @@ app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
 - name: MEMSERVE_REDIS_URL
   value: {{ .Values.redis.url | quote }}
 {{- if or .Values.auth.token .Values.auth.existingSecret }}
-- name: MEMSERVE_AUTH_TOKEN
+- name: MEMSERVE_TOKEN
   valueFrom:
     secretKeyRef:
       name: {{ include "memserve.authSecret" . }}

@@ -1,0 +1,4 @@
+"""The gRPC front: the server, the interceptor, protobuf conversion and one servicer per service.
+
+Nothing past this package sees a wire type.
+"""

@@ -1,0 +1,232 @@
+"""Assembling and running the server: model, engine, gRPC services, health, reflection, metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+from dataclasses import dataclass, field
+from wsgiref.simple_server import WSGIServer
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import start_http_server
+
+from memserve.api.evaluation import EvaluationService
+from memserve.api.generation import GenerationService
+from memserve.api.interceptor import ErrorInterceptor
+from memserve.api.jobs import JobService
+from memserve.api.memories import MemoryService
+from memserve.engine.scheduler import Engine, EngineConfig
+from memserve.memory.registry import registered_kinds
+from memserve.memory.runtime import StoreConfig, StoreRuntime
+from memserve.metrics import (
+    DEFAULT_MAX_MEMORY_LABELS,
+    QUEUE_DEPTH,
+    RUNNING_REQUESTS,
+    EngineMetrics,
+    MemoryMetrics,
+    precreate_job_series,
+    register_job_queue,
+)
+from memserve.models import LoadedModel, ModelConfig, load_model
+from memserve.v1 import (
+    evaluation_pb2,
+    evaluation_pb2_grpc,
+    generation_pb2,
+    generation_pb2_grpc,
+    jobs_pb2,
+    jobs_pb2_grpc,
+    memory_pb2,
+    memory_pb2_grpc,
+)
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAMES = (
+    generation_pb2.DESCRIPTOR.services_by_name["GenerationService"].full_name,
+    memory_pb2.DESCRIPTOR.services_by_name["MemoryService"].full_name,
+    jobs_pb2.DESCRIPTOR.services_by_name["JobService"].full_name,
+    evaluation_pb2.DESCRIPTOR.services_by_name["EvaluationService"].full_name,
+)
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    """Address to listen on; 0.0.0.0 to accept connections from other machines."""
+    port: int = 50051
+    metrics_port: int | None = 9464
+    """Prometheus /metrics port; 0 = any free port (tests); None = no metrics endpoint."""
+    auth_token: str | None = None
+    """A bearer token the mutating RPCs require; None = no auth (`serve` reads $MEMSERVE_TOKEN)."""
+    metrics_max_memory_labels: int = DEFAULT_MAX_MEMORY_LABELS
+    """Memories (banks, sets, adapters) that get a metrics label of their own; later ones: `other`."""
+    store: StoreConfig | None = field(default_factory=StoreConfig)
+    """The memory store (Redis URL, cache, workers); None = serve without memories."""
+    max_message_bytes: int = 16 << 20
+    """Largest gRPC message either way; artifacts travel in chunks well below it."""
+    shutdown_grace_seconds: float = 10.0
+    """In-flight requests get this long to finish on SIGTERM/SIGINT."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+
+
+class RunningServer:
+    """A started server; `port` is the bound port (useful with port 0)."""
+
+    def __init__(
+        self,
+        server: grpc.aio.Server,
+        engine: Engine,
+        health_servicer: health.aio.HealthServicer,
+        port: int,
+        runtime: StoreRuntime | None,
+        metrics: WSGIServer | None = None,
+    ) -> None:
+        self.server = server
+        self.engine = engine
+        self.health = health_servicer
+        self.port = port
+        self.runtime = runtime
+        self.metrics = metrics
+        self.metrics_port = metrics.server_port if metrics is not None else None
+
+    async def stop(self, grace: float) -> None:
+        """Refuses new requests at once, gives in-flight ones `grace` seconds, then ends them.
+
+        Requests still running when the grace period ends fail with CANCELLED and a
+        message saying the server shut down, before the transport closes.
+        """
+        await self.health.enter_graceful_shutdown()
+        transport = asyncio.ensure_future(self.server.stop(grace + 5))
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+        while (self.engine.running or self.engine.queue_depth) and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        await asyncio.to_thread(self.engine.stop)
+        await transport
+        if self.runtime is not None:
+            await asyncio.to_thread(self.runtime.close)
+        if self.metrics is not None:
+            await asyncio.to_thread(self.metrics.shutdown)
+            self.metrics.server_close()
+
+
+async def start_server(config: ServerConfig) -> RunningServer:
+    started = time.perf_counter()
+    loaded = await asyncio.to_thread(load_model, config.model)
+    log.info(
+        "loaded %s (%s, %s) in %.1f s",
+        loaded.name,
+        loaded.dtype,
+        loaded.device,
+        time.perf_counter() - started,
+    )
+    loop = asyncio.get_running_loop()
+    health_servicer = health.aio.HealthServicer()
+
+    def on_engine_death() -> None:  # from the engine thread: the server can no longer serve
+        loop.call_soon_threadsafe(lambda: asyncio.ensure_future(health_servicer.enter_graceful_shutdown()))
+
+    # Without a metrics port nothing pays for statistics: no observer is installed.
+    metered = config.metrics_port is not None
+    engine = Engine(
+        loaded.model,
+        loaded.tokenizer,
+        config.engine,
+        observer=EngineMetrics() if metered else None,
+        on_death=on_engine_death,
+    )
+    runtime = None
+    if config.store is not None:
+        observe = MemoryMetrics(config.metrics_max_memory_labels) if metered else None
+        runtime = await asyncio.to_thread(StoreRuntime, config.store, loaded, engine.hooks, loop, observe)
+    try:
+        return await _start(config, loaded, engine, runtime, health_servicer, started)
+    except BaseException:
+        if runtime is not None:
+            await asyncio.to_thread(runtime.close)
+        raise
+
+
+async def _start(
+    config: ServerConfig,
+    loaded: LoadedModel,
+    engine: Engine,
+    runtime: StoreRuntime | None,
+    health_servicer: health.aio.HealthServicer,
+    started: float,
+) -> RunningServer:
+    server = grpc.aio.server(
+        interceptors=[ErrorInterceptor(config.auth_token)],
+        options=[
+            ("grpc.max_receive_message_length", config.max_message_bytes),
+            ("grpc.max_send_message_length", config.max_message_bytes),
+            # Without this a second server on the same port starts silently and steals requests.
+            ("grpc.so_reuseport", 0),
+        ],
+    )
+    generation_pb2_grpc.add_GenerationServiceServicer_to_server(
+        GenerationService(engine, loaded, runtime), server
+    )
+    evaluation_pb2_grpc.add_EvaluationServiceServicer_to_server(
+        EvaluationService(engine, loaded, runtime), server
+    )
+    if runtime is not None:
+        memory_pb2_grpc.add_MemoryServiceServicer_to_server(MemoryService(runtime), server)
+        jobs_pb2_grpc.add_JobServiceServicer_to_server(JobService(runtime), server)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+    )
+    # Bind both ports before anything starts, so a busy port is a clean error.
+    address = f"{config.host}:{config.port}"
+    try:
+        port = server.add_insecure_port(address)
+    except RuntimeError as exc:
+        raise OSError(f"cannot listen on {address}: is another server using the port?") from exc
+    if port == 0:
+        raise OSError(f"cannot listen on {address}: is another server using the port?")
+    metrics_server = None
+    if config.metrics_port is not None:
+        try:
+            metrics_server, _ = start_http_server(config.metrics_port, addr=config.host)
+        except OSError as exc:
+            raise OSError(f"cannot serve metrics on {config.host}:{config.metrics_port}: {exc}") from exc
+    if metrics_server is not None:
+        QUEUE_DEPTH.set_function(lambda: engine.queue_depth)
+        RUNNING_REQUESTS.set_function(lambda: engine.running)
+        if runtime is not None:
+            register_job_queue(runtime.queue.depth, runtime.queue.workers_alive)
+            precreate_job_series(registered_kinds())
+    if config.auth_token is None and config.host not in ("127.0.0.1", "localhost", "::1"):
+        log.warning("listening on %s without $MEMSERVE_TOKEN: anyone who reaches it can change memories",
+                    config.host)  # fmt: skip
+
+    engine.start()
+    await server.start()
+    for name in ("", *SERVICE_NAMES):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    log.info(
+        "serving %s on %s:%d (ready %.1f s after start)",
+        loaded.name,
+        config.host,
+        port,
+        time.perf_counter() - started,
+    )
+    return RunningServer(server, engine, health_servicer, port, runtime, metrics_server)
+
+
+async def serve(config: ServerConfig) -> None:
+    """Runs until SIGINT/SIGTERM, then drains in-flight requests."""
+    running = await start_server(config)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("shutting down; in-flight requests get %.0f s", config.shutdown_grace_seconds)
+    await running.stop(config.shutdown_grace_seconds)

@@ -1,0 +1,78 @@
+"""JobService: follow, list, cancel and submit the training jobs that produce memories."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Any
+
+from google.protobuf.json_format import MessageToDict
+
+from memserve.api.context import tenant_of
+from memserve.api.convert import (
+    JOB_STATES_FROM_PB,
+    job_to_pb,
+)
+from memserve.errors import NotFound
+from memserve.memory.registry import get_kind
+from memserve.memory.runtime import StoreRuntime
+from memserve.memory_store.jobs import Job
+from memserve.names import check_name
+from memserve.v1 import jobs_pb2, jobs_pb2_grpc
+
+
+class JobService(jobs_pb2_grpc.JobServiceServicer):
+    # A watch re-reads the job at least this often, in case an event was lost.
+    WATCH_POLL_SECONDS = 2.0
+
+    def __init__(self, runtime: StoreRuntime) -> None:
+        self.runtime = runtime
+
+    async def _job(self, job_id: str, context: Any) -> Job:
+        job = await self.runtime.run(self.runtime.queue.get, job_id)
+        if job.tenant != tenant_of(context):  # another tenant's job does not exist for this caller
+            raise NotFound(f"job {job_id!r} does not exist (or has expired)")
+        return job
+
+    async def GetJob(self, request: jobs_pb2.GetJobRequest, context: Any) -> Any:
+        return job_to_pb(await self._job(request.job_id, context))
+
+    async def WatchJob(self, request: jobs_pb2.WatchJobRequest, context: Any) -> AsyncIterator[Any]:
+        last: jobs_pb2.Job | None = None
+        with self.runtime.watchers.watching(request.job_id) as changed:
+            while True:
+                changed.clear()
+                job = await self._job(request.job_id, context)
+                message = job_to_pb(job)
+                if message != last:
+                    yield message
+                    last = message
+                if job.state.final:
+                    return
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(changed.wait(), self.WATCH_POLL_SECONDS)
+
+    async def CancelJob(self, request: jobs_pb2.CancelJobRequest, context: Any) -> Any:
+        await self._job(request.job_id, context)
+        return job_to_pb(await self.runtime.run(self.runtime.queue.cancel, request.job_id))
+
+    async def ListJobs(self, request: jobs_pb2.ListJobsRequest, context: Any) -> Any:
+        jobs, token = await self.runtime.run(
+            self.runtime.queue.list,
+            state=JOB_STATES_FROM_PB.get(request.state),
+            kind=request.kind,
+            tenant=tenant_of(context),
+            page_size=min(request.page_size or 50, 1000),
+            page_token=request.page_token,
+        )
+        return jobs_pb2.ListJobsResponse(jobs=[job_to_pb(j) for j in jobs], next_page_token=token)
+
+    async def SubmitJob(self, request: jobs_pb2.SubmitJobRequest, context: Any) -> Any:
+        check_name(request.memory_name)
+        kind = get_kind(request.kind)
+        spec = kind.validate_spec(MessageToDict(request.spec))
+        job = await self.runtime.run(
+            self.runtime.queue.submit, request.kind, request.memory_name, spec, tenant=tenant_of(context)
+        )
+        return job_to_pb(job)

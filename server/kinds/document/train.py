@@ -1,0 +1,282 @@
+"""The `document` kind's training: the guidance loss over the frozen model.
+
+Training is fast because the base model is frozen: the residual stream at the bank's
+layer does not depend on the bank, so it is computed once for every window, and each
+step runs only the layers after the bank, the final norm and the LM head, for the
+positive and the negative keys in one batched forward.
+
+    L = CE(y | K) + α·|τ − CE(y | K⁻)|                (loss "abs", the paper)
+    L = CE(y | K) + α·min((CE(y | K⁻) − τ)², CE(y | K)) (loss "capped_sq", the public code)
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import random
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from memserve.errors import InvalidArgument
+from memserve.kinds.document.config import DocumentConfig, check_spec, settings_over
+from memserve.kinds.document.module import BankShape, DocumentBank, spread_docreps
+from memserve.memory.kind import TrainContext, Trained
+from memserve.memory_store.artifact import Artifact
+from memserve.training.frozen import (
+    check_memory_budget,
+    check_trainable,
+    logits_after,
+    residual_at,
+    token_losses,
+    tokenize_windows,
+)
+
+
+@dataclass(frozen=True)
+class SourceDocument:
+    id: str
+    title: str
+    text: str
+    docrep: tuple[float, ...] = ()
+
+
+def windows(text: str, size: int, stride: int, limit: int) -> list[str]:
+    """Word windows of `size` at `stride`, the tail kept (the public code dropped it), at most `limit`."""
+    words = text.split()
+    if len(words) <= size:
+        return [" ".join(words)] if words else []
+    starts = list(range(0, len(words) - size + 1, stride))
+    if starts[-1] + size < len(words):  # the tail: one last window that ends at the last word
+        starts.append(len(words) - size)
+    return [" ".join(words[s : s + size]) for s in starts[:limit]]
+
+
+def split_windows(text: str, config: DocumentConfig) -> tuple[list[str], list[str]]:
+    """(training windows, held-out windows) of one document.
+
+    The held-out part is the document's last `holdout_windows × window_words` words, cut
+    before windowing, so that no held-out word is ever in a training window; it is kept
+    only if at least as many words remain for training.
+    """
+    words = text.split()
+    held_words = config.holdout_windows * config.window_words
+    if not held_words or len(words) < 2 * held_words:
+        return windows(text, config.window_words, config.window_stride, config.max_windows), []
+    train = " ".join(words[:-held_words])
+    held = " ".join(words[-held_words:])
+    return (
+        windows(train, config.window_words, config.window_stride, config.max_windows),
+        windows(held, config.window_words, config.window_words, config.holdout_windows),
+    )
+
+
+# --- running a slice of the frozen model -----------------------------------------------
+
+
+def _model_activation(model: PreTrainedModel) -> str:
+    config = model.config
+    return str(getattr(config, "hidden_act", None) or getattr(config, "activation_function", "gelu"))
+
+
+def previous_documents(artifact: Artifact | None) -> list[SourceDocument]:
+    """The documents of the bank's current version, so adding documents keeps the old ones."""
+    if artifact is None:
+        return []
+    offsets = artifact.tensors["text_offsets"].tolist()
+    data = artifact.tensors["texts_utf8"].numpy().tobytes()
+    return [
+        SourceDocument(
+            d["id"], d.get("title", ""), data[offsets[i] : offsets[i + 1]].decode(), tuple(d["docrep"])
+        )
+        for i, d in enumerate(artifact.meta.details["documents"])
+    ]
+
+
+def _merge(old: list[SourceDocument], new: list[dict[str, Any]]) -> list[SourceDocument]:
+    """Old documents, then new ones; a new document with an old id replaces its text (and keeps
+    its DocRep unless it brings one)."""
+    merged = {d.id: d for d in old}
+    for doc in new:
+        previous = merged.get(doc["id"])
+        docrep = tuple(doc["docrep"]) or (previous.docrep if previous else ())
+        merged[doc["id"]] = SourceDocument(doc["id"], doc["title"], doc["text"], docrep)
+    return list(merged.values())
+
+
+def _docreps(documents: list[SourceDocument], config: DocumentConfig) -> torch.Tensor:
+    """Given DocReps as they are (if their dimension fits); the others drawn far from them."""
+    given = [torch.tensor(d.docrep) for d in documents if len(d.docrep) == config.key_dim]
+    existing = torch.stack(given) if given else None
+    missing = [i for i, d in enumerate(documents) if len(d.docrep) != config.key_dim]
+    drawn = iter(spread_docreps(len(missing), config.key_dim, existing, config.seed))
+    return torch.stack(
+        [next(drawn) if i in missing else torch.tensor(d.docrep) for i, d in enumerate(documents)]
+    ).float()
+
+
+class GuidanceTrainer:
+    """Trains one bank over its documents' windows with the guidance loss."""
+
+    def __init__(
+        self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, layer: int, config: DocumentConfig,
+        docreps: torch.Tensor, documents: list[SourceDocument],
+    ) -> None:  # fmt: skip
+        self.model, self.layer, self.config = model, layer, config
+        self.device = next(model.parameters()).device
+        self.dtype = next(model.parameters()).dtype
+        texts, owners, held_texts, held_owners = [], [], [], []
+        self.train_windows: list[int] = []
+        self.holdout_windows: list[int] = []
+        for index, doc in enumerate(documents):
+            train, held = split_windows(doc.text, config)
+            texts += train
+            owners += [index] * len(train)
+            held_texts += held
+            held_owners += [index] * len(held)
+            self.train_windows.append(len(train))
+            self.holdout_windows.append(len(held))
+        if not texts:
+            raise InvalidArgument("the documents give no training windows")
+        self.windows = tokenize_windows(tokenizer, texts, owners, config.max_length)
+        check_memory_budget(model, len(self.windows), self.windows.input_ids.shape[1], config.batch_size)
+        # The bank trains in fp32 whatever the model's dtype: AdamW's small steps would round
+        # away in bf16. (On an fp32 model this changes nothing.)
+        self.docreps = docreps.to(self.device, torch.float32)
+        shape = BankShape(
+            hidden_size=model.config.hidden_size,
+            memory_dim=config.memory_dim,
+            key_dim=config.key_dim,
+            key_activation=config.key_activation,
+            key_module=config.key_module,
+            key_depth=config.key_depth,
+            token_activation=config.token_activation or _model_activation(model),
+        )
+        torch.manual_seed(config.seed)
+        self.bank = DocumentBank(shape).to(self.device, torch.float32)
+        self._random = random.Random(config.seed)
+
+    def _residuals(self) -> torch.Tensor:
+        """The frozen residual stream at the bank's layer, for every window: computed once."""
+        chunks = []
+        for start in range(0, len(self.windows), self.config.batch_size):
+            part = slice(start, start + self.config.batch_size)
+            chunks.append(
+                residual_at(
+                    self.model,
+                    self.layer,
+                    self.windows.input_ids[part].to(self.device),
+                    self.windows.attention_mask[part].to(self.device),
+                )
+            )
+        return torch.cat(chunks)
+
+    def negatives(self, owners: torch.Tensor) -> torch.Tensor:
+        positives = self.docreps[owners]
+        kind = self.config.negatives
+        if kind == "other" and len(self.docreps) > 1:
+            others = [
+                self._random.choice([j for j in range(len(self.docreps)) if j != int(o)]) for o in owners
+            ]
+            return self.docreps[torch.tensor(others, device=self.device)]
+        if kind == "zero":
+            return torch.zeros_like(positives)
+        if kind == "perturb":
+            return positives + 0.1 * torch.randn_like(positives)
+        return torch.randn_like(positives)  # "random", and "other" with a single document
+
+    def step_loss(
+        self, hidden: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor, owners: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(loss, CE⁺, CE⁻): the positive and the negative pass as one batched forward."""
+        rows = hidden.shape[0]
+        keys = torch.cat([self.docreps[owners], self.negatives(owners)])
+        doubled = torch.cat([hidden, hidden]).float()
+        doubled = (doubled + self.bank(doubled, self.bank.selection(keys))).to(self.dtype)
+        double_mask = torch.cat([mask, mask])
+        logits = logits_after(self.model, self.layer, doubled, double_mask)
+        per_row = token_losses(logits, torch.cat([labels, labels]))
+        positive, negative = per_row[:rows].mean(), per_row[rows:].mean()
+        config = self.config
+        if config.loss == "abs":
+            guidance = (config.tau - negative).abs()
+        else:
+            guidance = torch.minimum((negative - config.tau) ** 2, positive)
+        return positive + config.alpha * guidance, positive, negative
+
+    def fit(self, report: Any) -> dict[str, float]:
+        config = self.config
+        residuals = self._residuals()
+        optimizer = torch.optim.AdamW(self.bank.parameters(), lr=config.learning_rate, weight_decay=0.01)
+        batches = math.ceil(len(self.windows) / config.batch_size)
+        total = config.epochs * batches
+        generator = torch.Generator().manual_seed(config.seed)
+        step = 0
+        positive = negative = torch.tensor(float("nan"))
+        for _epoch in range(config.epochs):
+            order = torch.randperm(len(self.windows), generator=generator)
+            for start in range(0, len(order), config.batch_size):
+                chosen = order[start : start + config.batch_size]
+                width = int(self.windows.attention_mask[chosen].sum(1).max())  # trim the padding
+                loss, positive, negative = self.step_loss(
+                    residuals[chosen, :width],
+                    self.windows.attention_mask[chosen, :width].to(self.device),
+                    self.windows.labels[chosen, :width].to(self.device),
+                    self.windows.documents[chosen].to(self.device),
+                )
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                nn.utils.clip_grad_norm_(self.bank.parameters(), 5.0)
+                optimizer.step()
+                positive, negative = positive.detach(), negative.detach()
+                step += 1
+                report(
+                    step,
+                    total,
+                    loss=float(positive),
+                    message=f"CE+ {float(positive):.3f} CE- {float(negative):.3f}",
+                )
+        return {
+            "final_ce_positive": round(float(positive), 4),
+            "final_ce_negative": round(float(negative), 4),
+        }
+
+
+def train_bank(spec: dict[str, Any], context: TrainContext) -> Trained:
+    """Trains a new version of the bank: its current documents and the given ones."""
+    spec = check_spec(spec)
+    current = context.current_artifact()
+    config = settings_over(current, spec["config"])
+    loaded = context.model
+    model, tokenizer = loaded.model, loaded.tokenizer
+    check_trainable(model, "document memories")
+    documents = _merge(previous_documents(current), spec["documents"])
+    num_layers = model.config.num_hidden_layers
+    layer = config.layer if config.layer >= 0 else num_layers + config.layer
+    if not 0 <= layer < num_layers:
+        raise InvalidArgument(f"config.layer {config.layer} is outside the model's {num_layers} layers")
+    docreps = _docreps(documents, config)
+    trainer = GuidanceTrainer(model, tokenizer, layer, config, docreps, documents)
+    started = time.monotonic()
+    losses = trainer.fit(context.report)
+    seconds = time.monotonic() - started
+    token_activation = config.token_activation or _model_activation(model)
+    hyper = {**asdict(config), "layer": layer, "token_activation": token_activation}
+    tensors = {f"bank.{k}": v for k, v in trainer.bank.state_dict().items()}
+    tensors["docreps"] = docreps
+    texts = [d.text.encode() for d in documents]
+    tensors["texts_utf8"] = torch.frombuffer(bytearray(b"".join(texts)), dtype=torch.uint8).clone()
+    tensors["text_offsets"] = torch.tensor([0, *itertools.accumulate(len(t) for t in texts)])
+    details = {
+        "documents": [
+            {"id": d.id, "title": d.title, "words": len(d.text.split()), "docrep": docreps[i].tolist(),
+             "train_windows": trainer.train_windows[i], "holdout_windows": trainer.holdout_windows[i]}
+            for i, d in enumerate(documents)
+        ],
+    }  # fmt: skip
+    metrics = {**losses, "train_seconds": round(seconds, 2), "windows": len(trainer.windows)}
+    return Trained(tensors=tensors, hyperparameters=hyper, metrics=metrics, details=details)

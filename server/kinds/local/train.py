@@ -1,0 +1,339 @@
+"""The `local` kind's training: turning facts into bounded local memory entries.
+
+A fact is (prompt, target text, optional positive prompts, optional negative prompts). For
+each target token (the blog handled the first one only, and later tokens drifted):
+
+1. The context is the prompt plus the target tokens before this one. If the model, with the
+   fact's entries so far, already continues the context and every training positive with
+   the token, it needs no entry.
+2. **Edit.** One forward and backward give, at every candidate (layer, site), the activation
+   a at the context's last token and g = ∂CE(token)/∂a. Every cell × step size α is tried in
+   one batched forward of the last token over a cached prefix (an edit at the last token
+   changes nothing before it); each cell keeps the smallest α that makes the token the
+   model's choice.
+3. **Boundary.** The activations of the training positives and negatives are read at every
+   cell in one forward each. A cell is good when the positives' last tokens are close to its
+   key and every position of the negatives is far: the boundary goes in the widest gap,
+   geometrically in its middle. The best cells are then checked for real, entry applied at
+   every position, with α and 2α; the best outcome on the training prompts wins.
+
+Positive and negative prompts, given and generated alike, are split into a training part
+and a held-out part (``holdout``); the boundary only ever sees the training part, and
+``memserve eval facts`` judges the held-out one. Generated paraphrases put the prompt in
+new contexts; generated neighbours swap the prompt's names for others, and other facts'
+prompts in the set are neighbours too.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from memserve.errors import FailedPrecondition, InvalidArgument
+from memserve.kinds.local.config import Fact, LocalConfig, check_spec, fact_from_dict, settings_over
+from memserve.kinds.local.module import group_tensors
+from memserve.kinds.local.prompts import FactPrompts, split_prompts
+from memserve.kinds.local.runner import Cell, Entry, Runner
+from memserve.memory.hooks import MemoryHooks
+from memserve.memory.kind import TrainContext, Trained
+from memserve.memory_store.artifact import Artifact
+
+MAX_TARGET_TOKENS = 16
+# Neighbours taken from other facts of the set, per fact.
+OTHER_FACT_NEIGHBOURS = 32
+
+
+# ------------------------------------------------------------------------------------- entries
+
+
+# ---------------------------------------------------------------------------------- the trainer
+
+
+@dataclass
+class FactResult:
+    fact: Fact
+    prompts: FactPrompts
+    target_tokens: list[int]
+    entries: list[Entry] = field(default_factory=list)
+    steps: list[dict[str, Any]] = field(default_factory=list)
+
+    def details(self, tokenizer: PreTrainedTokenizerBase) -> dict[str, Any]:
+        return {
+            "id": self.fact.id,
+            "prompt": self.fact.prompt,
+            "target": self.fact.target,
+            "target_tokens": [tokenizer.decode([t]) for t in self.target_tokens],
+            "entries": [e.label for e in self.entries],
+            "train_positives": self.prompts.train_positives,
+            "train_negatives": self.prompts.train_negatives,
+            "heldout_positives": self.prompts.heldout_positives,
+            "heldout_negatives": self.prompts.heldout_negatives,
+            "generated_prompts": self.prompts.generated,
+            "tokens": self.steps,
+        }
+
+
+class FactTrainer:
+    """Searches the entries of facts on a frozen model (see the module's docstring)."""
+
+    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, hooks: MemoryHooks,
+                 config: LocalConfig) -> None:  # fmt: skip
+        self.tokenizer, self.config = tokenizer, config
+        self.runner = Runner(model, hooks, config)
+        num_layers = hooks.num_layers
+        for layer in config.layers:
+            if layer >= num_layers:
+                raise InvalidArgument(
+                    f"config.layers: layer {layer} does not exist (the model has {num_layers})"
+                )
+        layers = config.layers or tuple(range(num_layers))
+        self.cells: list[Cell] = [(layer, site) for layer in layers for site in config.sites]
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=True).input_ids
+
+    def target_tokens(self, prompt: str, target: str) -> list[int]:
+        """The target's tokens as they follow the prompt (BPE merges across the boundary differ)."""
+        prompt_ids, joint = self.encode(prompt), self.encode(prompt + target)
+        if joint[: len(prompt_ids)] == prompt_ids and len(joint) > len(prompt_ids):
+            tokens = joint[len(prompt_ids) :]
+        else:
+            tokens = self.tokenizer(target, add_special_tokens=False).input_ids
+        if not tokens:
+            raise InvalidArgument(f"the target {target!r} has no tokens")
+        if len(tokens) > MAX_TARGET_TOKENS:
+            raise InvalidArgument(
+                f"the target {target!r} has {len(tokens)} tokens; at most {MAX_TARGET_TOKENS}"
+            )
+        return tokens
+
+    def train(self, fact: Fact, prompts: FactPrompts, other_prompts: Sequence[str]) -> FactResult:
+        result = FactResult(fact, prompts, self.target_tokens(fact.prompt, fact.target))
+        prompt_ids = self.encode(fact.prompt)
+        positives = [self.encode(p) for p in [fact.prompt, *prompts.train_positives]]
+        negative_texts = list(dict.fromkeys([*prompts.train_negatives, *other_prompts]))
+        negatives = [self.encode(p) for p in negative_texts]
+        # Negatives are right when their next token does not change.
+        expected_negatives = self.runner.next_tokens(negatives, [()] * len(negatives)) if negatives else []
+        for k, token in enumerate(result.target_tokens):
+            prefix = result.target_tokens[:k]
+            contexts = [p + prefix for p in positives]
+            step: dict[str, Any] = {"token": self.tokenizer.decode([token])}
+            result.steps.append(step)
+            entries = tuple(result.entries)
+            produced = self.runner.next_tokens(contexts, [entries] * len(contexts))
+            if all(t == token for t in produced):
+                step["entry"] = None  # the model already goes on with it
+                continue
+            entry, found = self._search(
+                prompt_ids + prefix, token, contexts, negatives, expected_negatives, entries
+            )
+            entry.label = f"{fact.id}#{k}"
+            result.entries.append(entry)
+            step.update(found)
+            # A training positive the entry does not reach gets a key of its own (as GRACE adds
+            # a key for an input outside every radius), up to `extra_keys` per token.
+            extra = []
+            for j in range(self.config.extra_keys):
+                entries = tuple(result.entries)
+                produced = self.runner.next_tokens(contexts, [entries] * len(contexts))
+                missed = [c for c, t in zip(contexts, produced, strict=True) if t != token]
+                if not missed:
+                    break
+                entry, found = self._search(
+                    missed[0], token, contexts, negatives, expected_negatives, entries
+                )
+                entry.label = f"{fact.id}#{k}.{j + 1}"
+                result.entries.append(entry)
+                extra.append(found)
+            if extra:
+                step["extra_keys"] = extra
+        return result
+
+    def _search(
+        self,
+        sequence: list[int],
+        token: int,
+        positives: list[list[int]],
+        negatives: list[list[int]],
+        expected_negatives: list[int],
+        entries: tuple[Entry, ...],
+    ) -> tuple[Entry, dict[str, Any]]:
+        config = self.config
+        grads = self.runner.gradients(sequence, token, self.cells, entries)
+        # The edit: per cell, the smallest step that makes the token the model's choice.
+        patches = [(cell, -alpha * grads[cell][1]) for cell in self.cells for alpha in config.alphas]
+        logprobs = self.runner.edit_trials(sequence, patches, entries)
+        edits: dict[Cell, tuple[float, float]] = {}
+        best_try: tuple[float, Cell, float] | None = None
+        for i, (cell, _) in enumerate(patches):
+            alpha = config.alphas[i % len(config.alphas)]
+            logprob = float(logprobs[i, token])
+            if best_try is None or logprob > best_try[0]:
+                best_try = (logprob, cell, alpha)
+            if int(logprobs[i].argmax()) == token and cell not in edits:
+                edits[cell] = (alpha, logprob)
+        edit_found = bool(edits)
+        if not edits:  # no step makes it the first choice: keep the most likely one
+            assert best_try is not None
+            edits[best_try[1]] = (best_try[2], best_try[0])
+        # The boundary: positives' last tokens near the key, every position of negatives far.
+        cells = list(edits)
+        seen = self.runner.activations([*positives, *negatives], cells, entries)
+        ranked = []
+        for cell in cells:
+            key = grads[cell][0]
+            x = [_distance(a, key, config.distance) for a in seen[cell]]
+            positive_x = [float(d[-1]) for d in x[: len(positives)]]
+            negative_x = [float(d.min()) for d in x[len(positives) :]]
+            threshold, correct, margin = _threshold(positive_x, negative_x)
+            ranked.append((correct, margin, edits[cell][1], cell, threshold))
+        ranked.sort(key=lambda r: (r[0], r[1], r[2]), reverse=True)
+        # Checked for real: the best cells, with α and 2α, applied at every position.
+        scale = math.log(2) ** (1 / (2 * config.hardness))  # f(x) >= 1/2 exactly when x <= b·scale
+        trials: list[Entry] = []
+        for _, _, _, cell, threshold in ranked[: config.candidates]:
+            alpha = edits[cell][0]
+            for factor in (1.0, 2.0):
+                trials.append(
+                    Entry(cell[0], cell[1], grads[cell][0], -alpha * factor * grads[cell][1],
+                          threshold / scale, config.hardness, "")
+                )  # fmt: skip
+        rows = [*positives, *negatives]
+        row_entries = [(*entries, trial) for trial in trials for _ in rows]
+        produced = self.runner.next_tokens(rows * len(trials), row_entries)
+        scored = []
+        for t, trial in enumerate(trials):
+            out = produced[t * len(rows) : (t + 1) * len(rows)]
+            pos_ok = sum(o == token for o in out[: len(positives)])
+            neg_ok = sum(o == e for o, e in zip(out[len(positives) :], expected_negatives, strict=True))
+            # Ties go to the smaller step, then to the better-separated cell.
+            scored.append((pos_ok + neg_ok, -t, trial, pos_ok, neg_ok))
+        _, _, chosen, pos_ok, neg_ok = max(scored, key=lambda s: (s[0], s[1]))
+        found = {
+            "entry": f"layer {chosen.layer} {chosen.site}",
+            "alpha": round(float(chosen.delta.norm() / grads[(chosen.layer, chosen.site)][1].norm()), 4),
+            "bound": round(chosen.bound, 6),
+            "edit_found": edit_found,
+            "train_positives_correct": f"{pos_ok}/{len(positives)}",
+            "train_negatives_correct": f"{neg_ok}/{len(negatives)}",
+        }
+        return chosen, found
+
+
+def _distance(activations: torch.Tensor, key: torch.Tensor, distance: str) -> torch.Tensor:
+    """x for each row of `activations` (T, D) against one key (with b = 1, before the trigger)."""
+    dots = activations @ key
+    projection = dots / (key @ key)
+    if distance == "projection":
+        return 1 - projection.clamp(max=1)
+    cosine = dots / (activations.norm(dim=-1) * key.norm()).clamp(min=1e-12)
+    return 0.5 * (1 - projection).abs() + 0.5 * (1 - cosine)
+
+
+def _threshold(positive_x: list[float], negative_x: list[float]) -> tuple[float, int, float]:
+    """(threshold, prompts right, log-width of its gap): the distance below which the trigger
+    fires, in the middle of the widest gap among those that put the most prompts right."""
+    points = sorted(set(positive_x) | set(negative_x))
+    floor = 1e-4  # distances of 0 (the key itself) sit just below every candidate
+    best = (-1, -math.inf, 0.0)
+    for low, high in zip([0.0, *points], [*points, points[-1] * 4 + 1e-3], strict=True):
+        low_c, high_c = max(low, floor), max(high, floor * 2)
+        if high_c <= low_c:
+            continue
+        threshold = math.sqrt(low_c * high_c)
+        correct = sum(x <= threshold for x in positive_x) + sum(x > threshold for x in negative_x)
+        margin = math.log(high_c / low_c)
+        if (correct, margin) > best[:2]:
+            best = (correct, margin, threshold)
+    return best[2], best[0], best[1]
+
+
+def _previous(artifact: Artifact | None) -> tuple[list[dict[str, Any]], list[Entry]]:
+    """The current version's facts and entries, to train a new version over them."""
+    if artifact is None:
+        return [], []
+    entries: list[Entry] = []
+    for i, group in enumerate(artifact.meta.details.get("groups", [])):
+        t = {name: artifact.tensors[f"group{i}.{name}"] for name in ("keys", "deltas", "bounds", "hardness")}
+        for j, label in enumerate(group["entries"]):
+            entries.append(
+                Entry(int(group["layer"]), str(group["site"]), t["keys"][j], t["deltas"][j],
+                      float(t["bounds"][j]), float(t["hardness"][j]), str(label))
+            )  # fmt: skip
+    return list(artifact.meta.details.get("facts", [])), entries
+
+
+def _groups(entries: list[Entry]) -> list[dict[str, Any]]:
+    cells: dict[Cell, list[Entry]] = {}
+    for entry in entries:
+        cells.setdefault((entry.layer, entry.site), []).append(entry)
+    return [
+        {
+            "layer": layer,
+            "site": site,
+            "labels": [e.label for e in group],
+            "keys": torch.stack([e.key for e in group]),
+            "deltas": torch.stack([e.delta for e in group]),
+            "bounds": torch.tensor([e.bound for e in group]),
+            "hardness": torch.tensor([e.hardness for e in group]),
+        }
+        for (layer, site), group in sorted(cells.items())
+    ]
+
+
+def train_set(spec: dict[str, Any], context: TrainContext) -> Trained:
+    """Trains a new version of the set: its current facts, and entries for the given ones."""
+    spec = check_spec(spec)
+    current = context.current_artifact()
+    config = settings_over(current, spec["config"])
+    loaded = context.model
+    model, tokenizer = loaded.model, loaded.tokenizer
+    try:
+        hooks = MemoryHooks(model)  # the trainer's own: routing is per thread, serving is untouched
+    except FailedPrecondition as exc:
+        raise FailedPrecondition(f"local memories cannot train on this model: {exc}") from exc
+    new_facts = [fact_from_dict(f) for f in spec["facts"]]
+    old_facts, old_entries = _previous(current)
+    replaced = {f.id for f in new_facts}
+    kept_facts = [f for f in old_facts if f["id"] not in replaced]
+    kept_entries = [e for e in old_entries if e.label.split("#")[0] not in replaced]
+    started = time.monotonic()
+    try:
+        trainer = FactTrainer(model, tokenizer, hooks, config)
+        rng = random.Random(config.seed)
+        all_prompts = [f["prompt"] for f in kept_facts] + [f.prompt for f in new_facts]
+        results: list[FactResult] = []
+        for i, fact in enumerate(new_facts):
+            context.report(i, len(new_facts), message=f"fact {fact.id}")
+            others = [p for p in all_prompts if p != fact.prompt]
+            others = rng.sample(others, min(OTHER_FACT_NEIGHBOURS, len(others)))
+            results.append(trainer.train(fact, split_prompts(fact, config, rng), others))
+        context.report(len(new_facts), len(new_facts), message="done")
+    finally:
+        hooks.remove()
+    entries = kept_entries + [e for r in results for e in r.entries]
+    facts = kept_facts + [r.details(tokenizer) for r in results]
+    groups = _groups(entries)
+    tensors = group_tensors(groups)
+    details = {
+        "groups": [{"layer": g["layer"], "site": g["site"], "entries": g["labels"]} for g in groups],
+        "facts": facts,
+    }
+    steps = [s for r in results for s in r.steps if s.get("entry")]
+    metrics = {
+        "facts": len(facts),
+        "entries": len(entries),
+        "new_facts": len(results),
+        "new_entries": sum(len(r.entries) for r in results),
+        "edits_found": sum(bool(s.get("edit_found")) for s in steps),
+        "train_seconds": round(time.monotonic() - started, 2),
+    }
+    return Trained(tensors=tensors, hyperparameters=asdict(config), metrics=metrics, details=details)

@@ -1,0 +1,148 @@
+"""The server's connection to the memory store: Redis (given or embedded), the cache,
+the event listener, and the in-process worker of the embedded default."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import threading
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from memserve.memory.cache import MemoryCache
+from memserve.memory.hooks import MemoryHooks
+from memserve.memory.kind import LoadTarget, MemoryObserver
+from memserve.memory.registry import load_plugins
+from memserve.memory_store.jobs import JOBS_CHANNEL, JobQueue
+from memserve.memory_store.redis_server import RedisServer, default_data_dir
+from memserve.memory_store.redis_store import CHANGES_CHANNEL, RedisStore, connect, listen, parse_change
+from memserve.models import LoadedModel
+from memserve.training.worker import Worker, WorkerConfig
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    redis_url: str | None = None
+    """The memory store; None = an embedded Redis persisted under `data_dir`."""
+    data_dir: Path | None = None
+    """Where the embedded Redis keeps its data; None = $MEMSERVE_DATA_DIR or the user data dir."""
+    cache_bytes: int = 1 << 30
+    """Device bytes of loaded memories kept ready (LRU)."""
+    workers: int | None = None
+    """Trainer workers inside the server; None = 1 with the embedded Redis, else 0."""
+    plugins: tuple[str, ...] = ()
+    """Modules that register extra memory kinds."""
+    worker: WorkerConfig = field(default_factory=WorkerConfig)
+    max_upload_bytes: int = 256 << 20
+    """Largest artifact PutMemory accepts (held in memory while checked; Redis's own limit
+    for one value is 512 MB)."""
+    store_threads: int = 4
+    """Threads for blocking store calls: their own, so a slow Redis never holds up tokenising."""
+
+
+class JobWatchers:
+    """Wakes the WatchJob streams of a job when it changes (fed from the events thread)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._waiters: dict[str, set[asyncio.Event]] = {}
+
+    def notify(self, job_id: bytes | str) -> None:  # any thread
+        job = job_id.decode() if isinstance(job_id, bytes) else job_id
+        self._loop.call_soon_threadsafe(self._wake, job)
+
+    def _wake(self, job_id: str) -> None:
+        for event in self._waiters.get(job_id, ()):
+            event.set()
+
+    @contextmanager
+    def watching(self, job_id: str) -> Iterator[asyncio.Event]:
+        event = asyncio.Event()
+        self._waiters.setdefault(job_id, set()).add(event)
+        try:
+            yield event
+        finally:
+            waiters = self._waiters[job_id]
+            waiters.discard(event)
+            if not waiters:
+                del self._waiters[job_id]
+
+
+class StoreRuntime:
+    def __init__(
+        self,
+        config: StoreConfig,
+        loaded: LoadedModel,
+        hooks: MemoryHooks | None,
+        loop: asyncio.AbstractEventLoop,
+        observe: MemoryObserver | None = None,
+    ) -> None:
+        self.config = config
+        self.redis_server: RedisServer | None = None
+        url = config.redis_url
+        if url is None:
+            data_dir = (config.data_dir or default_data_dir()) / "redis"
+            self.redis_server = RedisServer(data_dir, lock=True).start()
+            url = self.redis_server.url
+        self.url = url
+        load_plugins(config.plugins)
+        client = connect(url)
+        self.store = RedisStore(client)
+        self.queue = JobQueue(client)
+        target = LoadTarget.for_model(loaded, hooks, observe)
+        self.cache = MemoryCache(self.store, target, loaded.fingerprint, config.cache_bytes)
+        self.watchers = JobWatchers(loop)
+        self._stop = threading.Event()
+        self._loop = loop
+        self.executor = ThreadPoolExecutor(config.store_threads, thread_name_prefix="memserve-store")
+
+        def on_change(data: bytes) -> None:
+            change = parse_change(data)
+            if change is not None:
+                self.cache.on_change(change)
+
+        self._events_client = connect(url, retries=0)
+        self._events = threading.Thread(
+            target=listen,
+            args=(self._events_client, {CHANGES_CHANNEL: on_change, JOBS_CHANNEL: self.watchers.notify},
+                  self.cache.on_resync, self._stop),
+            name="store-events",
+            daemon=True,
+        )  # fmt: skip
+        self._events.start()
+        workers = config.workers if config.workers is not None else (1 if self.redis_server else 0)
+        self._workers = [
+            threading.Thread(
+                target=Worker(self.store, self.queue, lambda: loaded, config=config.worker).run,
+                args=(self._stop,),
+                name=f"worker-{i}",
+                daemon=True,
+            )
+            for i in range(workers)
+        ]
+        for thread in self._workers:
+            thread.start()
+        where = f"embedded Redis in {self.redis_server.data_dir}" if self.redis_server else url
+        log.info("memory store: %s; %d in-process worker(s)", where, workers)
+
+    async def run(self, function: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Runs a blocking store call on the store's threads."""
+        return await self._loop.run_in_executor(self.executor, functools.partial(function, *args, **kwargs))
+
+    def close(self) -> None:
+        self._stop.set()
+        for thread in (self._events, *self._workers):
+            thread.join(timeout=10)
+        self.executor.shutdown(wait=False, cancel_futures=True)
+        self.store.client.close()
+        self._events_client.close()
+        if self.redis_server is not None:
+            self.redis_server.stop()
