@@ -47,3 +47,10 @@ def test_a_config_message_that_lacks_an_option_is_caught():
     proto = gen.MEMORY_PROTO.read_text().replace("  optional uint32 key_depth = 5;\n", "")
     with pytest.raises(ValueError, match="lacks the options \\['key_depth'\\]"):
         gen.documented(proto)
+
+
+def test_the_option_tables_of_the_docs_are_the_kinds_options():
+    gen = _generator()
+    markdown = gen.MEMORIES_DOC.read_text()
+    assert markdown.count("<!-- options: ") == 3
+    assert gen.option_tables(markdown) == markdown, "option tables are stale: run `make protos` and commit"

@@ -43,7 +43,7 @@ class DocumentConfig:
     alpha: float = option(0.1, "α, the weight of the negative term", low=0)
     # Measured on the default model (docs/benchmarks.md): the paper's 500 epochs at 1e-3 are not needed.
     epochs: int = option(25, "Passes over the training windows", low=1, high=10_000)
-    learning_rate: float = option(1e-2, "Adam's learning rate", low=0)
+    learning_rate: float = option(1e-2, "AdamW's learning rate (weight decay 0.01, clipping at 5)", low=0)
     batch_size: int = option(16, "Windows per step", low=1, high=256)
     window_words: int = option(128, "Words per training window", low=1, high=4096)
     window_stride: int = option(64, "Words between the starts of two windows", low=1, high=4096)
