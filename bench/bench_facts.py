@@ -27,9 +27,7 @@ from pathlib import Path
 
 import torch
 
-from memserve.engine.scheduler import (
-    Engine,
-    EngineConfig,
+from memserve.engine.requests import (
     Event,
     FailedEvent,
     FinishedEvent,
@@ -37,6 +35,7 @@ from memserve.engine.scheduler import (
     StoppingParams,
     TokenEvent,
 )
+from memserve.engine.scheduler import Engine, EngineConfig
 from memserve.engine.threads import compute_threads
 from memserve.kinds.local.config import LOCAL_SITES
 from memserve.kinds.local.module import LoadedLocalSet, group_tensors

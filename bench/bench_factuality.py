@@ -15,21 +15,16 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from memserve.engine.threads import run_in_compute_thread
+from memserve.kinds.adapter.claims import LABELS, about_claims, read_claims, template_for
 from memserve.kinds.adapter.config import AdapterConfig
-from memserve.kinds.adapter.eval import (
-    LABELS,
-    about_claims,
-    evaluate_model,
-    read_claims,
-    template_for,
-    write_report,
-)
+from memserve.kinds.adapter.eval import evaluate_model, write_report
 from memserve.kinds.adapter.module import adapter_tensors
 from memserve.kinds.adapter.train import AdapterTrainer, examples
 from memserve.memory.evaluation import offline_context
@@ -46,6 +41,19 @@ def read_documents() -> list[dict[str, str]]:
         heading, _, text = path.read_text().partition("\n")
         documents.append({"id": path.stem, "title": heading.removeprefix("# ").strip(), "text": text.strip()})
     return documents
+
+
+def print_shots_table(
+    title: str, table: dict[str, dict[str, Any]], shots: list[int], cell: Callable[[dict[str, Any]], str]
+) -> None:
+    """A Markdown table after `title`: a row per shot count, a column per variant of `table`."""
+    print()
+    print(title)
+    print()
+    print("| shots | " + " | ".join(table) + " |")
+    print("|---:|" + "---|" * len(table))
+    for k in map(str, shots):
+        print(f"| {k} | " + " | ".join(cell(t[k]) for t in table.values()) + " |")
 
 
 def main() -> None:
@@ -131,23 +139,20 @@ def main() -> None:
     print(f"default model, adapter at layer {layer}, hidden {config.hidden_size}, {config.epochs} epochs at "
           f"lr {config.learning_rate}, wd {config.weight_decay}; 48 test claims ({labels}); "
           f"chance = {max(labels.values()) / 48:.3f} (majority), 1/{len(LABELS)} (uniform)")  # fmt: skip
-    print()
-    print("accuracy / micro-F1 / macro-F1 (invalid answers)")
-    print()
-    print("| shots | " + " | ".join(table) + " |")
-    print("|---:|" + "---|" * len(table))
-    for k in map(str, args.shots):
-        cells = [f"{t[k]['accuracy']:.3f} / {t[k]['micro_f1']:.3f} / {t[k]['macro_f1']:.3f} "
-                 f"({t[k]['invalid_rate']:.2f})" for t in table.values()]  # fmt: skip
-        print(f"| {k} | " + " | ".join(cells) + " |")
-    print()
-    print("by likelihood (the most likely of the three answers): accuracy / macro-F1")
-    print()
-    print("| shots | " + " | ".join(table) + " |")
-    print("|---:|" + "---|" * len(table))
-    for k in map(str, args.shots):
-        cells = [f"{t[k]['likely_accuracy']:.3f} / {t[k]['likely_macro_f1']:.3f}" for t in table.values()]
-        print(f"| {k} | " + " | ".join(cells) + " |")
+    print_shots_table(
+        "accuracy / micro-F1 / macro-F1 (invalid answers)",
+        table,
+        args.shots,
+        lambda r: (
+            f"{r['accuracy']:.3f} / {r['micro_f1']:.3f} / {r['macro_f1']:.3f} ({r['invalid_rate']:.2f})"
+        ),
+    )
+    print_shots_table(
+        "by likelihood (the most likely of the three answers): accuracy / macro-F1",
+        table,
+        args.shots,
+        lambda r: f"{r['likely_accuracy']:.3f} / {r['likely_macro_f1']:.3f}",
+    )
     print()
     print("| adapter | examples | tokens | steps | training | loss base → final | gate |")
     print("|---|---:|---:|---:|---:|---:|---:|")

@@ -20,7 +20,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
-from memserve.errors import DataLoss, InvalidArgument, MemserveError
+from memserve.errors import DataLoss, FailedPrecondition, InvalidArgument, MemserveError
 from memserve.names import DEFAULT_TENANT
 
 FORMAT_VERSION = 1
@@ -47,6 +47,16 @@ class MemoryMeta:
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True, allow_nan=False)
+
+    def check_base_model(self, fingerprint: str) -> None:
+        """FAILED_PRECONDITION unless this memory was trained for the model `fingerprint` names:
+        a memory's tensors only mean something on the model they were trained on."""
+        if self.base_model != fingerprint:
+            raise FailedPrecondition(
+                f"memory {self.name!r} version {self.version} was trained for another base model "
+                f"({self.base_model[:16]}…); this server runs {fingerprint[:16]}…: train it again "
+                "for this model"
+            )
 
     @classmethod
     def from_json(cls, text: str | bytes, error: type[MemserveError] = DataLoss) -> MemoryMeta:

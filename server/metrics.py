@@ -88,9 +88,11 @@ MEMORY_LOAD_SECONDS = Histogram(
 
 JOBS = Counter("memserve_jobs_total", "Training jobs that ended, by kind and final state", ["kind", "state"])
 JOB_DURATION = Histogram(
-    "memserve_job_duration_seconds", "Training job time, by kind", ["kind"],
+    "memserve_job_duration_seconds",
+    "Training job time, by kind",
+    ["kind"],
     buckets=(1, 5, 10, 30, 60, 120, 300, 600, 1200, 3600, 7200),
-)  # fmt: skip
+)
 
 
 def precreate_job_series(kinds: Iterable[str]) -> None:

@@ -24,17 +24,17 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from memserve.engine.scheduler import (
-    Engine,
-    EngineConfig,
+from memserve.engine.requests import (
     Event,
     FailedEvent,
     FinishedEvent,
     GenerationRequest,
+    StoppingParams,
     TokenEvent,
 )
+from memserve.engine.scheduler import Engine, EngineConfig
 from memserve.memory.hooks import MemoryHooks
-from memserve.memory.kind import TrainContext
+from memserve.memory.kind import RowMemory, TrainContext
 from memserve.memory_store.artifact import Artifact
 from memserve.memory_store.redis_server import RedisServer, start_cluster
 from memserve.models import LoadedModel, ModelConfig, load_model
@@ -64,25 +64,17 @@ def build_tiny_tokenizer() -> PreTrainedTokenizerFast:
 def tiny_config(architecture: str, vocab_size: int) -> PretrainedConfig:
     # A wide initialisation spreads the logits, so greedy choices are not near-ties.
     common = {"vocab_size": vocab_size, "eos_token_id": 0, "bos_token_id": 0, "initializer_range": 0.2}
+    sizes = {
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 3,
+        "num_attention_heads": 4,
+        "max_position_embeddings": 512,
+    }
     if architecture == "llama":
-        return LlamaConfig(
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=3,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=512,
-            **common,
-        )
+        return LlamaConfig(num_key_value_heads=2, **sizes, **common)
     if architecture == "gpt_neox":
-        return GPTNeoXConfig(
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=3,
-            num_attention_heads=4,
-            max_position_embeddings=512,
-            **common,
-        )
+        return GPTNeoXConfig(**sizes, **common)
     if architecture == "gpt2":
         return GPT2Config(n_embd=64, n_layer=3, n_head=4, n_positions=512, **common)
     raise ValueError(architecture)
@@ -224,6 +216,17 @@ def run_all(engine: Engine, requests: list[GenerationRequest]) -> list[Outcome]:
     """Submits all requests at once (they share batches) and waits for every one."""
     queues = [submit(engine, r) for r in requests]
     return [collect(q) for q in queues]
+
+
+def fails_alone(engine: Engine, prompt: tuple[int, ...], memory: RowMemory) -> str:
+    """Runs `prompt` with `memory` and, in the same batch, without it: the request with it must
+    fail and the one beside it finish its three tokens. Returns the failure's message."""
+    stopping = StoppingParams(max_new_tokens=3, ignore_eos=True)
+    uses_it = GenerationRequest(prompt, stopping=stopping, memories=(memory,))
+    failed, fine = run_all(engine, [uses_it, GenerationRequest(prompt, stopping=stopping)])
+    assert fine.error is None and len(fine.token_ids) == 3
+    assert failed.error is not None
+    return str(failed.error)
 
 
 @pytest.fixture

@@ -12,15 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from memserve.engine.scheduler import GenerationRequest, StoppingParams
+from memserve.engine.requests import GenerationRequest, StoppingParams
 from memserve.errors import InvalidArgument
 from memserve.kinds.adapter import AdapterKind
-from memserve.kinds.adapter.config import AdapterConfig, default_layer
-from memserve.kinds.adapter.eval import (
+from memserve.kinds.adapter.claims import (
     INSTRUCTION,
     Claim,
-    add_likelihood,
-    evaluate,
     parse_answer,
     prompt_for,
     read_claims,
@@ -28,6 +25,8 @@ from memserve.kinds.adapter.eval import (
     shots_for,
     template_for,
 )
+from memserve.kinds.adapter.config import AdapterConfig, default_layer
+from memserve.kinds.adapter.eval import add_likelihood, evaluate
 from memserve.kinds.adapter.module import Adapter, LoadedAdapter, adapter_tensors
 from memserve.kinds.adapter.train import examples, template_text
 from memserve.kinds.document.module import DocumentBank, LoadedDocumentBank, shape_from
@@ -35,7 +34,7 @@ from memserve.memory.hooks import MemoryContext, MemoryHooks
 from memserve.memory.kind import LoadTarget, MemoryKey, MemoryRefSpec
 from memserve.memory_store.artifact import Artifact, MemoryMeta, decode, encode
 from memserve.models import LoadedModel
-from tests.conftest import FakeContext, run_all
+from tests.conftest import FakeContext, fails_alone, run_all
 
 FIXTURE = Path(__file__).parent / "fixtures" / "factuality"
 
@@ -153,17 +152,8 @@ def test_an_adapter_that_fails_fails_its_requests_with_its_name_and_no_other(tin
 
     loaded.adapter.forward = broken
     prompt = tuple(tiny.tokenizer("The quick brown fox").input_ids)
-    stopping = StoppingParams(max_new_tokens=3, ignore_eos=True)
-    uses_it = GenerationRequest(
-        prompt, stopping=stopping, memories=(loaded.bind(MemoryRefSpec("bad", "adapter")),)
-    )
-    failed, fine = run_all(engine, [uses_it, GenerationRequest(prompt, stopping=stopping)])
-    assert (
-        failed.error is not None
-        and "facts-adapter" in str(failed.error)
-        and "went missing" in str(failed.error)
-    )
-    assert fine.error is None and len(fine.token_ids) == 3
+    error = fails_alone(engine, prompt, loaded.bind(MemoryRefSpec("bad", "adapter")))
+    assert "facts-adapter" in error and "went missing" in error
 
 
 def test_an_artifact_round_trips_and_bad_ones_are_refused(tiny, hooks):

@@ -74,7 +74,7 @@ def test_adapters_add_with_documents_and_templates_waits_lists_and_generates(add
     row = next(r for r in rows if r.startswith("fever-doctemp "))
     assert "documents+templates" in row and " 8 " in row
     code, out, _ = run_cli(capsys, "adapters", "ls", "--json", "--server", address)
-    listed = {json.loads(line)["name"]: json.loads(line) for line in out.splitlines()}
+    listed = {adapter["name"]: adapter for adapter in json.loads(out)}
     assert listed["fever-doctemp"]["hidden_size"] == 8 and "metric_final_loss" in listed["fever-doctemp"]
     code, out, err = run_cli(capsys, "generate", "Velmora Island is", "--adapter", "fever-doctemp", "--trace",
                              "--max-new-tokens", "2", "--server", address)  # fmt: skip
@@ -90,7 +90,7 @@ def test_adapters_add_with_documents_and_templates_waits_lists_and_generates(add
 )
 def test_adapters_add_refuses_bad_input_before_calling_the_server(capsys, argv, message):
     code, _, err = run_cli(capsys, "adapters", "add", "a", *argv, "--server", "127.0.0.1:1")
-    assert code == 2 and message in err
+    assert code == 1 and message in err
 
 
 def test_a_templates_file_with_a_bad_line_names_the_line(capsys, tmp_path):
@@ -99,7 +99,7 @@ def test_a_templates_file_with_a_bad_line_names_the_line(capsys, tmp_path):
     code, _, err = run_cli(
         capsys, "adapters", "add", "a", "--templates", str(templates), "--server", "127.0.0.1:1"
     )
-    assert code == 2 and "line 2 must be a JSON object with string question" in err
+    assert code == 1 and "line 2 must be a JSON object with string question" in err
 
 
 def test_build_adapter_request_checks_its_arguments():
@@ -147,13 +147,19 @@ def test_eval_factuality_writes_the_report_for_the_base_model_and_an_adapter(
     )
     assert code == 0, err
     claims = FIXTURE / "claims.jsonl"
-    for extra, out in [([], tmp_path / "base"), (["--file", str(export)], tmp_path / "adapter")]:
-        code, printed, err = run_cli(capsys, "eval", "factuality", "--claims", str(claims), "--shots", "0,2",
-                                     "--out", str(out), "--model", str(tiny_llama_dir), *extra)  # fmt: skip
+    runs = [
+        ([], tmp_path / "base"),  # on the server, the base model alone
+        (["--adapter", "eval-adapter"], tmp_path / "served"),  # on the server, with the adapter
+        (["--file", str(export), "--model", str(tiny_llama_dir)], tmp_path / "adapter"),  # offline
+    ]
+    for extra, out in runs:
+        argv = ["eval", "factuality", "--claims", str(claims), "--shots", "0,2", "--out", str(out)]
+        code, printed, err = run_cli(capsys, *argv, "--server", address, *extra)
         assert code == 0, err
-        assert "accuracy/micro-F1/macro-F1" in printed
+        assert "accuracy/micro-F1/macro-F1: 0 shots " in printed and ", 2 shots " in printed
         metrics = json.loads((out / "metrics.json").read_text())
         assert set(metrics["shots"]) == {"0", "2"} and metrics["test_claims"] == 48
+        assert metrics["claims_file"] == str(claims)
         for result in metrics["shots"].values():
             assert {"accuracy", "micro_f1", "macro_f1", "invalid_rate", "confusion"} <= set(result)
             assert 0 <= result["by_likelihood"]["accuracy"] <= 1  # never invalid: one of the three labels
@@ -161,7 +167,22 @@ def test_eval_factuality_writes_the_report_for_the_base_model_and_an_adapter(
         assert len(answers) == 2 * 48 and {"output", "predicted", "label", "likely"} <= set(answers[0])
         assert {a["likely"] for a in answers} <= {"supports", "refutes", "not enough info"}
         assert "| shots | accuracy | micro-F1 | macro-F1 |" in (out / "report.md").read_text()
-    assert json.loads((tmp_path / "adapter" / "metrics.json").read_text())["adapter"] == "eval-adapter@1"
+    assert json.loads((tmp_path / "base" / "metrics.json").read_text())["adapter"] is None
+    for name in ("served", "adapter"):
+        assert json.loads((tmp_path / name / "metrics.json").read_text())["adapter"] == "eval-adapter@1"
+    # The same adapter on the same model: the server and the offline run agree.
+    served, offline = (json.loads((tmp_path / n / "metrics.json").read_text()) for n in ("served", "adapter"))
+    assert served["shots"] == offline["shots"]
     with pytest.raises(SystemExit):  # a usage error, from argparse
         run_cli(capsys, "eval", "factuality", "--claims", str(claims), "--shots", "9", "--out", str(tmp_path))
-    assert "shots are 0 to 5" in capsys.readouterr().err
+    assert "shots takes values from 0 to 5" in capsys.readouterr().err
+
+
+def test_a_bad_claims_file_is_refused_in_one_line(address, capsys, tmp_path):
+    claims = tmp_path / "claims.jsonl"
+    claims.write_text('{"id": "1", "document": "d", "claim": "c", "label": "maybe", "split": "test"}\n')
+    where = ["--out", str(tmp_path / "o"), "--server", address]
+    code, _, err = run_cli(capsys, "eval", "factuality", "--claims", str(claims), *where)
+    assert code == 1 and err.startswith("memserve: error: INVALID_ARGUMENT: ") and err.count("\n") == 1
+    code, _, err = run_cli(capsys, "eval", "factuality", "--claims", str(tmp_path / "missing.jsonl"), *where)
+    assert code == 1 and "No such file" in err and err.count("\n") == 1

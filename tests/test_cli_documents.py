@@ -11,16 +11,19 @@ import sys
 import grpc
 import pytest
 
-from memserve.clients.cli import main
+from memserve.clients.cli import build_parser, main
+from memserve.clients.cli.options import given_options
 from memserve.clients.client import (
     DOCUMENT_CONFIG_FIELDS,
     AsyncClient,
     Client,
+    build_documents_request,
     build_request,
     docrep_ref,
     document_ref,
     mix_ref,
 )
+from memserve.kinds.document.config import DocumentConfig
 from memserve.v1 import memory_ref_pb2
 from tests.test_server import ServerThread
 
@@ -97,7 +100,7 @@ def test_docs_add_waits_for_the_bank_and_ls_lists_its_documents(address, capsys,
     assert rows[0].split()[1:4] == ["The", "Fox", str(len(FOX.split()))]  # the heading is not text
     assert rows[1].split()[1:3] == ["sea", str(len(SEA.split()))]  # no heading: the title is the id
     code, out, _ = run_cli(capsys, "docs", "ls", "cli-bank@1", "--json", "--server", address)
-    listed = [json.loads(line) for line in out.splitlines()]
+    listed = json.loads(out)
     assert [(d["id"], d["title"]) for d in listed] == [("fox", "The Fox"), ("sea", "sea")]
     assert all(len(d["docrep"]) == 2 and d["train_windows"] > 0 for d in listed)
     assert [d["words"] for d in listed] == [len(FOX.split()), len(SEA.split())]  # ints, not 45.0
@@ -110,7 +113,7 @@ def test_docs_add_waits_for_the_bank_and_ls_lists_its_documents(address, capsys,
     )  # fmt: skip
     assert code == 0 and out.splitlines()[-1] == "succeeded: published cli-bank version 2", err
     code, out, _ = run_cli(capsys, "docs", "ls", "cli-bank", "--json", "--server", address)
-    assert [(d["id"], d["title"]) for d in map(json.loads, out.splitlines())][2] == ("dog", "A dog")
+    assert [(d["id"], d["title"]) for d in json.loads(out)][2] == ("dog", "A dog")
 
     _, report = generated(capsys, address, "--doc", "cli-bank/fox")
     assert "[memory cli-bank document v2]" in report
@@ -135,9 +138,9 @@ def test_docs_add_refuses_bad_input_before_calling_the_server(capsys, tmp_path, 
     monkeypatch.setattr(sys, "stdin", io.StringIO(FOX))
     for files, expected in cases:
         code, _, err = run_cli(capsys, "docs", "add", "bank", *files, *offline)
-        assert code == 2 and expected in err, (files, err)
+        assert code == 1 and expected in err and err.count("\n") == 1, (files, err)
     code, _, err = run_cli(capsys, "docs", "add", "bad/bank", str(tmp_path / "a.txt"), *offline)
-    assert code == 2 and "bank name 'bad/bank' is not valid" in err
+    assert code == 1 and "bank name 'bad/bank' is not valid" in err
     with pytest.raises(SystemExit) as exited:
         main(["docs", "add", "bank", str(tmp_path / "a.txt"), "--key-module", "cnn", *offline])
     assert exited.value.code == 2
@@ -151,7 +154,7 @@ def test_generate_uses_a_document_its_docrep_or_a_mix(stories, address, capsys):
     assert fox != plain and fox != sea
 
     code, out, _ = run_cli(capsys, "docs", "ls", "stories", "--json", "--server", address)
-    docrep = next(d["docrep"] for d in map(json.loads, out.splitlines()) if d["id"] == "fox")
+    docrep = next(d["docrep"] for d in json.loads(out) if d["id"] == "fox")
     values = ",".join(map(repr, docrep))
     assert generated(capsys, address, "--docrep", f"stories={values}")[0] == fox
     assert generated(capsys, address, "--docrep", f"stories@1={values}")[0] == fox
@@ -276,3 +279,56 @@ def test_a_docrep_chosen_by_the_client_is_kept(address):
         final = list(client.watch_job(job.id))[-1]
         assert final.state == "succeeded", final.error
         assert client.get_memory("chosen-bank").details["documents"][0]["docrep"] == [0.5, -0.5]
+
+
+def test_eval_docs_runs_on_the_server_and_writes_the_report(stories, address, capsys, tmp_path):
+    out = tmp_path / "eval"
+    code, printed, err = run_cli(
+        capsys, "eval", "docs", stories, "--out", str(out), "--grid", "2", "--server", address
+    )
+    assert code == 0, err
+    assert printed.startswith(f"wrote {out / 'report.md'} and ") and "metrics.json" in printed
+    assert "worst own/other perplexity ratio" in printed and printed.count("\n") == 1
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics["documents"]) == {"fox", "sea"}
+    assert (metrics["bank"], metrics["version"]) == ("stories", 1)
+    assert "| fox |" in (out / "report.md").read_text()
+    assert (out / "ppl_landscape.png").stat().st_size > 1000
+    assert "100%" in err  # the progress bar, on stderr
+
+    again = ["eval", "docs", f"{stories}@1", "--out", str(tmp_path / "again"), "--grid", "2", "--json"]
+    code, printed, _ = run_cli(capsys, *again, "--server", address)
+    summary = json.loads(printed)
+    assert code == 0 and {"report.md", "metrics.json"} <= set(summary["files"])
+    assert summary["out"] == str(tmp_path / "again") and summary["summary"]["worst_own_other_ratio"] > 0
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["docs", "no-such-bank"], "NOT_FOUND: "),
+        (["facts", "stories"], "INVALID_ARGUMENT: 'stories' is a document memory, not a local memory"),
+        (["docs", "stories", "--model", "other"], "--model, --dtype, --device and --cache-dir go with"),
+    ],
+)
+def test_a_refused_eval_is_one_line(stories, address, capsys, tmp_path, argv, message):
+    code, out, err = run_cli(capsys, "eval", *argv, "--out", str(tmp_path), "--server", address)
+    assert code == 1 and out == "" and "Traceback" not in err
+    assert err.splitlines()[-1].startswith("memserve: error: ") and message in err.splitlines()[-1]
+
+
+def test_only_the_training_flags_given_are_sent(peer, address, capsys, tmp_path):
+    (tmp_path / "a.txt").write_text(FOX)
+    options = [*FAST_OPTIONS, "--key-module", "mlp", "--json", "--server", address]
+    code, out, err = run_cli(capsys, "docs", "add", "sent-bank", str(tmp_path / "a.txt"), *options)
+    assert code == 0, err
+    job = json.loads(out)
+    assert (job["memory_name"], job["state"]) == ("sent-bank", "queued")
+    spec = peer.running.runtime.queue.get(job["id"]).spec
+    assert spec["config"] == {"epochs": 10, "window_words": 16, "window_stride": 8, "key_module": "mlp"}
+    with Client(address) as client:
+        client.cancel_job(job["id"])
+
+    args = build_parser().parse_args(["docs", "add", "bank", "a.txt", "--epochs", "3", "--key-module", "mlp"])
+    request = build_documents_request("bank", [("a", "text")], given_options(args, DocumentConfig))
+    assert [field.name for field, _ in request.config.ListFields()] == ["key_module", "epochs"]

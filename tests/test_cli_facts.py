@@ -27,12 +27,19 @@ def address(store_address: str) -> str:
     return store_address
 
 
-def test_register_facts_then_generate_with_the_set_and_its_trace(address):
+@pytest.fixture(scope="module")
+def animals(address: str) -> str:
+    """A set with the fact fox, registered through the client."""
     with Client(address) as client:
         job = client.register_facts("animals", [FOX], config=FAST)
         assert (job.kind, job.memory_name, job.state) == ("local", "animals", "queued")
         final = list(client.watch_job(job.id))[-1]
-        assert final.state == "succeeded", final.error
+    assert final.state == "succeeded", final.error
+    return "animals"
+
+
+def test_register_facts_then_generate_with_the_set_and_its_trace(animals, address):
+    with Client(address) as client:
         info = client.get_memory("animals")
         assert info.kind == "local" and [f["id"] for f in info.details["facts"]] == ["fox"]
         with_set = client.generate(FOX["prompt"], max_new_tokens=2, memories=[local_ref("animals")],
@@ -70,7 +77,7 @@ def test_facts_add_waits_ls_lists_and_generate_traces(address, capsys, tmp_path,
     assert code == 0 and header.split()[:3] == ["ID", "PROMPT", "TARGET"]
     assert [row.split()[0] for row in rows] == ["fox", "sea"]
     code, out, _ = run_cli(capsys, "facts", "ls", "cli-facts@1", "--json", "--server", address)
-    (fox,) = [json.loads(line) for line in out.splitlines()]
+    (fox,) = json.loads(out)
     assert fox["target"] == " village" and fox["entries"] and "heldout_positives" in fox
 
     code, out, err = run_cli(capsys, "generate", FOX["prompt"], "--facts", "cli-facts", "--trace",
@@ -89,14 +96,14 @@ def test_facts_add_waits_ls_lists_and_generate_traces(address, capsys, tmp_path,
 )
 def test_facts_add_refuses_bad_input_before_calling_the_server(capsys, argv, message):
     code, _, err = run_cli(capsys, "facts", "add", "s", *argv, "--server", "127.0.0.1:1")
-    assert code == 2 and message in err
+    assert code == 1 and message in err
 
 
 def test_a_facts_file_with_a_bad_line_names_the_line(capsys, tmp_path):
     facts = tmp_path / "facts.jsonl"
     facts.write_text(json.dumps(FOX) + "\n{not json\n")
     code, _, err = run_cli(capsys, "facts", "add", "s", "--file", str(facts), "--server", "127.0.0.1:1")
-    assert code == 2 and "line 2 is not JSON" in err
+    assert code == 1 and "line 2 is not JSON" in err
 
 
 def test_build_facts_request_checks_its_arguments():
@@ -124,3 +131,22 @@ def test_the_server_refuses_bad_facts_and_the_async_client_registers(address):
             return [j async for j in client.watch_job(job.id)][-1].state
 
     assert asyncio.run(register()) == "succeeded"
+
+
+def test_eval_facts_runs_on_the_server_and_writes_the_report(animals, address, capsys, tmp_path):
+    out = tmp_path / "eval"
+    argv = ["eval", "facts", animals, "--out", str(out), "--continuation-tokens", "4"]
+    code, printed, err = run_cli(capsys, *argv, "--server", address)
+    assert code == 0, err
+    assert printed.startswith(f"wrote {out / 'report.md'} and metrics.json; edit_success 1.000")
+    assert "generalization" in printed and "locality_first_token" in printed
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["edit_success"] == 1.0 and metrics["base_edit_success"] == 0.0
+    assert [fact["id"] for fact in metrics["per_fact"]] == ["fox"]
+    assert "| fox |" in (out / "report.md").read_text()
+
+    argv = ["eval", "facts", f"{animals}@1", "--out", str(out), "--json"]
+    code, printed, _ = run_cli(capsys, *argv, "--server", address)
+    summary = json.loads(printed)
+    assert code == 0 and sorted(summary["files"]) == ["metrics.json", "report.md"]
+    assert summary["summary"]["edit_success"] == 1.0 and set(summary["summary"]) >= {"locality"}

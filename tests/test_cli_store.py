@@ -5,19 +5,27 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import subprocess
 import sys
+from importlib import metadata
 
 import pytest
 
 import tests.kinds  # noqa: F401  (registers the test-bias kind in this process, where the server runs)
-from memserve.clients.cli import main
+from memserve.clients.cli import build_parser, main
+from memserve.clients.cli.options import given_options
 from memserve.clients.client import (
     UPLOAD_CHUNK_BYTES,
     AsyncClient,
     Client,
     _byte_chunks,
+    build_facts_request,
     parse_memory_version,
 )
+from memserve.kinds.adapter.config import AdapterConfig, FactualityOptions
+from memserve.kinds.document.config import DocumentConfig, DocumentEvalOptions
+from memserve.kinds.local.config import LocalConfig, LocalEvalOptions
+from memserve.memory.options import describe
 from tests.conftest import wait_until
 from tests.test_server import ServerThread
 from tests.test_server_store import publish_bias
@@ -89,7 +97,7 @@ def test_export_rm_import_round_trip_gives_the_same_generation(peer, address, ca
     assert code == 0 and exported.is_file()
     assert out.startswith(str(exported.name)) and f"{exported.stat().st_size} bytes" in out
     code, _, err = run_cli(capsys, "memories", "export", "round-trip", "--server", address)
-    assert code == 2 and "--force" in err
+    assert code == 1 and "--force" in err
     assert run_cli(capsys, "memories", "export", "round-trip@1", "--server", address, "--force")[0] == 0
     assert not list(tmp_path.glob("*.part"))
 
@@ -138,7 +146,7 @@ def test_json_outputs_parse(peer, address, capsys):
     publish_bias(peer.running, "json-b", seed=5)
 
     code, out, _ = run_cli(capsys, "memories", "ls", "--json", "--prefix", "json-", "--server", address)
-    listed = [json.loads(line) for line in out.splitlines()]
+    listed = json.loads(out)
     assert code == 0 and sorted((m["name"], m["version"]) for m in listed) == [("json-a", 1), ("json-b", 2)]
     assert all(m["kind"] == "test-bias" and m["created_at"].endswith("+00:00") for m in listed)
 
@@ -147,7 +155,7 @@ def test_json_outputs_parse(peer, address, capsys):
     assert code == 0 and shown["version"] == 1 and shown["versions"] == [1, 2]
     assert shown["hyperparameters"] == {"layer": 1} and shown["tenant"] == "default"
     code, out, _ = run_cli(capsys, "memories", "ls", "--json", "--kind", "no-such-kind", "--server", address)
-    assert code == 0 and out == ""
+    assert code == 0 and json.loads(out) == []
 
 
 def test_rm_asks_at_a_terminal_and_needs_yes_elsewhere(peer, address, capsys, monkeypatch):
@@ -156,7 +164,7 @@ def test_rm_asks_at_a_terminal_and_needs_yes_elsewhere(peer, address, capsys, mo
 
     monkeypatch.setattr(sys, "stdin", io.StringIO(""))
     code, _, err = run_cli(capsys, "memories", "rm", "doomed", "--server", address)
-    assert code == 2 and "not a terminal" in err and "-y" in err
+    assert code == 1 and "not a terminal" in err and "-y" in err
 
     monkeypatch.setattr(sys, "stdin", Terminal("n\n"))
     code, out, err = run_cli(capsys, "memories", "rm", "doomed", "--server", address)
@@ -200,7 +208,7 @@ def test_a_job_is_watched_to_success_and_listed(peer, address, capsys):
     assert out.split()[:6] == ["ID", "KIND", "MEMORY", "STATE", "PROGRESS", "CREATED"]
     assert row[1:5] == ["test-bias", "m", "succeeded", "5/5"]
     code, out, _ = run_cli(capsys, "jobs", "ls", "--state", "succeeded", "--json", "--server", address)
-    assert job.id in [json.loads(line)["id"] for line in out.splitlines()]
+    assert job.id in [listed["id"] for listed in json.loads(out)]
     code, out, _ = run_cli(capsys, "jobs", "ls", "--state", "failed", "--server", address)
     assert job.id not in out
 
@@ -334,9 +342,192 @@ def test_jobs_submit_waits_for_the_memory_and_checks_its_spec(peer, address, cap
                            "--server", address)  # fmt: skip
     assert code == 0 and "queued" in out
     code, _, err = run_cli(capsys, "jobs", "submit", "test-bias", "x", "--spec", "[1]", "--server", address)
-    assert code == 2 and "JSON object" in err
+    assert code == 1 and "JSON object" in err
     code, _, err = run_cli(capsys, "jobs", "submit", "test-bias", "x", "--spec", '{"bogus": 1}',
                            "--server", address)  # fmt: skip
     assert code == 1 and "INVALID_ARGUMENT" in err and "bogus" in err
     code, _, err = run_cli(capsys, "jobs", "submit", "adapter", "x", "--server", address)
     assert code == 1 and "INVALID_ARGUMENT" in err and "documents, templates" in err
+
+
+def one_line_error(err: str) -> str:
+    """The error line of a command that failed as expected: one line, no traceback."""
+    assert "Traceback" not in err and err.count("\n") == 1, err
+    assert err.startswith("memserve: error: "), err
+    return err.strip()
+
+
+def test_an_expected_error_is_one_line_and_exit_code_1(address, capsys):
+    code, out, err = run_cli(capsys, "memories", "show", "no-such-memory", "--server", address)
+    assert code == 1 and out == ""
+    assert one_line_error(err).startswith("memserve: error: NOT_FOUND: ") and "no-such-memory" in err
+    code, _, err = run_cli(capsys, "generate", "--server", address, "--memory", "no-such-memory", PROMPT)
+    assert code == 1 and "NOT_FOUND" in one_line_error(err)
+    code, _, err = run_cli(capsys, "memories", "import", "/nonexistent/file.safetensors", "--server", address)
+    assert code == 1 and "No such file" in one_line_error(err)
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["memories", "ls"],
+        ["info"],
+        ["jobs", "ls", "--json"],
+        ["generate", "hello"],
+        ["eval", "docs", "bank", "--out", "unused"],
+    ],
+)
+def test_no_server_is_one_line_that_says_how_to_start_one(capsys, argv):
+    code, out, err = run_cli(capsys, *argv, "--server", "127.0.0.1:1")
+    assert code == 1 and out == ""
+    assert one_line_error(err) == (
+        "memserve: error: no memserve server at 127.0.0.1:1; start one with `make serve` or pass --server"
+    )
+
+
+def test_no_server_names_the_address_from_the_environment(capsys, monkeypatch):
+    monkeypatch.setenv("MEMSERVE_SERVER", "127.0.0.1:1")
+    code, _, err = run_cli(capsys, "jobs", "show", "0" * 18)
+    assert code == 1 and "no memserve server at 127.0.0.1:1;" in one_line_error(err)
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        [],
+        ["memories", "show"],  # NAME is missing
+        ["memories", "frobnicate"],
+        ["jobs", "ls", "--state", "sleeping"],
+        ["generate", "--max-new-tokens", "many", "hello"],
+        ["docs", "add", "bank", "f.txt", "--memory-dim", "0"],  # out of the option's range
+    ],
+)
+def test_a_usage_error_exits_2(capsys, argv):
+    with pytest.raises(SystemExit) as exited:
+        main([*argv, "--server", "127.0.0.1:1"] if argv else [])
+    assert exited.value.code == 2 and "usage: memserve" in capsys.readouterr().err
+
+
+def test_version_prints_the_package_version(capsys):
+    with pytest.raises(SystemExit) as exited:
+        main(["--version"])
+    assert exited.value.code == 0
+    assert capsys.readouterr().out == f"memserve {metadata.version('memserve')}\n"
+
+
+def test_json_on_every_command_that_prints_data(peer, address, capsys):
+    publish_bias(peer.running, "json-c")
+    code, out, _ = run_cli(capsys, "info", "--json", "--server", address)
+    info = json.loads(out)
+    assert code == 0 and info["architecture"] == "LlamaForCausalLM" and "test-bias" in info["memory_kinds"]
+    generate = ["generate", "--json", "--max-new-tokens", "3", "--memory", "json-c", "--server", address]
+    code, out, _ = run_cli(capsys, *generate, PROMPT)
+    completion = json.loads(out)
+    assert code == 0 and completion["generated_tokens"] == len(completion["tokens"]) == 3
+    assert completion["memories"] == [{"name": "json-c", "kind": "test-bias", "version": 1}]
+    code, out, _ = run_cli(capsys, *generate, "--stream", PROMPT)
+    chunks = [json.loads(line) for line in out.splitlines()]
+    assert code == 0 and chunks[0]["seed"] is not None and chunks[-1]["finish_reason"] == "length"
+    assert "".join(c["text"] for c in chunks) == completion["text"]
+
+    with Client(address) as client:
+        job = client.submit_job("test-bias", "json-job", QUICK_JOB)
+    code, out, _ = run_cli(capsys, "jobs", "watch", job.id, "--json", "--server", address)
+    updates = [json.loads(line) for line in out.splitlines()]
+    assert code == 0 and updates[-1]["state"] == "succeeded" and updates[-1]["result_version"] == 1
+    code, out, _ = run_cli(capsys, "jobs", "cancel", job.id, "--json", "--server", address)
+    assert code == 0 and json.loads(out)["state"] == "succeeded"
+    code, out, _ = run_cli(capsys, "memories", "rm", "json-job", "-y", "--json", "--server", address)
+    assert code == 0 and json.loads(out) == {"name": "json-job", "version": 0, "deleted": 1}
+
+
+def test_info_is_aligned_name_value_lines(address, capsys):
+    code, out, _ = run_cli(capsys, "info", "--server", address)
+    lines = {label: value.strip() for label, value in (line.split(":", 1) for line in out.splitlines())}
+    assert code == 0 and lines["architecture"] == "LlamaForCausalLM"
+    assert lines["max new tokens limit"] == "2000"
+    assert "document" in lines["memory kinds"].split(", ")  # a list, joined
+    starts = {len(line) - len(line.split(":", 1)[1].lstrip()) for line in out.splitlines()}
+    assert len(starts) == 1  # every value starts in the same column
+
+
+def test_the_command_line_imports_no_torch():
+    code = (
+        "import sys\n"
+        "from memserve.clients.cli import build_parser, main\n"
+        "build_parser().parse_args(['eval', 'factuality', '--claims', 'c.jsonl', '--out', 'o'])\n"
+        "print([m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers')])\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize(
+    ("argv", "required", "options"),
+    [
+        (["docs", "add"], ["bank", "f.txt"], DocumentConfig),
+        (["facts", "add"], ["set"], LocalConfig),
+        (["adapters", "add"], ["name"], AdapterConfig),
+        (["eval", "docs"], ["bank", "--out", "o"], DocumentEvalOptions),
+        (["eval", "facts"], ["set", "--out", "o"], LocalEvalOptions),
+        (["eval", "factuality"], ["--claims", "c.jsonl", "--out", "o"], FactualityOptions),
+    ],
+)
+def test_each_option_has_a_flag_whose_help_is_its_line_with_its_default(
+    capsys, monkeypatch, argv, required, options
+):
+    monkeypatch.setenv("COLUMNS", "1000")  # one line per flag: the help text as written
+    with pytest.raises(SystemExit):
+        main([*argv, "--help"])
+    lines = capsys.readouterr().out.splitlines()
+    for info in describe(options):
+        flag = "--" + info.name.replace("_", "-")
+        at = next(i for i, line in enumerate(lines) if line.strip().startswith(flag + " "))
+        entry = " ".join(lines[at : at + 2])  # a long flag has its help on the next line
+        assert info.describe() in entry and "Default: " in entry, entry
+    parsed = vars(build_parser().parse_args([*argv, *required]))
+    assert all(parsed[info.name] is None for info in describe(options))  # no default of the CLI's own
+
+
+def test_flags_not_given_are_none_and_list_flags_take_several_values():
+    args = build_parser().parse_args(
+        [
+            "facts",
+            "add",
+            "s",
+            "--alphas",
+            "0.5",
+            "1,2",
+            "--alphas",
+            "4",
+            "1",
+            "--layers",
+            "0..2",
+            "--sites",
+            "mlp_down",
+        ]
+    )
+    given = given_options(args, LocalConfig)
+    assert given == {"layers": [0, 1, 2], "sites": ["mlp_down"], "alphas": [0.5, 1.0, 2.0, 4.0]}
+    request = build_facts_request("s", [{"prompt": "p", "target": " t"}], given)
+    assert [field.name for field, _ in request.config.ListFields()] == ["layers", "sites", "alphas"]
+    args = build_parser().parse_args(["eval", "factuality", "--claims", "c", "--out", "o", "--shots", "0..2"])
+    assert given_options(args, FactualityOptions) == {"shots": [0, 1, 2]}  # no seed: the server's default
+    args = build_parser().parse_args(["eval", "factuality", "--claims", "c", "--out", "o", "--shots", "0,3"])
+    assert args.shots == [0, 3]
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["facts", "add", "s", "--sites", "attn_out,mlp_up"], "'mlp_up' is not one of attn_out, mlp_down"),
+        (["facts", "add", "s", "--alphas", "nan"], "'nan' is not a finite number"),
+        (["eval", "factuality", "--claims", "c", "--out", "o", "--shots", "9"], "shots takes values from 0"),
+        (["docs", "add", "b", "f", "--key-module", "cnn"], "invalid choice: 'cnn'"),
+        (["adapters", "add", "a", "--epochs", "1.5"], "invalid int value: '1.5'"),
+    ],
+)
+def test_a_generated_flag_refuses_a_bad_value_as_a_usage_error(capsys, argv, message):
+    with pytest.raises(SystemExit) as exited:
+        build_parser().parse_args(argv)
+    assert exited.value.code == 2 and message in capsys.readouterr().err

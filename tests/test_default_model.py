@@ -7,7 +7,8 @@ import torch
 
 from memserve import models
 from memserve.api.convert import generation_request_from_pb
-from memserve.engine.scheduler import EngineConfig, FinishReason, GenerationRequest, StoppingParams
+from memserve.engine.requests import FinishReason, GenerationRequest, StoppingParams
+from memserve.engine.scheduler import EngineConfig
 from memserve.models import DEFAULT_MODEL_NAME, GGUF_SHA256, ModelConfig, load_model
 from memserve.v1 import generation_pb2 as pb
 from tests.conftest import collect, run_all, submit, take_tokens

@@ -8,8 +8,8 @@ import math
 import pytest
 import torch
 
+from memserve.engine.requests import GenerationRequest, StoppingParams
 from memserve.engine.sampling import SamplingParams
-from memserve.engine.scheduler import GenerationRequest, StoppingParams
 from memserve.errors import FailedPrecondition, InvalidArgument, NotFound
 from memserve.kinds.document import DocumentKind
 from memserve.kinds.document.config import DocumentConfig
@@ -241,7 +241,8 @@ def test_eval_docs_from_the_command_line_on_an_export_file(trained, tiny_llama_d
                  "--model", str(tiny_llama_dir), "--device", "cpu"])  # fmt: skip
     assert code == 0
     assert set(json.loads((out / "metrics.json").read_text())["documents"]) == set(TEXTS)
-    assert main(["eval", "docs", "bank", "--file", str(exported), "--out", str(out), "--device", "cpu"]) == 2
+    # Served by another model (the default one): refused, in one line.
+    assert main(["eval", "docs", "bank", "--file", str(exported), "--out", str(out), "--device", "cpu"]) == 1
 
 
 def test_each_forward_reports_selection_numbers_per_bank(trained, tiny, make_engine):

@@ -7,8 +7,8 @@ import time
 import pytest
 import torch
 
+from memserve.engine.requests import FinishReason, GenerationRequest, StoppingParams
 from memserve.engine.sampling import SamplingParams
-from memserve.engine.scheduler import FinishReason, GenerationRequest, StoppingParams
 from memserve.errors import (
     DeadlineExceeded,
     FailedPrecondition,

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from memserve.engine.offline import generate_all
-from memserve.engine.scheduler import GenerationRequest, StoppingParams
+from memserve.engine.requests import GenerationRequest, StoppingParams
 from memserve.errors import InvalidArgument
 from memserve.kinds.local import LocalKind
 from memserve.kinds.local.config import Fact, LocalConfig, check_facts
@@ -22,7 +22,7 @@ from memserve.memory.hooks import MemoryContext, MemoryHooks
 from memserve.memory.kind import LoadTarget, MemoryObserver, MemoryRefSpec
 from memserve.memory_store.artifact import Artifact, MemoryMeta, decode, encode
 from memserve.models import LoadedModel
-from tests.conftest import FakeContext, run_all
+from tests.conftest import FakeContext, fails_alone, run_all
 
 
 class _Named:
@@ -442,19 +442,10 @@ def test_a_failing_statistics_observer_fails_the_sets_requests_loudly_and_no_oth
     local_set = make_set(tiny, hooks, [entry_group(1, "attn_out", key[None], key[None], 0.05)])
     engine = make_engine(tiny.model, tiny.tokenizer)
     prompt = tuple(tiny.tokenizer("The quick brown fox").input_ids)
-    stopping = StoppingParams(max_new_tokens=3, ignore_eos=True)
-    uses_it = GenerationRequest(
-        prompt, stopping=stopping, memories=(local_set.bind(MemoryRefSpec("facts", "local")),)
-    )
 
     def broken(stats: TriggerStats) -> None:
         raise RuntimeError("the metrics layer is broken")
 
     local_set.observe = broken
-    failed, fine = run_all(engine, [uses_it, GenerationRequest(prompt, stopping=stopping)])
-    assert (
-        failed.error is not None
-        and "'facts'" in str(failed.error)
-        and "metrics layer is broken" in str(failed.error)
-    )
-    assert fine.error is None and len(fine.token_ids) == 3
+    error = fails_alone(engine, prompt, local_set.bind(MemoryRefSpec("facts", "local")))
+    assert "'facts'" in error and "metrics layer is broken" in error

@@ -262,7 +262,8 @@ def test_cli_generate_prints_the_completion(address, client, capsys):
 def test_info_describes_the_model_and_limits(address, capsys):
     assert cli_main(["info", "--server", address]) == 0
     out = capsys.readouterr().out
-    assert "architecture: LlamaForCausalLM" in out and "max_new_tokens_limit: 2000" in out
+    fields = {label: value.strip() for label, value in (line.split(":", 1) for line in out.splitlines())}
+    assert fields["architecture"] == "LlamaForCausalLM" and fields["max new tokens limit"] == "2000"
 
 
 def test_shutdown_lets_in_flight_requests_finish_and_refuses_new_ones(tiny_llama_dir):

@@ -160,6 +160,38 @@ async def _start(
     health_servicer: health.aio.HealthServicer,
     started: float,
 ) -> RunningServer:
+    server = _grpc_server(config, loaded, engine, runtime, health_servicer)
+    # Bind both ports before anything starts, so a busy port is a clean error.
+    port = _listen(server, f"{config.host}:{config.port}")
+    metrics_server = _start_metrics(config, engine, runtime)
+    if config.auth_token is None and config.host not in ("127.0.0.1", "localhost", "::1"):
+        log.warning(
+            "listening on %s without $MEMSERVE_TOKEN: anyone who reaches it can change memories",
+            config.host,
+        )
+    engine.start()
+    await server.start()
+    for name in ("", *SERVICE_NAMES):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    log.info(
+        "serving %s on %s:%d (ready %.1f s after start)",
+        loaded.name,
+        config.host,
+        port,
+        time.perf_counter() - started,
+    )
+    return RunningServer(server, engine, health_servicer, port, runtime, metrics_server)
+
+
+def _grpc_server(
+    config: ServerConfig,
+    loaded: LoadedModel,
+    engine: Engine,
+    runtime: StoreRuntime | None,
+    health_servicer: health.aio.HealthServicer,
+) -> grpc.aio.Server:
+    """The gRPC server with its services (the memory and job services only with a store),
+    health and reflection; not yet listening."""
     server = grpc.aio.server(
         interceptors=[ErrorInterceptor(config.auth_token)],
         options=[
@@ -182,42 +214,35 @@ async def _start(
     reflection.enable_server_reflection(
         (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
     )
-    # Bind both ports before anything starts, so a busy port is a clean error.
-    address = f"{config.host}:{config.port}"
+    return server
+
+
+def _listen(server: grpc.aio.Server, address: str) -> int:
+    """Binds `address`; returns the port (the one chosen, for port 0). OSError when it is taken."""
     try:
         port = server.add_insecure_port(address)
     except RuntimeError as exc:
         raise OSError(f"cannot listen on {address}: is another server using the port?") from exc
     if port == 0:
         raise OSError(f"cannot listen on {address}: is another server using the port?")
-    metrics_server = None
-    if config.metrics_port is not None:
-        try:
-            metrics_server, _ = start_http_server(config.metrics_port, addr=config.host)
-        except OSError as exc:
-            raise OSError(f"cannot serve metrics on {config.host}:{config.metrics_port}: {exc}") from exc
-    if metrics_server is not None:
-        QUEUE_DEPTH.set_function(lambda: engine.queue_depth)
-        RUNNING_REQUESTS.set_function(lambda: engine.running)
-        if runtime is not None:
-            register_job_queue(runtime.queue.depth, runtime.queue.workers_alive)
-            precreate_job_series(registered_kinds())
-    if config.auth_token is None and config.host not in ("127.0.0.1", "localhost", "::1"):
-        log.warning("listening on %s without $MEMSERVE_TOKEN: anyone who reaches it can change memories",
-                    config.host)  # fmt: skip
+    return int(port)
 
-    engine.start()
-    await server.start()
-    for name in ("", *SERVICE_NAMES):
-        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    log.info(
-        "serving %s on %s:%d (ready %.1f s after start)",
-        loaded.name,
-        config.host,
-        port,
-        time.perf_counter() - started,
-    )
-    return RunningServer(server, engine, health_servicer, port, runtime, metrics_server)
+
+def _start_metrics(config: ServerConfig, engine: Engine, runtime: StoreRuntime | None) -> WSGIServer | None:
+    """The Prometheus endpoint, serving the engine's and the job queue's gauges; None without
+    a metrics port."""
+    if config.metrics_port is None:
+        return None
+    try:
+        metrics_server, _ = start_http_server(config.metrics_port, addr=config.host)
+    except OSError as exc:
+        raise OSError(f"cannot serve metrics on {config.host}:{config.metrics_port}: {exc}") from exc
+    QUEUE_DEPTH.set_function(lambda: engine.queue_depth)
+    RUNNING_REQUESTS.set_function(lambda: engine.running)
+    if runtime is not None:
+        register_job_queue(runtime.queue.depth, runtime.queue.workers_alive)
+        precreate_job_series(registered_kinds())
+    return metrics_server
 
 
 async def serve(config: ServerConfig) -> None:

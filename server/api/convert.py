@@ -10,22 +10,21 @@ import math
 import time
 from typing import Any
 
-from google.protobuf.json_format import MessageToDict
 from google.protobuf.message import Message
 from google.protobuf.struct_pb2 import Struct
 from google.protobuf.timestamp_pb2 import Timestamp
 from google.protobuf.unknown_fields import UnknownFieldSet
 from transformers import PreTrainedTokenizerBase
 
-from memserve.engine.sampling import SamplingParams
-from memserve.engine.scheduler import (
-    EngineConfig,
+from memserve.engine.requests import (
     FinishedEvent,
     FinishReason,
     GenerationRequest,
     StoppingParams,
     TokenEvent,
 )
+from memserve.engine.sampling import SamplingParams
+from memserve.engine.scheduler import EngineConfig
 from memserve.errors import InvalidArgument
 from memserve.memory.kind import MemoryKey, MemoryRefSpec
 from memserve.memory_store.artifact import MemoryMeta
@@ -298,7 +297,3 @@ def job_to_pb(job: Job) -> jobs_pb2.Job:
         finished_at=_timestamp(job.finished_at),
         worker=job.worker,
     )
-
-
-def struct_to_dict(struct: Struct) -> dict[str, Any]:
-    return MessageToDict(struct)

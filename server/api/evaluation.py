@@ -67,7 +67,7 @@ class EvaluationService(evaluation_pb2_grpc.EvaluationServiceServicer):
         )
         if artifact.meta.kind != kind.name:
             raise InvalidArgument(f"{name!r} is a {artifact.meta.kind} memory, not a {kind.name} memory")
-        store.check_base_model(artifact.meta, self.loaded.fingerprint)
+        artifact.meta.check_base_model(self.loaded.fingerprint)
         return artifact
 
     async def _run(

@@ -19,7 +19,8 @@ from memserve.api.convert import (
     token_to_pb,
     usage_to_pb,
 )
-from memserve.engine.scheduler import Engine, Event, FailedEvent, FinishedEvent, GenerationRequest, TokenEvent
+from memserve.engine.requests import Event, FailedEvent, FinishedEvent, GenerationRequest, TokenEvent
+from memserve.engine.scheduler import Engine
 from memserve.errors import InvalidArgument
 from memserve.memory.registry import registered_kinds
 from memserve.memory.runtime import StoreRuntime
@@ -58,9 +59,13 @@ async def run_on_engine(
             if isinstance(event, FinishedEvent):
                 log.info(
                     "request %s: %d prompt + %d generated tokens, %s; first token %.3f s, total %.3f s",
-                    request_id or "-", event.prompt_tokens, event.generated_tokens, event.reason.value,
-                    first_token, time.perf_counter() - started,
-                )  # fmt: skip
+                    request_id or "-",
+                    event.prompt_tokens,
+                    event.generated_tokens,
+                    event.reason.value,
+                    first_token,
+                    time.perf_counter() - started,
+                )
             yield event, handle.seed
             if isinstance(event, FinishedEvent):
                 return

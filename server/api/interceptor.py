@@ -80,28 +80,51 @@ def _record(rpc: str, code: str, started: float) -> None:
     REQUEST_DURATION.labels(rpc).observe(time.perf_counter() - started)
 
 
+class _Call:
+    """One call of our own services, around its servicer: `check` on the way in; on the way out,
+    the status recorded in the metrics and, for an exception, the status the client gets.
+
+    A context manager, so that the unary and the streaming handlers share it: a streaming
+    handler's `yield` sits inside it."""
+
+    def __init__(self, method: str, context: grpc.aio.ServicerContext) -> None:
+        self.method = method
+        self.rpc = method.rsplit("/", 1)[-1]
+        self.context = context
+        self.started = time.perf_counter()
+        self.code = "OK"
+
+    def check(self, request: Any, token: str | None) -> None:
+        """The bearer token (mutating RPCs, on a server that has one) and unknown fields (a
+        client stream's messages are checked one by one, as they come)."""
+        if token is not None and self.rpc in MUTATING_RPCS:
+            check_token(self.context.invocation_metadata(), token, self.rpc)
+        if not isinstance(request, AsyncIterator):
+            check_no_unknown_fields(request)
+
+    async def __aenter__(self) -> _Call:
+        return self
+
+    async def __aexit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: Any) -> None:
+        try:
+            if isinstance(exc, GeneratorExit):  # the client left a stream before its end
+                self.code = "CANCELLED"
+            elif isinstance(exc, grpc.aio.AbortError | asyncio.CancelledError):
+                self.code = _code_of(exc, self.context)
+            elif isinstance(exc, Exception):
+                self.code = _code_of(exc, self.context)
+                await _abort(self.context, self.method, exc)
+        finally:
+            _record(self.rpc, self.code, self.started)
+
+
 def _unary_request(
     method: str, behaviour: Callable[..., Awaitable[Any]], token: str | None
 ) -> Callable[..., Awaitable[Any]]:
-    rpc = method.rsplit("/", 1)[-1]
-    guarded = token is not None and rpc in MUTATING_RPCS
-
     async def handler(request: Any, context: grpc.aio.ServicerContext) -> Any:
-        started, code = time.perf_counter(), "OK"
-        try:
-            if guarded:
-                check_token(context.invocation_metadata(), token or "", rpc)
-            if not isinstance(request, AsyncIterator):  # client streams are checked per message
-                check_no_unknown_fields(request)
+        async with _Call(method, context) as call:
+            call.check(request, token)
             return await behaviour(request, context)
-        except (grpc.aio.AbortError, asyncio.CancelledError) as exc:
-            code = _code_of(exc, context)
-            raise
-        except Exception as exc:
-            code = _code_of(exc, context)
-            await _abort(context, method, exc)
-        finally:
-            _record(rpc, code, started)
 
     return handler
 
@@ -109,27 +132,12 @@ def _unary_request(
 def _streaming_response(
     method: str, behaviour: Callable[..., AsyncIterator[Any]], token: str | None
 ) -> Callable[..., AsyncIterator[Any]]:
-    rpc = method.rsplit("/", 1)[-1]
-    guarded = token is not None and rpc in MUTATING_RPCS
-
     async def handler(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-        started, code = time.perf_counter(), "OK"
-        try:
-            if guarded:
-                check_token(context.invocation_metadata(), token or "", rpc)
-            if not isinstance(request, AsyncIterator):
-                check_no_unknown_fields(request)
+        async with _Call(method, context) as call:
+            call.check(request, token)
             async with contextlib.aclosing(behaviour(request, context)) as responses:
                 async for response in responses:
                     yield response
-        except (grpc.aio.AbortError, asyncio.CancelledError, GeneratorExit) as exc:
-            code = "CANCELLED" if isinstance(exc, GeneratorExit) else _code_of(exc, context)
-            raise
-        except Exception as exc:
-            code = _code_of(exc, context)
-            await _abort(context, method, exc)
-        finally:
-            _record(rpc, code, started)
 
     return handler
 

@@ -5,8 +5,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Sequence
 
-from memserve.engine.scheduler import (
-    Engine,
+from memserve.engine.requests import (
     Event,
     FailedEvent,
     FinishedEvent,
@@ -14,6 +13,7 @@ from memserve.engine.scheduler import (
     StoppingParams,
     TokenEvent,
 )
+from memserve.engine.scheduler import Engine
 from memserve.memory.kind import RowMemory
 
 

@@ -14,22 +14,21 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import secrets
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from enum import StrEnum
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from memserve.engine.batch import Batch
-from memserve.engine.detokenize import IncrementalText
+from memserve.engine.emit import TokenEmitter, TokenObserver, eos_token_ids
 from memserve.engine.kv_cache import new_cache
-from memserve.engine.sampling import Choice, SamplingParams, choose
+from memserve.engine.memories import hooks_or_none, memory_context, rows_to_blame
+from memserve.engine.requests import FailedEvent, GenerationRequest, RequestHandle, Row, Sink
 from memserve.engine.threads import use_compute_threads
 from memserve.errors import (
     Cancelled,
@@ -40,22 +39,14 @@ from memserve.errors import (
     MemserveError,
     ResourceExhausted,
     Unavailable,
-    UnsupportedArchitecture,
 )
-from memserve.memory.hooks import MemoryContext, MemoryHooks, TraceRecord
-from memserve.memory.kind import RowMemory
+from memserve.memory.hooks import MemoryHooks, TraceRecord
+from memserve.padding import left_padded_positions, pad_rows
 
 log = logging.getLogger(__name__)
 
 
-class FinishReason(StrEnum):
-    LENGTH = "length"
-    EOS = "eos"
-    STOP_SEQUENCE = "stop_sequence"
-    CONTEXT_LENGTH = "context_length"
-
-
-class EngineObserver(Protocol):
+class EngineObserver(TokenObserver, Protocol):
     """What the metrics layer hears from the engine thread (memserve.metrics.EngineMetrics)."""
 
     def step(self, batch_size: int, queue_depth: int, running: int) -> None:
@@ -64,59 +55,15 @@ class EngineObserver(Protocol):
     def prefill(self, prompt_tokens: int) -> None:
         """Prompt tokens prefilled (padding not counted)."""
 
-    def token(self, first: bool, seconds: float) -> None:
-        """A token streamed: the time since submission (the first) or since the row's last token."""
 
-
-@dataclass(frozen=True)
-class StoppingParams:
-    max_new_tokens: int = 64
-    stop_sequences: tuple[str, ...] = ()
-    include_stop_sequence: bool = False
-    ignore_eos: bool = False
-
-
-@dataclass(frozen=True)
-class GenerationRequest:
-    prompt_ids: tuple[int, ...]
-    sampling: SamplingParams = field(default_factory=SamplingParams)
-    stopping: StoppingParams = field(default_factory=StoppingParams)
-    logprobs: bool = False
-    top_logprobs: int = 0
-    memories: tuple[RowMemory, ...] = ()
-    trace: bool = False
-    """Report, with each token, which memories acted on the position that produced it."""
-    deadline: float | None = None
-    """time.monotonic() after which the request fails with DEADLINE_EXCEEDED."""
-
-
-@dataclass(frozen=True)
-class TokenEvent:
-    token_id: int
-    token_text: str
-    text: str
-    """Text released by this token (may be empty while held back)."""
-    logprob: float | None = None
-    top_logprobs: list[tuple[int, str, float]] = field(default_factory=list)
-    trace: tuple[TraceRecord, ...] = ()
-
-
-@dataclass(frozen=True)
-class FinishedEvent:
-    reason: FinishReason
-    text: str
-    """The last held-back text, released now."""
-    prompt_tokens: int
-    generated_tokens: int
-
-
-@dataclass(frozen=True)
-class FailedEvent:
-    error: MemserveError
-
-
-Event = TokenEvent | FinishedEvent | FailedEvent
-Sink = Callable[[Event], None]
+# EngineConfig's fields that must be at least 1.
+POSITIVE_LIMITS = (
+    "max_batch_size",
+    "max_queue_size",
+    "default_max_new_tokens",
+    "max_context_tokens",
+    "max_prefill_tokens",
+)
 
 
 @dataclass(frozen=True)
@@ -136,9 +83,7 @@ class EngineConfig:
     """Intra-op CPU threads of the engine thread; 0 = $MEMSERVE_THREADS or every usable CPU."""
 
     def __post_init__(self) -> None:
-        names = ("max_batch_size", "max_queue_size", "default_max_new_tokens", "max_context_tokens",
-                 "max_prefill_tokens")  # fmt: skip
-        for name in names:
+        for name in POSITIVE_LIMITS:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.threads < 0:
@@ -148,46 +93,6 @@ class EngineConfig:
                 f"default_max_new_tokens ({self.default_max_new_tokens}) must be in "
                 f"[1, max_new_tokens_limit={self.max_new_tokens_limit}]"
             )
-
-
-class RequestHandle:
-    """Lets the caller cancel a submitted request; the engine frees its slot at the next step."""
-
-    def __init__(self, seed: int) -> None:
-        self.seed = seed
-        """The request's seed: the one it asked for, or one drawn for it."""
-        self.cancelled = False
-
-    def cancel(self) -> None:
-        self.cancelled = True
-
-
-class _Row:
-    """One request inside the engine."""
-
-    def __init__(
-        self, request: GenerationRequest, sink: Sink, tokenizer: PreTrainedTokenizerBase, device: torch.device
-    ) -> None:
-        self.request = request
-        self.sink = sink
-        seed = request.sampling.seed if request.sampling.seed is not None else secrets.randbits(63)
-        self.handle = RequestHandle(seed)
-        self.generator: torch.Generator | None = None
-        if not request.sampling.greedy:
-            self.generator = torch.Generator(device=device).manual_seed(seed)
-        self.text = IncrementalText(
-            tokenizer,
-            request.prompt_ids,
-            request.stopping.stop_sequences,
-            request.stopping.include_stop_sequence,
-        )
-        self.generated: list[int] = []
-        self.submitted = time.monotonic()
-        self.last_token: float | None = None
-        # Tokens the repetition penalty looks at: the prompt and the output so far.
-        self.seen: torch.Tensor | None = None
-        if request.sampling.repetition_penalty != 1.0:
-            self.seen = torch.tensor(sorted(set(request.prompt_ids)), dtype=torch.long, device=device)
 
 
 class Engine:
@@ -204,18 +109,19 @@ class Engine:
         from the engine thread, if that thread dies (e.g. to mark the server NOT_SERVING)."""
         self.model = model
         self.tokenizer = tokenizer
-        self.hooks = hooks if hooks is not None else _hooks_or_none(model)
+        self.hooks = hooks if hooks is not None else hooks_or_none(model)
         window = getattr(model.config, "max_position_embeddings", None) or config.max_context_tokens
         self.max_context_tokens = min(config.max_context_tokens, window)
         self.config = config
         self.device = next(model.parameters()).device
-        self._eos_ids = _eos_token_ids(model, tokenizer)
+        eos_ids = eos_token_ids(model, tokenizer)
         self._pad_id = (
-            tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(self._eos_ids, default=0)
+            tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos_ids, default=0)
         )
-        self._waiting: deque[_Row] = deque()
+        self._emitter = TokenEmitter(tokenizer, eos_ids, self.max_context_tokens, observer)
+        self._waiting: deque[Row] = deque()
         self._lock = threading.Condition()
-        self._batch: Batch[_Row] = Batch(self.device)
+        self._batch: Batch[Row] = Batch(self.device)
         self._dead: BaseException | None = None
         self.on_death = on_death
         self._stopping = False
@@ -262,7 +168,7 @@ class Engine:
     def submit(self, request: GenerationRequest, sink: Sink) -> RequestHandle:
         """Queues a request; events go to `sink` from the engine thread. Raises when full."""
         self.validate(request)
-        row = _Row(request, sink, self.tokenizer, self.device)
+        row = Row(request, sink, self.tokenizer, self.device)
         with self._lock:
             if self._dead is not None:
                 raise Unavailable(f"the engine stopped: {self._dead!r}")
@@ -283,7 +189,7 @@ class Engine:
 
     def _loop(self) -> None:
         try:
-            use_compute_threads(self.config.threads or None)  # memserve/threads.py: why
+            use_compute_threads(self.config.threads or None)  # memserve.engine.threads says why
             with torch.inference_mode():
                 self._serve_forever()
         except BaseException as exc:  # the thread is ending: nothing in flight may wait forever
@@ -309,13 +215,13 @@ class Engine:
                 log.exception("engine step failed")
                 self._fail_all(MemserveError(f"the engine failed: {exc!r}"), admitted)
 
-    def _admit(self) -> list[_Row]:
+    def _admit(self) -> list[Row]:
         """Takes waiting rows for one prefill: while batch slots and the prefill budget last.
 
         The budget counts padded tokens (rows × longest prompt); the first row always goes.
         """
         free = self.config.max_batch_size - len(self._batch.rows)
-        admitted: list[_Row] = []
+        admitted: list[Row] = []
         width = 0
         while self._waiting and len(admitted) < free:
             width = max(width, len(self._waiting[0].request.prompt_ids))
@@ -324,7 +230,7 @@ class Engine:
             admitted.append(self._waiting.popleft())
         return admitted
 
-    def _step(self, admitted: list[_Row]) -> None:
+    def _step(self, admitted: list[Row]) -> None:
         admitted = self._drop_dead(admitted)
         self._batch.keep(self._drop_dead(self._batch.rows))
         if admitted:
@@ -335,7 +241,7 @@ class Engine:
         if self.observer is not None:
             self.observer.step(decoded, len(self._waiting), len(self._batch.rows))
 
-    def _drop_dead(self, rows: list[_Row]) -> list[_Row]:
+    def _drop_dead(self, rows: list[Row]) -> list[Row]:
         """Removes cancelled rows and fails those past their deadline."""
         now = time.monotonic()
         alive = []
@@ -348,26 +254,20 @@ class Engine:
             alive.append(row)
         return alive
 
-    def _prefill(self, rows: list[_Row]) -> None:
+    def _prefill(self, rows: list[Row]) -> None:
         """Runs the prompts of newly admitted rows, samples their first token, joins them to the batch."""
         lengths = [len(r.request.prompt_ids) for r in rows]
         if self.observer is not None:
             self.observer.prefill(sum(lengths))
-        width = max(lengths)
-        ids = torch.full((len(rows), width), self._pad_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, row in enumerate(rows):
-            ids[i, width - lengths[i] :] = torch.tensor(row.request.prompt_ids)
-            mask[i, width - lengths[i] :] = 1
-        ids, mask = ids.to(self.device), mask.to(self.device)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        prompts = [r.request.prompt_ids for r in rows]
+        ids, mask = pad_rows(prompts, self._pad_id, left=True, device=self.device)
         cache = new_cache()
-        logits, healthy, trace = self._forward(rows, ids, mask, positions, cache, mask)
+        logits, healthy, trace = self._forward(rows, ids, mask, left_padded_positions(mask), cache, mask)
         if logits is None:  # the rows that did not fail try again at the next step
             with self._lock:
                 self._waiting.extendleft(reversed(healthy))
             return
-        survivors = self._sample_and_emit(rows, logits, trace)
+        survivors = self._emitter.sample_and_emit(rows, logits, trace)
         if survivors:
             keep = torch.tensor([rows.index(r) for r in survivors], device=self.device)
             last = torch.tensor([r.generated[-1] for r in survivors], device=self.device)
@@ -386,20 +286,20 @@ class Engine:
             return
         batch.mask = mask
         batch.positions = batch.positions + 1
-        survivors = self._sample_and_emit(batch.rows, logits, trace)
+        survivors = self._emitter.sample_and_emit(batch.rows, logits, trace)
         batch.keep(survivors)
         if survivors:
             batch.last_tokens = torch.tensor([r.generated[-1] for r in survivors], device=self.device)
 
     def _forward(
         self,
-        rows: list[_Row],
+        rows: list[Row],
         ids: torch.Tensor,
         mask: torch.Tensor,
         positions: torch.Tensor,
         cache: DynamicCache,
         new_positions: torch.Tensor | None,
-    ) -> tuple[torch.Tensor | None, list[_Row], dict[int, list[TraceRecord]]]:
+    ) -> tuple[torch.Tensor | None, list[Row], dict[int, list[TraceRecord]]]:
         """One forward over `rows`: (last-position logits (B, V) in fp32, rows, trace) on success.
 
         `new_positions` (B, T) marks the real input positions (None: all are real). On
@@ -407,7 +307,7 @@ class Engine:
         requests using a memory that raised, or all of them for any other error.
         """
         try:
-            context = self._memory_context(rows, new_positions)
+            context = memory_context([r.request for r in rows], self.device, new_positions)
             with self.hooks.using(context) if self.hooks else contextlib.nullcontext():
                 out = self.model(
                     input_ids=ids,
@@ -422,8 +322,7 @@ class Engine:
             return out.logits[:, -1, :].float(), rows, context.trace if context else {}
         except MemoryHookError as exc:
             error: MemserveError = exc
-            # Identity, not name: two memories may share a name. If none matches, all fail.
-            failed = [r for r in rows if any(_blames(exc.memory, m) for m in r.request.memories)] or rows
+            failed = rows_to_blame(exc, rows)
             log.warning("%s; failing %d request(s)", exc, len(failed))
         except Exception as exc:
             log.exception("forward pass failed; failing %d request(s)", len(rows))
@@ -433,93 +332,7 @@ class Engine:
             row.sink(FailedEvent(error))
         return None, [r for r in rows if r not in failed], {}
 
-    def _memory_context(self, rows: list[_Row], new_positions: torch.Tensor | None) -> MemoryContext | None:
-        """Groups the batch rows by the memories they use; None when no row uses one."""
-        groups: dict[int, tuple[RowMemory, list[int]]] = {}
-        for index, row in enumerate(rows):
-            for memory in row.request.memories:
-                groups.setdefault(id(memory), (memory, []))[1].append(index)
-        if not groups:
-            return None
-        traced = frozenset(i for i, row in enumerate(rows) if row.request.trace)
-        context = MemoryContext(mask=new_positions, traced=traced)
-        # Kinds that share a site apply in a fixed order (documents, then adapters), whatever
-        # order a request lists its memories in (README: "One request, several memories").
-        ordered = sorted(groups.values(), key=lambda group: group[0].apply_order)
-        for memory, indices in ordered:
-            try:
-                memory.add_ops(context, torch.tensor(indices, device=self.device))
-            except Exception as exc:
-                raise MemoryHookError(memory, "while preparing its ops", exc) from exc
-        return context
-
-    def _sample_and_emit(
-        self, rows: list[_Row], logits: torch.Tensor, trace: dict[int, list[TraceRecord]]
-    ) -> list[_Row]:
-        """Samples one token per row, streams it, and returns the rows that go on.
-
-        A row whose sampling fails fails alone; its neighbours go on.
-        """
-        greedy = logits.argmax(-1).tolist()
-        survivors = []
-        for i, row in enumerate(rows):
-            req = row.request
-            try:
-                if req.sampling.greedy and row.seen is None and not (req.logprobs or req.top_logprobs):
-                    choice = Choice(greedy[i], None, [])
-                else:
-                    choice = choose(
-                        logits[i], req.sampling, row.generator, row.seen, req.logprobs, req.top_logprobs
-                    )
-            except Exception as exc:
-                log.exception("sampling failed for one request")
-                row.sink(FailedEvent(MemserveError(f"sampling the next token failed: {exc!r}")))
-                continue
-            if self._emit(row, choice, tuple(trace.get(i, ()))):
-                survivors.append(row)
-        return survivors
-
-    def _emit(self, row: _Row, choice: Choice, trace: tuple[TraceRecord, ...]) -> bool:
-        """Streams one chosen token; returns whether the request goes on."""
-        token = choice.token
-        if row.seen is not None:
-            row.seen = torch.cat([row.seen, row.seen.new_tensor([token])])
-        reason = self._append(row, token)
-        if self.observer is not None:
-            now = time.monotonic()
-            self.observer.token(row.last_token is None, now - (row.last_token or row.submitted))
-            row.last_token = now
-        is_eos = reason is FinishReason.EOS
-        row.sink(
-            TokenEvent(
-                token_id=token,
-                token_text="" if is_eos else self.tokenizer.decode([token]),
-                text="" if is_eos else row.text.push(token),
-                logprob=choice.logprob,
-                top_logprobs=[(t, self.tokenizer.decode([t]), lp) for t, lp in choice.top],
-                trace=trace,
-            )
-        )
-        if reason is None and not row.text.stopped:
-            return True
-        tail = row.text.finish()
-        # A stop sequence decides, even when it completes on the last allowed token.
-        final = FinishReason.STOP_SEQUENCE if row.text.stopped or reason is None else reason
-        row.sink(FinishedEvent(final, tail, len(row.request.prompt_ids), len(row.generated)))
-        return False
-
-    def _append(self, row: _Row, token: int) -> FinishReason | None:
-        row.generated.append(token)
-        stopping = row.request.stopping
-        if token in self._eos_ids and not stopping.ignore_eos:
-            return FinishReason.EOS
-        if len(row.generated) >= stopping.max_new_tokens:
-            return FinishReason.LENGTH
-        if len(row.request.prompt_ids) + len(row.generated) >= self.max_context_tokens:
-            return FinishReason.CONTEXT_LENGTH
-        return None
-
-    def _fail_all(self, error: MemserveError, admitted: Sequence[_Row] | None = None) -> None:
+    def _fail_all(self, error: MemserveError, admitted: Sequence[Row] | None = None) -> None:
         """Fails the running rows and `admitted`; with no `admitted` (shutdown), the queue too."""
         with self._lock:
             if admitted is None:
@@ -530,28 +343,3 @@ class Engine:
         self._batch.keep([])
         for row in rows:
             row.sink(FailedEvent(error))
-
-
-def _blames(culprit: object, memory: object) -> bool:
-    """Whether a failure of `culprit` concerns `memory`: itself, or a group op it joined."""
-    return culprit is memory or any(member is memory for member in getattr(culprit, "members", ()))
-
-
-def _hooks_or_none(model: PreTrainedModel) -> MemoryHooks | None:
-    try:
-        return MemoryHooks(model)
-    except UnsupportedArchitecture as exc:
-        log.warning("%s: serving without memories", exc)
-        return None
-
-
-def _eos_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> frozenset[int]:
-    ids: set[int] = set()
-    configured = getattr(model.generation_config, "eos_token_id", None)
-    if isinstance(configured, int):
-        ids.add(configured)
-    elif configured:
-        ids.update(configured)
-    if tokenizer.eos_token_id is not None:
-        ids.add(tokenizer.eos_token_id)
-    return frozenset(ids)

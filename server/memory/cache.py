@@ -23,8 +23,6 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 from memserve.errors import InvalidArgument, NotFound, ResourceExhausted, Unavailable
@@ -199,7 +197,7 @@ class MemoryCache:
             generation = (self._generations.get((tenant, name), 0), self._epoch)
         artifact = self.store.load(name, version, tenant=tenant)
         meta = artifact.meta
-        self.store.check_base_model(meta, self.fingerprint)
+        meta.check_base_model(self.fingerprint)
         kind = get_kind(meta.kind)
         loaded = kind.load(artifact, self.target)
         cached = CachedMemory(meta.kind, loaded, loaded.nbytes, meta.sha256, generation[1])
@@ -212,16 +210,24 @@ class MemoryCache:
             # request uses what it loaded, but it is not kept.
             if (self._generations.get((tenant, name), 0), self._epoch) == generation:
                 self._insert((tenant, name, version), cached)
-        log.info("loaded %s memory %r version %d (%.1f MB) in %.3f s", meta.kind, name, version,
-                 cached.nbytes / 1e6, elapsed)  # fmt: skip
+        log.info(
+            "loaded %s memory %r version %d (%.1f MB) in %.3f s",
+            meta.kind,
+            name,
+            version,
+            cached.nbytes / 1e6,
+            elapsed,
+        )
         return cached
 
     def _insert(self, key: CacheKey, loaded: CachedMemory) -> None:
         if loaded.nbytes > self.capacity_bytes:
             log.warning(
                 "memory %r (%d bytes) is larger than the whole cache (%d bytes): used, not kept",
-                key[1], loaded.nbytes, self.capacity_bytes,
-            )  # fmt: skip
+                key[1],
+                loaded.nbytes,
+                self.capacity_bytes,
+            )
             return
         self._entries[key] = loaded
         self._bytes += loaded.nbytes
@@ -234,8 +240,3 @@ class MemoryCache:
     def _drop(self, key: CacheKey) -> None:
         self._bytes -= self._entries.pop(key).nbytes
         MEMORY_CACHE_BYTES.set(self._bytes)
-
-    @contextmanager
-    def locked(self) -> Iterator[None]:  # tests
-        with self._lock:
-            yield

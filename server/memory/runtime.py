@@ -77,6 +77,9 @@ class JobWatchers:
 
 
 class StoreRuntime:
+    """The server's memory store: the Redis client, store and job queue, the cache of loaded
+    memories, the thread that listens to the store's events, and the in-process workers."""
+
     def __init__(
         self,
         config: StoreConfig,
@@ -94,7 +97,7 @@ class StoreRuntime:
             url = self.redis_server.url
         self.url = url
         load_plugins(config.plugins)
-        client = connect(url)
+        client = connect(self.url)
         self.store = RedisStore(client)
         self.queue = JobQueue(client)
         target = LoadTarget.for_model(loaded, hooks, observe)
@@ -103,35 +106,38 @@ class StoreRuntime:
         self._stop = threading.Event()
         self._loop = loop
         self.executor = ThreadPoolExecutor(config.store_threads, thread_name_prefix="memserve-store")
+        self._events_client = connect(self.url, retries=0)
+        self._events = self._listen_to_events()
+        workers = config.workers if config.workers is not None else (1 if self.redis_server else 0)
+        self._workers = [self._start_worker(i, loaded) for i in range(workers)]
+        where = f"embedded Redis in {self.redis_server.data_dir}" if self.redis_server else self.url
+        log.info("memory store: %s; %d in-process worker(s)", where, workers)
+
+    def _listen_to_events(self) -> threading.Thread:
+        """Starts the thread that feeds the cache the store's changes and the job watchers the
+        jobs' (and resyncs the cache whenever the subscription (re)connects)."""
 
         def on_change(data: bytes) -> None:
             change = parse_change(data)
             if change is not None:
                 self.cache.on_change(change)
 
-        self._events_client = connect(url, retries=0)
-        self._events = threading.Thread(
+        handlers = {CHANGES_CHANNEL: on_change, JOBS_CHANNEL: self.watchers.notify}
+        thread = threading.Thread(
             target=listen,
-            args=(self._events_client, {CHANGES_CHANNEL: on_change, JOBS_CHANNEL: self.watchers.notify},
-                  self.cache.on_resync, self._stop),
+            args=(self._events_client, handlers, self.cache.on_resync, self._stop),
             name="store-events",
             daemon=True,
-        )  # fmt: skip
-        self._events.start()
-        workers = config.workers if config.workers is not None else (1 if self.redis_server else 0)
-        self._workers = [
-            threading.Thread(
-                target=Worker(self.store, self.queue, lambda: loaded, config=config.worker).run,
-                args=(self._stop,),
-                name=f"worker-{i}",
-                daemon=True,
-            )
-            for i in range(workers)
-        ]
-        for thread in self._workers:
-            thread.start()
-        where = f"embedded Redis in {self.redis_server.data_dir}" if self.redis_server else url
-        log.info("memory store: %s; %d in-process worker(s)", where, workers)
+        )
+        thread.start()
+        return thread
+
+    def _start_worker(self, index: int, loaded: LoadedModel) -> threading.Thread:
+        """Starts an in-process trainer worker on the serving model."""
+        worker = Worker(self.store, self.queue, lambda: loaded, config=self.config.worker)
+        thread = threading.Thread(target=worker.run, args=(self._stop,), name=f"worker-{index}", daemon=True)
+        thread.start()
+        return thread
 
     async def run(self, function: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Runs a blocking store call on the store's threads."""

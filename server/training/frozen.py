@@ -19,6 +19,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from memserve.errors import FailedPrecondition, InvalidArgument
 from memserve.memory.hooks import ARCHITECTURES
+from memserve.padding import pad_rows, pad_token_id
 
 
 @contextmanager
@@ -94,6 +95,13 @@ class Windows:
     def __len__(self) -> int:
         return int(self.input_ids.shape[0])
 
+    @classmethod
+    def of(cls, rows: list[list[int]], documents: list[int], pad_id: int) -> Windows:
+        """Token rows right-padded into windows; `documents[i]` is row i's document."""
+        ids, mask = pad_rows(rows, pad_id, left=False)
+        labels = ids.masked_fill(mask == 0, -100)  # pads never count (the public code counted them)
+        return cls(ids, mask, labels, torch.tensor(documents))
+
 
 def tokenize_windows(
     tokenizer: PreTrainedTokenizerBase, texts: list[str], documents: list[int], max_length: int
@@ -101,15 +109,7 @@ def tokenize_windows(
     encoded = [
         tokenizer(t, add_special_tokens=True, truncation=True, max_length=max_length).input_ids for t in texts
     ]
-    width = max(len(e) for e in encoded)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id or 0
-    ids = torch.full((len(encoded), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(encoded), width), dtype=torch.long)
-    for row, tokens in enumerate(encoded):
-        ids[row, : len(tokens)] = torch.tensor(tokens)
-        mask[row, : len(tokens)] = 1
-    labels = ids.masked_fill(mask == 0, -100)  # pads never count (the public code counted them)
-    return Windows(ids, mask, labels, torch.tensor(documents))
+    return Windows.of(encoded, documents, pad_token_id(tokenizer))
 
 
 # What one training job may hold, so that a request can never take the server's memory down

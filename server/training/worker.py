@@ -151,8 +151,14 @@ class Worker:
             self._lost = None
         try:
             job = self.queue.get(job_id)
-            log.info("worker %s: job %s (%s → %s), attempt %d", self.name, job.id, job.kind, job.memory_name,
-                     job.attempts)  # fmt: skip
+            log.info(
+                "worker %s: job %s (%s → %s), attempt %d",
+                self.name,
+                job.id,
+                job.kind,
+                job.memory_name,
+                job.attempts,
+            )
             self._run(job, entry_id)
         finally:
             with self._lock:
@@ -198,8 +204,9 @@ class Worker:
         except Exception as exc:  # the job fails, with the reason; the worker goes on
             log.error("worker %s: job %s failed:\n%s", self.name, job.id, traceback.format_exc())
             error = str(exc) if isinstance(exc, MemserveError) else f"{type(exc).__name__}: {exc}"
-            self.queue.finish(job.id, entry_id, self.name, JobState.FAILED, error=error,
-                              progress=self.last_progress)  # fmt: skip
+            self.queue.finish(
+                job.id, entry_id, self.name, JobState.FAILED, error=error, progress=self.last_progress
+            )
             return JobState.FAILED
         done = self.last_progress or Progress(1, 1)
         done = Progress(done.total or 1, done.total or 1, done.loss, 0.0, "published")
@@ -228,9 +235,14 @@ class Worker:
 
 
 def run_worker(
-    redis_url: str, model_config: ModelConfig, config: WorkerConfig, *, plugins: tuple[str, ...] = (),
-    metrics_port: int | None = None, metrics_host: str = "127.0.0.1",
-) -> None:  # fmt: skip
+    redis_url: str,
+    model_config: ModelConfig,
+    config: WorkerConfig,
+    *,
+    plugins: tuple[str, ...] = (),
+    metrics_port: int | None = None,
+    metrics_host: str = "127.0.0.1",
+) -> None:
     """`memserve worker`: runs until SIGTERM/SIGINT (the job in hand is finished first; a
     second signal exits at once, and another worker takes the job over). With `metrics_port`,
     serves /metrics: jobs by kind and state, job durations, the queue and the live workers."""

@@ -30,6 +30,7 @@ from memserve.errors import InvalidArgument
 from memserve.kinds.adapter.config import AdapterConfig, check_spec
 from memserve.kinds.adapter.module import Adapter, adapter_tensors
 from memserve.memory.kind import TrainContext, Trained
+from memserve.padding import pad_token_id
 from memserve.training.frozen import Windows, check_memory_budget, check_trainable, logits_after, residual_at
 
 MAX_EXAMPLES = 50_000
@@ -43,9 +44,11 @@ def template_text(question: str, answer: str) -> str:
 
 
 def examples(
-    tokenizer: PreTrainedTokenizerBase, documents: list[dict[str, str]], templates: list[dict[str, str]],
+    tokenizer: PreTrainedTokenizerBase,
+    documents: list[dict[str, str]],
+    templates: list[dict[str, str]],
     max_length: int,
-) -> Windows:  # fmt: skip
+) -> Windows:
     """Token chunks of every document and every template, right-padded, pads labelled -100.
     A document longer than `max_length` tokens becomes several chunks (the tail kept); a
     template longer than that loses the start of its question."""
@@ -69,14 +72,7 @@ def examples(
         raise InvalidArgument(
             f"the data make {len(rows)} examples of up to {max_length} tokens; at most {MAX_EXAMPLES}"
         )
-    width = max(len(r) for r in rows)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id or 0
-    input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, row in enumerate(rows):
-        input_ids[i, : len(row)] = torch.tensor(row)
-        mask[i, : len(row)] = 1
-    return Windows(input_ids, mask, input_ids.masked_fill(mask == 0, -100), torch.tensor(owners))
+    return Windows.of(rows, owners, pad_token_id(tokenizer))
 
 
 def _lr_factor(step: int, warmup: int, total: int) -> float:

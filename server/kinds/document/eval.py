@@ -185,14 +185,20 @@ def _pearson(xs: list[float], ys: list[float]) -> float:
 
 
 def _plots(evaluation: BankEvaluation, selections: torch.Tensor, out: Path, grid: int) -> list[str]:
+    """The selection heatmap and, with 2-D DocReps, the perplexity landscapes: their file names."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.colors import LogNorm
 
-    made = []
     ids = [d.id for d in evaluation.documents]
+    made = [_selection_heatmap(plt, ids, selections, out)]
+    if evaluation.bank.key_dim == 2:
+        made.append(_landscapes(plt, evaluation, ids, out, grid))
+    return made
+
+
+def _selection_heatmap(plt: Any, ids: list[str], selections: torch.Tensor, out: Path) -> str:
     figure, axes = plt.subplots(figsize=(max(6, selections.shape[1] / 4), max(2, len(ids) / 2.5)))
     image = axes.imshow(selections.numpy(), aspect="auto", cmap="RdBu_r", vmin=-1, vmax=1)
     axes.set_yticks(range(len(ids)), ids)
@@ -202,32 +208,41 @@ def _plots(evaluation: BankEvaluation, selections: torch.Tensor, out: Path, grid
     figure.tight_layout()
     figure.savefig(out / "selection_heatmap.png", dpi=110)
     plt.close(figure)
-    made.append("selection_heatmap.png")
-    if evaluation.bank.key_dim == 2:
-        extent = max(1.5, float(evaluation.bank.docreps.abs().max()) * 1.2)
-        columns = min(5, len(ids))
-        rows = math.ceil(len(ids) / columns)
-        figure, axes_grid = plt.subplots(rows, columns, figsize=(3 * columns, 3 * rows), squeeze=False)
-        for i, doc_id in enumerate(ids):
-            axes = axes_grid[i // columns][i % columns]
-            values = evaluation.landscape(i, grid, extent)
-            axes.imshow(values.numpy(), origin="lower", extent=(-extent, extent, -extent, extent),
-                        cmap="viridis", norm=LogNorm(vmin=1, vmax=LANDSCAPE_CLIP))  # fmt: skip
-            own = evaluation.bank.docreps[i].float().cpu()
-            axes.plot(float(own[0]), float(own[1]), "r*", markersize=12)
-            others = torch.cat([evaluation.bank.docreps[:i], evaluation.bank.docreps[i + 1 :]]).float().cpu()
-            if len(others):
-                axes.plot(others[:, 0].numpy(), others[:, 1].numpy(), "w.", markersize=6)
-            axes.set_title(doc_id, fontsize=8)
-        for j in range(len(ids), rows * columns):
-            axes_grid[j // columns][j % columns].axis("off")
-        figure.suptitle(f"perplexity of the first window over 2-D DocReps (log scale, clipped at "
-                        f"{LANDSCAPE_CLIP:g}; ★ own DocRep, · the others')")  # fmt: skip
-        figure.tight_layout()
-        figure.savefig(out / "ppl_landscape.png", dpi=110)
-        plt.close(figure)
-        made.append("ppl_landscape.png")
-    return made
+    return "selection_heatmap.png"
+
+
+def _landscapes(plt: Any, evaluation: BankEvaluation, ids: list[str], out: Path, grid: int) -> str:
+    """Each document's first-window perplexity over the plane of 2-D DocReps, its own and the
+    others' marked."""
+    from matplotlib.colors import LogNorm
+
+    docreps = evaluation.bank.docreps
+    extent = max(1.5, float(docreps.abs().max()) * 1.2)
+    columns = min(5, len(ids))
+    rows = math.ceil(len(ids) / columns)
+    figure, axes_grid = plt.subplots(rows, columns, figsize=(3 * columns, 3 * rows), squeeze=False)
+    for i, doc_id in enumerate(ids):
+        axes = axes_grid[i // columns][i % columns]
+        values = evaluation.landscape(i, grid, extent).numpy()
+        square = (-extent, extent, -extent, extent)
+        norm = LogNorm(vmin=1, vmax=LANDSCAPE_CLIP)
+        axes.imshow(values, origin="lower", extent=square, cmap="viridis", norm=norm)
+        own = docreps[i].float().cpu()
+        axes.plot(float(own[0]), float(own[1]), "r*", markersize=12)
+        others = torch.cat([docreps[:i], docreps[i + 1 :]]).float().cpu()
+        if len(others):
+            axes.plot(others[:, 0].numpy(), others[:, 1].numpy(), "w.", markersize=6)
+        axes.set_title(doc_id, fontsize=8)
+    for j in range(len(ids), rows * columns):
+        axes_grid[j // columns][j % columns].axis("off")
+    figure.suptitle(
+        f"perplexity of the first window over 2-D DocReps (log scale, clipped at "
+        f"{LANDSCAPE_CLIP:g}; ★ own DocRep, · the others')"
+    )
+    figure.tight_layout()
+    figure.savefig(out / "ppl_landscape.png", dpi=110)
+    plt.close(figure)
+    return "ppl_landscape.png"
 
 
 def _report(metrics: dict[str, Any], plots: list[str]) -> str:
@@ -248,8 +263,8 @@ def _report(metrics: dict[str, Any], plots: list[str]) -> str:
             f"{m['ppl_own'] / m['ppl_base']:.3f} |"
         )
     if metrics["held_out"]:
-        lines += ["", "Held-out windows (never trained on):", "",
-                  "| document | own | other | base |", "|---|---:|---:|---:|"]  # fmt: skip
+        lines += ["", "Held-out windows (never trained on):", ""]
+        lines += ["| document | own | other | base |", "|---|---:|---:|---:|"]
         for doc_id, m in metrics["held_out"].items():
             lines.append(f"| {doc_id} | {m['ppl_own']:.2f} | {m['ppl_other']:.2f} | {m['ppl_base']:.2f} |")
     s = metrics["selection"]

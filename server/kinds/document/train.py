@@ -123,9 +123,14 @@ class GuidanceTrainer:
     """Trains one bank over its documents' windows with the guidance loss."""
 
     def __init__(
-        self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, layer: int, config: DocumentConfig,
-        docreps: torch.Tensor, documents: list[SourceDocument],
-    ) -> None:  # fmt: skip
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        layer: int,
+        config: DocumentConfig,
+        docreps: torch.Tensor,
+        documents: list[SourceDocument],
+    ) -> None:
         self.model, self.layer, self.config = model, layer, config
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
@@ -273,10 +278,16 @@ def train_bank(spec: dict[str, Any], context: TrainContext) -> Trained:
     tensors["text_offsets"] = torch.tensor([0, *itertools.accumulate(len(t) for t in texts)])
     details = {
         "documents": [
-            {"id": d.id, "title": d.title, "words": len(d.text.split()), "docrep": docreps[i].tolist(),
-             "train_windows": trainer.train_windows[i], "holdout_windows": trainer.holdout_windows[i]}
+            {
+                "id": d.id,
+                "title": d.title,
+                "words": len(d.text.split()),
+                "docrep": docreps[i].tolist(),
+                "train_windows": trainer.train_windows[i],
+                "holdout_windows": trainer.holdout_windows[i],
+            }
             for i, d in enumerate(documents)
         ],
-    }  # fmt: skip
+    }
     metrics = {**losses, "train_seconds": round(seconds, 2), "windows": len(trainer.windows)}
     return Trained(tensors=tensors, hyperparameters=hyper, metrics=metrics, details=details)

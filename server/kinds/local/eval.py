@@ -14,15 +14,15 @@ The same numbers without the set (``base_*``) show what the model said before.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
 
 from memserve.engine.offline import generate_all
 from memserve.errors import InvalidArgument
 from memserve.kinds.local.config import LocalEvalOptions
 from memserve.kinds.local.module import LoadedLocalSet
 from memserve.memory.evaluation import EvalContext
-from memserve.memory.kind import MemoryRefSpec
+from memserve.memory.kind import MemoryRefSpec, RowMemory
 from memserve.memory.options import options_from_spec
 from memserve.memory_store.artifact import Artifact
 
@@ -50,85 +50,152 @@ def run(options: dict[str, Any], context: EvalContext) -> None:
     evaluate_set(context, context.artifact, given.continuation_tokens)
 
 
+class _Prompt(NamedTuple):
+    fact: int
+    """Index of the fact it tests; -1 for an unrelated prompt."""
+    kind: str
+    """"prompt", "heldout", "neighbour" or "unrelated"."""
+    text: str
+
+
 def evaluate_set(context: EvalContext, artifact: Artifact, continuation_tokens: int) -> dict[str, Any]:
     """Evaluates the set through the context's engine, writes metrics.json and report.md into
     `context.out`, returns the metrics."""
-    out, progress, engine = context.out, context.progress, context.engine
-    tokenizer = context.model.tokenizer
     local_set = LoadedLocalSet(artifact, context.target)
     memory = (local_set.bind(MemoryRefSpec(name=local_set.name, kind="local")),)
     facts = artifact.meta.details.get("facts", [])
-    encode = lambda text: tokenizer(text, add_special_tokens=True).input_ids  # noqa: E731
     # Edit success and generalisation: does the continuation start with the target?
-    edit_rows: list[tuple[int, str, str]] = []  # (fact index, "prompt" | "heldout", prompt)
-    for i, fact in enumerate(facts):
-        edit_rows.append((i, "prompt", fact["prompt"]))
-        edit_rows += [(i, "heldout", p) for p in fact.get("heldout_positives", [])]
+    edits = _edit_prompts(facts)
     longest = max((len(f.get("target_tokens", [])) for f in facts), default=1)
-    prompts = [encode(p) for _, _, p in edit_rows]
-    if progress:
-        progress(0, 4, "edits, with the set")
-    with_set = generate_all(engine, prompts, memory, longest + EXTRA_TOKENS)
-    if progress:
-        progress(1, 4, "edits, without it")
-    without = generate_all(engine, prompts, (), longest + EXTRA_TOKENS)
+    edit_outputs = _with_and_without(context, memory, edits, longest + EXTRA_TOKENS, 0, "edits")
     # Locality: neighbours and unrelated prompts keep their greedy continuation.
-    local_rows = [(i, "neighbour", p) for i, f in enumerate(facts) for p in f.get("heldout_negatives", [])]
-    local_rows += [(-1, "unrelated", p) for p in UNRELATED_PROMPTS]
-    local_prompts = [encode(p) for _, _, p in local_rows]
-    if progress:
-        progress(2, 4, "locality, with the set")
-    local_with = generate_all(engine, local_prompts, memory, continuation_tokens)
-    if progress:
-        progress(3, 4, "locality, without it")
-    local_without = generate_all(engine, local_prompts, (), continuation_tokens)
-    if progress:
-        progress(4, 4, "done")
-    decode = tokenizer.decode
-    per_fact: list[dict[str, Any]] = [
-        {"id": f["id"], "target": f["target"], "entries": len(f.get("entries", [])), "edit": None,
-         "base_edit": None, "generalization": [], "base_generalization": [], "locality": [],
-         "locality_first_token": []}
-        for f in facts
-    ]  # fmt: skip
-    examples: list[dict[str, Any]] = []
-    for (i, what, prompt), tokens, base in zip(edit_rows, with_set, without, strict=True):
-        target_text = facts[i]["target"]
-        hit, base_hit = decode(tokens).startswith(target_text), decode(base).startswith(target_text)
-        if what == "prompt":
-            per_fact[i]["edit"], per_fact[i]["base_edit"] = hit, base_hit
-        else:
-            per_fact[i]["generalization"].append(hit)
-            per_fact[i]["base_generalization"].append(base_hit)
-        examples.append({"fact": facts[i]["id"], "kind": what, "prompt": prompt, "target": target_text,
-                         "with_set": decode(tokens), "without": decode(base), "ok": hit})  # fmt: skip
-    unrelated_same: list[bool] = []
-    unrelated_first: list[bool] = []
-    for (i, what, prompt), tokens, base in zip(local_rows, local_with, local_without, strict=True):
-        same, first = tokens == base, tokens[:1] == base[:1]
-        if i >= 0:
-            per_fact[i]["locality"].append(same)
-            per_fact[i]["locality_first_token"].append(first)
-        else:
-            unrelated_same.append(same)
-            unrelated_first.append(first)
-        examples.append({"fact": facts[i]["id"] if i >= 0 else "-", "kind": what, "prompt": prompt,
-                         "with_set": decode(tokens), "without": decode(base), "ok": same})  # fmt: skip
-    metrics = _summary(per_fact, unrelated_same, unrelated_first)
-    metrics.update(
-        {
-            "set": artifact.meta.name,
-            "version": artifact.meta.version,
-            "facts": len(facts),
-            "entries": local_set.num_entries,
-            "hyperparameters": artifact.meta.hyperparameters,
-            "continuation_tokens": continuation_tokens,
-            "per_fact": per_fact,
-        }
-    )
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    (out / "report.md").write_text(_report(metrics, examples))
+    neighbours = _locality_prompts(facts)
+    locality_outputs = _with_and_without(context, memory, neighbours, continuation_tokens, 2, "locality")
+    context.progress(4, 4, "done")
+    tally = _Tally(facts, context.model.tokenizer.decode)
+    tally.add_edits(edits, *edit_outputs)
+    tally.add_locality(neighbours, *locality_outputs)
+    metrics = {
+        **_summary(tally.per_fact, tally.unrelated_same, tally.unrelated_first),
+        "set": artifact.meta.name,
+        "version": artifact.meta.version,
+        "facts": len(facts),
+        "entries": local_set.num_entries,
+        "hyperparameters": artifact.meta.hyperparameters,
+        "continuation_tokens": continuation_tokens,
+        "per_fact": tally.per_fact,
+    }
+    (context.out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    (context.out / "report.md").write_text(_report(metrics, tally.examples))
     return metrics
+
+
+def _edit_prompts(facts: list[dict[str, Any]]) -> list[_Prompt]:
+    """Each fact's own prompt, then its held-out paraphrases."""
+    prompts: list[_Prompt] = []
+    for i, fact in enumerate(facts):
+        prompts.append(_Prompt(i, "prompt", fact["prompt"]))
+        prompts += [_Prompt(i, "heldout", p) for p in fact.get("heldout_positives", [])]
+    return prompts
+
+
+def _locality_prompts(facts: list[dict[str, Any]]) -> list[_Prompt]:
+    """Each fact's held-out neighbours, then the unrelated prompts."""
+    prompts = [
+        _Prompt(i, "neighbour", p) for i, f in enumerate(facts) for p in f.get("heldout_negatives", [])
+    ]
+    return prompts + [_Prompt(-1, "unrelated", p) for p in UNRELATED_PROMPTS]
+
+
+def _with_and_without(
+    context: EvalContext,
+    memory: tuple[RowMemory, ...],
+    prompts: list[_Prompt],
+    max_new_tokens: int,
+    step: int,
+    what: str,
+) -> tuple[list[list[int]], list[list[int]]]:
+    """The prompts' greedy continuations with the set, then without it (progress steps `step`
+    and `step + 1` of 4)."""
+    tokenizer = context.model.tokenizer
+    encoded = [tokenizer(p.text, add_special_tokens=True).input_ids for p in prompts]
+    context.progress(step, 4, f"{what}, with the set")
+    with_set = generate_all(context.engine, encoded, memory, max_new_tokens)
+    context.progress(step + 1, 4, f"{what}, without it")
+    return with_set, generate_all(context.engine, encoded, (), max_new_tokens)
+
+
+class _Tally:
+    """The outcomes per fact and for the unrelated prompts, and every example for the report."""
+
+    def __init__(self, facts: list[dict[str, Any]], decode: Callable[[list[int]], str]) -> None:
+        self.facts = facts
+        self.decode = decode
+        self.per_fact = [_fact_outcomes(f) for f in facts]
+        self.unrelated_same: list[bool] = []
+        self.unrelated_first: list[bool] = []
+        self.examples: list[dict[str, Any]] = []
+
+    def add_edits(self, prompts: list[_Prompt], with_set: list[list[int]], without: list[list[int]]) -> None:
+        """Whether each continuation starts with its fact's whole target, with and without the set."""
+        for prompt, tokens, base in zip(prompts, with_set, without, strict=True):
+            fact, outcomes = self.facts[prompt.fact], self.per_fact[prompt.fact]
+            text, base_text = self.decode(tokens), self.decode(base)
+            hit, base_hit = text.startswith(fact["target"]), base_text.startswith(fact["target"])
+            if prompt.kind == "prompt":
+                outcomes["edit"], outcomes["base_edit"] = hit, base_hit
+            else:
+                outcomes["generalization"].append(hit)
+                outcomes["base_generalization"].append(base_hit)
+            self.examples.append(
+                {
+                    "fact": fact["id"],
+                    "kind": prompt.kind,
+                    "prompt": prompt.text,
+                    "target": fact["target"],
+                    "with_set": text,
+                    "without": base_text,
+                    "ok": hit,
+                }
+            )
+
+    def add_locality(
+        self, prompts: list[_Prompt], with_set: list[list[int]], without: list[list[int]]
+    ) -> None:
+        """Whether each continuation (and its first token) is the same with the set as without."""
+        for prompt, tokens, base in zip(prompts, with_set, without, strict=True):
+            same, first = tokens == base, tokens[:1] == base[:1]
+            if prompt.fact >= 0:
+                self.per_fact[prompt.fact]["locality"].append(same)
+                self.per_fact[prompt.fact]["locality_first_token"].append(first)
+            else:
+                self.unrelated_same.append(same)
+                self.unrelated_first.append(first)
+            self.examples.append(
+                {
+                    "fact": self.facts[prompt.fact]["id"] if prompt.fact >= 0 else "-",
+                    "kind": prompt.kind,
+                    "prompt": prompt.text,
+                    "with_set": self.decode(tokens),
+                    "without": self.decode(base),
+                    "ok": same,
+                }
+            )
+
+
+def _fact_outcomes(fact: dict[str, Any]) -> dict[str, Any]:
+    """A fact's row of the metrics, before its prompts are judged."""
+    return {
+        "id": fact["id"],
+        "target": fact["target"],
+        "entries": len(fact.get("entries", [])),
+        "edit": None,
+        "base_edit": None,
+        "generalization": [],
+        "base_generalization": [],
+        "locality": [],
+        "locality_first_token": [],
+    }
 
 
 def _mean(values: Sequence[bool]) -> float | None:

@@ -56,8 +56,15 @@ class Entries:
     whatever the number of entries.
     """
 
-    def __init__(self, keys: torch.Tensor, bounds: torch.Tensor, hardness: torch.Tensor,
-                 deltas: torch.Tensor, distance: str, dtype: torch.dtype | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        keys: torch.Tensor,
+        bounds: torch.Tensor,
+        hardness: torch.Tensor,
+        deltas: torch.Tensor,
+        distance: str,
+        dtype: torch.dtype | None = None,
+    ) -> None:
         if distance not in DISTANCES:
             raise InvalidArgument(f"distance must be one of {DISTANCES}, got {distance!r}")
         self.distance = distance
@@ -137,12 +144,19 @@ class TriggerStats:
 class EntryGroup:
     """The entries of one set at one (layer, site), on the model's device."""
 
-    def __init__(self, layer: int, site: str, labels: list[str], tensors: dict[str, torch.Tensor],
-                 target: LoadTarget, distance: str) -> None:  # fmt: skip
+    def __init__(
+        self,
+        layer: int,
+        site: str,
+        labels: list[str],
+        tensors: dict[str, torch.Tensor],
+        target: LoadTarget,
+        distance: str,
+    ) -> None:
         self.layer, self.site, self.labels = layer, Site(site), labels
         on_device = {k: v.to(target.device) for k, v in tensors.items()}
-        self.entries = Entries(on_device["keys"], on_device["bounds"], on_device["hardness"],
-                               on_device["deltas"], distance, target.dtype)  # fmt: skip
+        keys, bounds, hardness, deltas = (on_device[k] for k in ("keys", "bounds", "hardness", "deltas"))
+        self.entries = Entries(keys, bounds, hardness, deltas, distance, target.dtype)
 
     @property
     def nbytes(self) -> int:

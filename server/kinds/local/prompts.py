@@ -21,9 +21,27 @@ PARAPHRASE_CONTEXTS = (
 
 # Names that replace the prompt's own, for generated neighbours (same form, another subject).
 NEIGHBOUR_NAMES = (
-    "France", "Japan", "Brazil", "Canada", "Egypt", "Germany", "India", "Mexico", "Spain", "Kenya",
-    "Norway", "Peru", "London", "Berlin", "Madrid", "Cairo", "Toronto", "Sydney", "Moscow", "Lima",
-)  # fmt: skip
+    "France",
+    "Japan",
+    "Brazil",
+    "Canada",
+    "Egypt",
+    "Germany",
+    "India",
+    "Mexico",
+    "Spain",
+    "Kenya",
+    "Norway",
+    "Peru",
+    "London",
+    "Berlin",
+    "Madrid",
+    "Cairo",
+    "Toronto",
+    "Sydney",
+    "Moscow",
+    "Lima",
+)
 
 
 # Unrelated prompts every fact's boundary is tuned against (the evaluation uses others).

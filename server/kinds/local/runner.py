@@ -12,6 +12,7 @@ from transformers import DynamicCache, PreTrainedModel
 from memserve.kinds.local.config import LocalConfig
 from memserve.kinds.local.module import Entries
 from memserve.memory.hooks import MemoryContext, MemoryHooks, Site
+from memserve.padding import left_padded_positions, pad_rows
 
 Cell = tuple[int, str]  # (layer, site)
 
@@ -102,14 +103,8 @@ class Runner:
     def _last_logits(
         self, sequences: Sequence[Sequence[int]], row_entries: Sequence[Sequence[Entry]]
     ) -> torch.Tensor:
-        width = max(len(s) for s in sequences)
-        ids = torch.zeros((len(sequences), width), dtype=torch.long)
-        mask = torch.zeros((len(sequences), width), dtype=torch.long)
-        for i, sequence in enumerate(sequences):  # left-padded, as the engine does
-            ids[i, width - len(sequence) :] = torch.tensor(sequence)
-            mask[i, width - len(sequence) :] = 1
-        ids, mask = ids.to(self.device), mask.to(self.device)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        ids, mask = pad_rows(sequences, 0, left=True, device=self.device)  # as the engine does
+        positions = left_padded_positions(mask)
         with torch.no_grad(), self.hooks.using(self._context(row_entries)):
             out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=1)
         return out.logits[:, -1].float()

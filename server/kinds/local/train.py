@@ -45,12 +45,12 @@ from memserve.memory.hooks import MemoryHooks
 from memserve.memory.kind import TrainContext, Trained
 from memserve.memory_store.artifact import Artifact
 
+# Per cell: the activation at the context's last token and ∂CE(token)/∂ it, each (D,).
+Gradients = dict[Cell, tuple[torch.Tensor, torch.Tensor]]
+
 MAX_TARGET_TOKENS = 16
 # Neighbours taken from other facts of the set, per fact.
 OTHER_FACT_NEIGHBOURS = 32
-
-
-# ------------------------------------------------------------------------------------- entries
 
 
 # ---------------------------------------------------------------------------------- the trainer
@@ -80,11 +80,30 @@ class FactResult:
         }
 
 
+@dataclass(frozen=True)
+class _Checks:
+    """What an entry for one target token is judged on: the training contexts that must go on
+    with the token, and the negatives that must keep their own next token (`expected`)."""
+
+    positives: list[list[int]]
+    negatives: list[list[int]]
+    expected: list[int]
+
+    @property
+    def rows(self) -> list[list[int]]:
+        return [*self.positives, *self.negatives]
+
+
 class FactTrainer:
     """Searches the entries of facts on a frozen model (see the module's docstring)."""
 
-    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, hooks: MemoryHooks,
-                 config: LocalConfig) -> None:  # fmt: skip
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        hooks: MemoryHooks,
+        config: LocalConfig,
+    ) -> None:
         self.tokenizer, self.config = tokenizer, config
         self.runner = Runner(model, hooks, config)
         num_layers = hooks.num_layers
@@ -125,6 +144,7 @@ class FactTrainer:
         for k, token in enumerate(result.target_tokens):
             prefix = result.target_tokens[:k]
             contexts = [p + prefix for p in positives]
+            checks = _Checks(contexts, negatives, expected_negatives)
             step: dict[str, Any] = {"token": self.tokenizer.decode([token])}
             result.steps.append(step)
             entries = tuple(result.entries)
@@ -132,9 +152,7 @@ class FactTrainer:
             if all(t == token for t in produced):
                 step["entry"] = None  # the model already goes on with it
                 continue
-            entry, found = self._search(
-                prompt_ids + prefix, token, contexts, negatives, expected_negatives, entries
-            )
+            entry, found = self._search(prompt_ids + prefix, token, checks, entries)
             entry.label = f"{fact.id}#{k}"
             result.entries.append(entry)
             step.update(found)
@@ -147,9 +165,7 @@ class FactTrainer:
                 missed = [c for c, t in zip(contexts, produced, strict=True) if t != token]
                 if not missed:
                     break
-                entry, found = self._search(
-                    missed[0], token, contexts, negatives, expected_negatives, entries
-                )
+                entry, found = self._search(missed[0], token, checks, entries)
                 entry.label = f"{fact.id}#{k}.{j + 1}"
                 result.entries.append(entry)
                 extra.append(found)
@@ -158,74 +174,108 @@ class FactTrainer:
         return result
 
     def _search(
-        self,
-        sequence: list[int],
-        token: int,
-        positives: list[list[int]],
-        negatives: list[list[int]],
-        expected_negatives: list[int],
-        entries: tuple[Entry, ...],
+        self, sequence: list[int], token: int, checks: _Checks, entries: tuple[Entry, ...]
     ) -> tuple[Entry, dict[str, Any]]:
-        config = self.config
+        """The entry that makes `token` follow `sequence` and the positives, and leaves the
+        negatives' next tokens alone (the module docstring's steps 2 and 3); and what was
+        found, for the job's details."""
         grads = self.runner.gradients(sequence, token, self.cells, entries)
-        # The edit: per cell, the smallest step that makes the token the model's choice.
-        patches = [(cell, -alpha * grads[cell][1]) for cell in self.cells for alpha in config.alphas]
-        logprobs = self.runner.edit_trials(sequence, patches, entries)
-        edits: dict[Cell, tuple[float, float]] = {}
-        best_try: tuple[float, Cell, float] | None = None
-        for i, (cell, _) in enumerate(patches):
-            alpha = config.alphas[i % len(config.alphas)]
-            logprob = float(logprobs[i, token])
-            if best_try is None or logprob > best_try[0]:
-                best_try = (logprob, cell, alpha)
-            if int(logprobs[i].argmax()) == token and cell not in edits:
-                edits[cell] = (alpha, logprob)
-        edit_found = bool(edits)
-        if not edits:  # no step makes it the first choice: keep the most likely one
-            assert best_try is not None
-            edits[best_try[1]] = (best_try[2], best_try[0])
-        # The boundary: positives' last tokens near the key, every position of negatives far.
-        cells = list(edits)
-        seen = self.runner.activations([*positives, *negatives], cells, entries)
-        ranked = []
-        for cell in cells:
-            key = grads[cell][0]
-            x = [_distance(a, key, config.distance) for a in seen[cell]]
-            positive_x = [float(d[-1]) for d in x[: len(positives)]]
-            negative_x = [float(d.min()) for d in x[len(positives) :]]
-            threshold, correct, margin = _threshold(positive_x, negative_x)
-            ranked.append((correct, margin, edits[cell][1], cell, threshold))
-        ranked.sort(key=lambda r: (r[0], r[1], r[2]), reverse=True)
-        # Checked for real: the best cells, with α and 2α, applied at every position.
-        scale = math.log(2) ** (1 / (2 * config.hardness))  # f(x) >= 1/2 exactly when x <= b·scale
-        trials: list[Entry] = []
-        for _, _, _, cell, threshold in ranked[: config.candidates]:
-            alpha = edits[cell][0]
-            for factor in (1.0, 2.0):
-                trials.append(
-                    Entry(cell[0], cell[1], grads[cell][0], -alpha * factor * grads[cell][1],
-                          threshold / scale, config.hardness, "")
-                )  # fmt: skip
-        rows = [*positives, *negatives]
-        row_entries = [(*entries, trial) for trial in trials for _ in rows]
-        produced = self.runner.next_tokens(rows * len(trials), row_entries)
-        scored = []
-        for t, trial in enumerate(trials):
-            out = produced[t * len(rows) : (t + 1) * len(rows)]
-            pos_ok = sum(o == token for o in out[: len(positives)])
-            neg_ok = sum(o == e for o, e in zip(out[len(positives) :], expected_negatives, strict=True))
-            # Ties go to the smaller step, then to the better-separated cell.
-            scored.append((pos_ok + neg_ok, -t, trial, pos_ok, neg_ok))
-        _, _, chosen, pos_ok, neg_ok = max(scored, key=lambda s: (s[0], s[1]))
+        edits, edit_found = self._edits(sequence, token, grads, entries)
+        ranked = self._ranked_boundaries(edits, grads, checks, entries)
+        trials = self._trials(ranked, edits, grads)
+        chosen, pos_ok, neg_ok = self._best_trial(trials, token, checks, entries)
         found = {
             "entry": f"layer {chosen.layer} {chosen.site}",
             "alpha": round(float(chosen.delta.norm() / grads[(chosen.layer, chosen.site)][1].norm()), 4),
             "bound": round(chosen.bound, 6),
             "edit_found": edit_found,
-            "train_positives_correct": f"{pos_ok}/{len(positives)}",
-            "train_negatives_correct": f"{neg_ok}/{len(negatives)}",
+            "train_positives_correct": f"{pos_ok}/{len(checks.positives)}",
+            "train_negatives_correct": f"{neg_ok}/{len(checks.negatives)}",
         }
         return chosen, found
+
+    def _edits(
+        self, sequence: list[int], token: int, grads: Gradients, entries: tuple[Entry, ...]
+    ) -> tuple[dict[Cell, tuple[float, float]], bool]:
+        """The edit: per cell, the smallest step α that makes the token the model's choice, with
+        the token's log-probability; and whether any step did (if none, the step that makes the
+        token most likely stands alone)."""
+        alphas = self.config.alphas
+        patches = [(cell, -alpha * grads[cell][1]) for cell in self.cells for alpha in alphas]
+        logprobs = self.runner.edit_trials(sequence, patches, entries)
+        edits: dict[Cell, tuple[float, float]] = {}
+        best_try: tuple[float, Cell, float] | None = None
+        for i, (cell, _) in enumerate(patches):
+            alpha = alphas[i % len(alphas)]
+            logprob = float(logprobs[i, token])
+            if best_try is None or logprob > best_try[0]:
+                best_try = (logprob, cell, alpha)
+            if int(logprobs[i].argmax()) == token and cell not in edits:
+                edits[cell] = (alpha, logprob)
+        if edits:
+            return edits, True
+        assert best_try is not None
+        return {best_try[1]: (best_try[2], best_try[0])}, False
+
+    def _ranked_boundaries(
+        self,
+        edits: dict[Cell, tuple[float, float]],
+        grads: Gradients,
+        checks: _Checks,
+        entries: tuple[Entry, ...],
+    ) -> list[tuple[int, float, float, Cell, float]]:
+        """The boundary: per edited cell, the threshold that puts the positives' last tokens near
+        the key and every position of the negatives far; as (prompts right, gap, edit log-prob,
+        cell, threshold), best first."""
+        cells = list(edits)
+        positives = len(checks.positives)
+        seen = self.runner.activations(checks.rows, cells, entries)
+        ranked = []
+        for cell in cells:
+            x = [_distance(a, grads[cell][0], self.config.distance) for a in seen[cell]]
+            positive_x = [float(d[-1]) for d in x[:positives]]
+            negative_x = [float(d.min()) for d in x[positives:]]
+            threshold, correct, margin = _threshold(positive_x, negative_x)
+            ranked.append((correct, margin, edits[cell][1], cell, threshold))
+        ranked.sort(key=lambda r: (r[0], r[1], r[2]), reverse=True)
+        return ranked
+
+    def _trials(
+        self,
+        ranked: list[tuple[int, float, float, Cell, float]],
+        edits: dict[Cell, tuple[float, float]],
+        grads: Gradients,
+    ) -> list[Entry]:
+        """Candidate entries: the best cells, each with α and 2α."""
+        config = self.config
+        scale = math.log(2) ** (1 / (2 * config.hardness))  # f(x) >= 1/2 exactly when x <= b·scale
+        trials: list[Entry] = []
+        for _, _, _, cell, threshold in ranked[: config.candidates]:
+            alpha = edits[cell][0]
+            key, gradient = grads[cell]
+            for factor in (1.0, 2.0):
+                delta = -alpha * factor * gradient
+                trials.append(Entry(cell[0], cell[1], key, delta, threshold / scale, config.hardness, ""))
+        return trials
+
+    def _best_trial(
+        self, trials: list[Entry], token: int, checks: _Checks, entries: tuple[Entry, ...]
+    ) -> tuple[Entry, int, int]:
+        """Each trial checked for real, applied at every position of every training prompt: the
+        one that puts the most right, with its positives and negatives right."""
+        rows = checks.rows
+        positives = len(checks.positives)
+        row_entries = [(*entries, trial) for trial in trials for _ in rows]
+        produced = self.runner.next_tokens(rows * len(trials), row_entries)
+        scored = []
+        for t, trial in enumerate(trials):
+            out = produced[t * len(rows) : (t + 1) * len(rows)]
+            pos_ok = sum(o == token for o in out[:positives])
+            neg_ok = sum(o == e for o, e in zip(out[positives:], checks.expected, strict=True))
+            # Ties go to the smaller step, then to the better-separated cell.
+            scored.append((pos_ok + neg_ok, -t, trial, pos_ok, neg_ok))
+        _, _, chosen, pos_ok, neg_ok = max(scored, key=lambda s: (s[0], s[1]))
+        return chosen, pos_ok, neg_ok
 
 
 def _distance(activations: torch.Tensor, key: torch.Tensor, distance: str) -> torch.Tensor:
@@ -265,9 +315,16 @@ def _previous(artifact: Artifact | None) -> tuple[list[dict[str, Any]], list[Ent
         t = {name: artifact.tensors[f"group{i}.{name}"] for name in ("keys", "deltas", "bounds", "hardness")}
         for j, label in enumerate(group["entries"]):
             entries.append(
-                Entry(int(group["layer"]), str(group["site"]), t["keys"][j], t["deltas"][j],
-                      float(t["bounds"][j]), float(t["hardness"][j]), str(label))
-            )  # fmt: skip
+                Entry(
+                    layer=int(group["layer"]),
+                    site=str(group["site"]),
+                    key=t["keys"][j],
+                    delta=t["deltas"][j],
+                    bound=float(t["bounds"][j]),
+                    hardness=float(t["hardness"][j]),
+                    label=str(label),
+                )
+            )
     return list(artifact.meta.details.get("facts", [])), entries
 
 
