@@ -22,6 +22,7 @@ from memserve.clients.cli.output import print_json
 from memserve.clients.cli.progress import EvaluationBar
 from memserve.clients.cli.serve import MODEL_DEFAULTS, add_model_flags, model_config
 from memserve.clients.types import EvaluationProgress, ReportFile
+from memserve.kinds.adapter.claims import claims_from
 from memserve.kinds.adapter.config import FactualityOptions
 from memserve.kinds.document.config import DocumentEvalOptions
 from memserve.kinds.local.config import LocalEvalOptions
@@ -145,9 +146,7 @@ def run_facts(args: argparse.Namespace) -> int:
 
 def run_factuality(args: argparse.Namespace) -> int:
     lines = list(json_file_objects(str(args.claims)))
-    if args.file:  # a bad file is refused before the model loads (the server checks it too)
-        from memserve.kinds.adapter.eval import claims_from
-
+    if args.file:  # a bad file is refused before the model loads (the server checks it itself)
         claims_from(lines, str(args.claims))
     options = {
         "claims": [row for _, row in lines],

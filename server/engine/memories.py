@@ -16,7 +16,7 @@ from transformers import PreTrainedModel
 from memserve.engine.requests import GenerationRequest, Row
 from memserve.errors import MemoryHookError, UnsupportedArchitecture
 from memserve.memory.hooks import MemoryContext, MemoryHooks
-from memserve.memory.kind import RowMemory
+from memserve.memory.kind import JoinedOp, RowMemory
 
 log = logging.getLogger(__name__)
 
@@ -63,4 +63,6 @@ def rows_to_blame(error: MemoryHookError, rows: list[Row]) -> list[Row]:
 
 def _blames(culprit: object, memory: object) -> bool:
     """Whether a failure of `culprit` concerns `memory`: itself, or a group op it joined."""
-    return culprit is memory or any(member is memory for member in getattr(culprit, "members", ()))
+    if culprit is memory:
+        return True
+    return isinstance(culprit, JoinedOp) and any(member is memory for member in culprit.members)

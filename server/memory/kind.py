@@ -13,9 +13,9 @@ Kinds register in `memserve.memory.registry`.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
 
 from memserve.errors import Cancelled, Unimplemented
 
@@ -43,6 +43,14 @@ class RowMemory(ABC):
     @abstractmethod
     def add_ops(self, context: MemoryContext, rows: torch.Tensor) -> None:
         """Adds this memory's ops for the batch rows `rows` (1-D index tensor) to `context`."""
+
+
+@runtime_checkable
+class JoinedOp(Protocol):
+    """An op that several bound memories joined (a group op): when it raises, the requests of
+    every member fail, and only theirs."""
+
+    members: Sequence[RowMemory]
 
 
 @dataclass(frozen=True)
