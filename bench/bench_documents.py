@@ -1,6 +1,6 @@
 """Document memories on the default model: the paper's central effect, linear vs MLP keys.
 
-    python bench/bench_documents.py train --out DIR [--key-module linear|mlp] [--epochs N] ...
+    python bench/bench_documents.py train --out DIR [--config '{"key_module": "mlp"}'] [--seed N]
     python bench/bench_documents.py throughput [--bank FILE]
 
 `train` trains a bank over the ten fictional articles in tests/fixtures/documents (the
@@ -22,8 +22,11 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from articles import articles  # noqa: E402
+
 from memserve.kinds.document import DocumentKind  # noqa: E402
 from memserve.kinds.document.eval import evaluate_bank  # noqa: E402
+from memserve.memory.evaluation import offline_context  # noqa: E402
 from memserve.memory.kind import TrainContext  # noqa: E402
 from memserve.memory_store.artifact import Artifact, MemoryMeta, decode, encode, export_bytes  # noqa: E402
 from memserve.models import LoadedModel, ModelConfig, load_model  # noqa: E402
@@ -63,12 +66,10 @@ class _Context(TrainContext):
 
 def train(args: argparse.Namespace) -> int:
     loaded = load_model(ModelConfig(device="cpu", dtype="fp32"))
-    config = {
-        "epochs": args.epochs, "key_module": args.key_module, "learning_rate": args.learning_rate,
-        "holdout_windows": args.holdout_windows, "seed": args.seed,
-    }  # fmt: skip
+    config = {"holdout_windows": args.holdout_windows, "seed": args.seed, **json.loads(args.config)}
     started = time.monotonic()
-    trained = DocumentKind().train({"documents": fixture_documents(), "config": config}, _Context(loaded))
+    documents = articles(args.articles) if args.articles else fixture_documents()
+    trained = DocumentKind().train({"documents": documents, "config": config}, _Context(loaded))
     seconds = time.monotonic() - started
     meta = MemoryMeta(
         kind="document",
@@ -84,7 +85,8 @@ def train(args: argparse.Namespace) -> int:
     artifact = decode(replace(meta, version=1), blob)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "bank.safetensors").write_bytes(export_bytes(artifact))
-    metrics = evaluate_bank(loaded, artifact, args.out)
+    with offline_context(loaded, artifact, args.out) as context:
+        metrics = evaluate_bank(context, artifact)
     metrics["wall_seconds"] = seconds
     (args.out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     print((args.out / "report.md").read_text())
@@ -108,7 +110,11 @@ def reference(args: argparse.Namespace) -> int:
     loaded = load_model(ModelConfig(device="cpu", dtype="fp32"))
     model = loaded.model
     documents = [SourceDocument(d["id"], d["title"], d["text"]) for d in fixture_documents()]
-    config = DocumentConfig(epochs=args.epochs, learning_rate=args.learning_rate, holdout_windows=1)
+    # The paper's configuration (a fixed τ, every window with a negative, a constant rate), which
+    # the reference loop implements, at the epochs and rate given.
+    config = DocumentConfig.from_spec(
+        {"preset": "paper", "epochs": args.epochs, "learning_rate": args.learning_rate, "holdout_windows": 1}
+    )
     layer = model.config.num_hidden_layers - 1
     docreps = _docreps(documents, config)
     rows: list[tuple[str, float, float]] = []
@@ -119,14 +125,14 @@ def reference(args: argparse.Namespace) -> int:
     rows.append(("memserve (cached residuals, one batched forward)", time.perf_counter() - started,
                  result["final_ce_positive"]))  # fmt: skip
 
-    import memserve.kinds.document.train as training
+    import memserve.training.frozen as frozen
 
-    bf16_head = training._bf16_head
-    training._bf16_head = lambda hidden: False  # what the bf16 LM head alone contributes
+    bf16_head = frozen._bf16_head
+    frozen._bf16_head = lambda hidden: False  # what the bf16 LM head alone contributes
     fp32 = GuidanceTrainer(model, loaded.tokenizer, layer, config, docreps, documents)
     started = time.perf_counter()
     result = fp32.fit(lambda *a, **k: None)
-    training._bf16_head = bf16_head
+    frozen._bf16_head = bf16_head
     rows.append(("memserve, fp32 LM head", time.perf_counter() - started, result["final_ce_positive"]))
 
     theirs = GuidanceTrainer(model, loaded.tokenizer, layer, config, docreps, documents)  # same init
@@ -242,10 +248,11 @@ def main() -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("train")
     run.add_argument("--out", type=Path, required=True)
-    run.add_argument("--key-module", default="linear", choices=["linear", "mlp"])
-    run.add_argument("--epochs", type=int, default=25)
-    run.add_argument("--learning-rate", type=float, default=1e-2)
+    run.add_argument("--config", default="{}", help='training options over the defaults, as JSON: '
+                     '\'{"key_module": "mlp"}\', \'{"preset": "paper"}\'')  # fmt: skip
     run.add_argument("--holdout-windows", type=int, default=1)
+    run.add_argument("--articles", type=int, default=0, help="train on this many generated articles "
+                     "(bench/articles.py), not the fixtures")  # fmt: skip
     run.add_argument("--seed", type=int, default=0)
     run.set_defaults(run=train)
     compare = commands.add_parser("reference", help="trainer speed against the public reference loop")

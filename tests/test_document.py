@@ -30,7 +30,8 @@ TEXTS = {
 
 def spec(texts: dict[str, str], **config) -> dict:
     documents = [{"id": doc_id, "title": doc_id.title(), "text": text} for doc_id, text in texts.items()]
-    defaults = {"epochs": 30, "learning_rate": 1e-2, "window_words": 16, "window_stride": 8, "max_windows": 4}
+    defaults = {"epochs": 30, "learning_rate": 1e-2, "window_words": 16, "window_stride": 8, "max_windows": 4,
+                "key_dim": 2}  # fmt: skip
     return {"documents": documents, "config": {**defaults, **config}}
 
 
@@ -67,7 +68,7 @@ def test_an_untrained_bank_changes_nothing_and_the_update_is_the_papers_formula(
 
 @pytest.mark.parametrize("depth", [1, 4])
 def test_the_mlp_key_module_has_the_asked_depth(depth):
-    bank = DocumentBank(BankShape(hidden_size=8, memory_dim=4, key_module="mlp", key_depth=depth))
+    bank = DocumentBank(BankShape(hidden_size=8, memory_dim=4, key_dim=2, key_module="mlp", key_depth=depth))
     assert sum(isinstance(m, torch.nn.ReLU) for m in bank.key) == depth
     assert bank.selection(torch.zeros(2, 2)).shape == (2, 4)
 
@@ -120,7 +121,7 @@ def test_bad_specs_are_refused():
         (spec({"a": "x"}, key_depth=9), "key_depth"),
         (spec({"a": "x"}, tau=float("nan")), "tau"),
         (spec({"a": "x"}, bogus=1), "unknown"),
-        ({"documents": [{"id": "a", "text": "x", "docrep": {"values": [1.0]}}]}, "2 finite values"),
+        ({"documents": [{"id": "a", "text": "x", "docrep": {"values": [1.0]}}]}, "16 finite values"),
     ]:
         with pytest.raises(InvalidArgument, match=match):
             kind.validate_spec(bad)
@@ -206,13 +207,23 @@ def test_requests_with_different_documents_share_a_batch_and_match_running_alone
 
 def test_the_evaluation_writes_the_report_metrics_and_plots(trained, tiny, tmp_path):
     from memserve.kinds.document.eval import evaluate_bank
+    from memserve.memory.evaluation import offline_context
 
     result, _ = trained
-    metrics = evaluate_bank(tiny, as_artifact(result), tmp_path, grid=3)
+    artifact = as_artifact(result)
+    with offline_context(tiny, artifact, tmp_path) as context:
+        metrics = evaluate_bank(context, artifact, grid=3)
     assert set(metrics["documents"]) == set(TEXTS)
-    for values in metrics["documents"].values():
-        assert {"ppl_own", "ppl_other", "ppl_random", "ppl_none", "ppl_base"} <= set(values)
-        assert values["ppl_own"] < values["ppl_other"]
+    keys = {"ppl_own", "ce_own", "ppl_nearest_other", "ppl_other", "ppl_random", "ppl_none", "ppl_base",
+            "identification_accuracy", "recall_own", "recall_nearest_other", "nearest_other"}  # fmt: skip
+    for doc_id, values in metrics["documents"].items():
+        assert keys <= set(values)
+        assert values["ppl_own"] <= values["ppl_nearest_other"] <= values["ppl_other"]
+        assert values["nearest_other"] in set(TEXTS) - {doc_id}
+        assert 0 <= values["identification_accuracy"] <= 1 and 0 <= values["recall_own"] <= 1
+        assert math.isclose(values["ce_own"], math.log(values["ppl_own"]))
+    assert metrics["summary"]["documents"] == len(TEXTS)
+    assert metrics["unrelated_ppl_ratio"] > 0
     assert {"l0", "l2", "pairwise", "normalized_pairwise", "dead_entries"} <= set(metrics["selection"])
     assert "size_length_correlation" in metrics
     on_disk = json.loads((tmp_path / "metrics.json").read_text())
@@ -286,16 +297,67 @@ def test_guidance_loss_formulas(tiny):
         ("abs", lambda p, n: p + 0.5 * abs(4.0 - n)),
         ("capped_sq", lambda p, n: p + 0.5 * min((n - 4.0) ** 2, p)),
     ]:
-        config = DocumentConfig(loss=loss, tau=4.0, alpha=0.5, window_words=16, window_stride=8)
+        config = DocumentConfig(
+            loss=loss, tau=4.0, alpha=0.5, window_words=16, window_stride=8, negative_share=1.0
+        )
         trainer = GuidanceTrainer(
             tiny.model, tiny.tokenizer, 1, config, _docreps(documents, config), documents
         )
-        hidden = residual_at(tiny.model, 1, trainer.windows.input_ids, trainer.windows.attention_mask)
+        hidden, base = trainer._frozen_pass()
         total, positive, negative = trainer.step_loss(
-            hidden, trainer.windows.attention_mask, trainer.windows.labels, trainer.windows.documents
+            hidden, trainer.windows.attention_mask, trainer.windows.labels, trainer.windows.documents, base
         )
         total, positive, negative = total.detach(), positive.detach(), negative.detach()
         assert float(total) == pytest.approx(expected(float(positive), float(negative)), rel=1e-5)
+
+
+def test_a_relative_tau_pushes_each_negative_window_to_its_base_model_loss(tiny):
+    from memserve.kinds.document.train import GuidanceTrainer, SourceDocument, _docreps
+    from memserve.training.frozen import logits_after, token_losses
+
+    documents = [SourceDocument(k, k, v) for k, v in TEXTS.items()]
+    config = DocumentConfig(
+        tau=0.0, tau_margin=0.25, alpha=0.5, negatives="zero", window_words=16, window_stride=8,
+        negative_share=0.5, memory_dim=8,
+    )  # fmt: skip
+    trainer = GuidanceTrainer(tiny.model, tiny.tokenizer, 1, config, _docreps(documents, config), documents)
+    with torch.no_grad():
+        trainer.bank.value.weight.normal_()  # a bank that changes the text, so that CE⁻ ≠ base,
+        trainer.bank.key[0].bias.normal_()  # even with the zero DocRep
+    hidden, base = trainer._frozen_pass()
+    mask, labels = trainer.windows.attention_mask, trainer.windows.labels
+    losses = trainer.step_loss(hidden, mask, labels, trainer.windows.documents, base)
+    total, positive, _ = (t.detach() for t in losses)
+    # The negative rows are the batch's first half, with the zero DocRep.
+    half = round(len(hidden) * 0.5)
+    with torch.no_grad():
+        selection = trainer.bank.selection(torch.zeros(half, config.key_dim))
+        changed = hidden[:half] + trainer.bank(hidden[:half], selection)
+        negative = token_losses(logits_after(tiny.model, 1, changed, mask[:half]), labels[:half])
+    expected = float(positive) + 0.5 * float((base[:half] + 0.25 - negative).abs().mean())
+    assert float(total) == pytest.approx(expected, rel=1e-4)
+    assert not torch.allclose(negative, base[:half])
+
+
+def test_the_paper_preset_reproduces_its_configuration_under_given_options():
+    paper = DocumentConfig.from_spec({"preset": "paper", "alpha": 0.5})
+    assert (paper.memory_dim, paper.tau, paper.epochs, paper.learning_rate) == (32, 4.5, 500, 1e-3)
+    assert (paper.window_stride, paper.max_windows, paper.schedule, paper.alpha) == (64, 10, "constant", 0.5)
+    assert DocumentConfig.from_spec({}).tau == 0.0  # ours: relative to the base model
+
+
+def test_a_long_document_keeps_its_tail_under_the_window_cap():
+    from memserve.kinds.document.train import windows
+
+    words = [f"w{i}" for i in range(2000)]
+    capped = windows(" ".join(words), 128, 64, 10)
+    assert len(capped) == 10
+    assert capped[0].split()[0] == "w0" and capped[-1].split()[-1] == "w1999"
+    starts = [int(w.split()[0][1:]) for w in capped]
+    assert starts == sorted(starts) and len(set(starts)) == 10
+    # Under the cap: every stride, then one window that ends at the last word.
+    under = windows(" ".join(words[:300]), 128, 64, 10)
+    assert [w.split()[0] for w in under] == ["w0", "w64", "w128", "w172"]
 
 
 def test_adding_documents_keeps_the_banks_settings(tiny):

@@ -276,6 +276,7 @@ def test_documents_register_train_and_serve_through_the_server(tiny_llama_dir, t
         for doc_id, text in texts.items():
             request.documents.add(id=doc_id, title=doc_id, text=text)
         request.config.epochs = 20
+        request.config.key_dim = 2
         request.config.window_words = 16
         request.config.window_stride = 8
         with grpc.insecure_channel(address) as channel:

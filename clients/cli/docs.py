@@ -15,6 +15,7 @@ from memserve.clients.cli.progress import submitted
 from memserve.kinds.document.config import DocumentConfig
 from memserve.names import check_name
 
+SHOWN_DOCREP_VALUES = 3
 TRAINING = "training options (not given: the bank's current setting, else the default shown)"
 # Counts come back as floats (details travel as a protobuf Struct): shown as the integers they are.
 DOCUMENT_COUNTS = frozenset({"words", "train_windows", "holdout_windows"})
@@ -106,5 +107,8 @@ def _counted(document: dict[str, Any]) -> dict[str, Any]:
 
 
 def _row(document: dict[str, Any]) -> tuple[str, ...]:
-    docrep = ",".join(f"{value:.4g}" for value in document.get("docrep", []))
+    values = document.get("docrep", [])
+    # The table shows a DocRep's first values; --json has them all.
+    docrep = ",".join(f"{value:.3g}" for value in values[:SHOWN_DOCREP_VALUES])
+    docrep += f",… ({len(values)} values)" if len(values) > SHOWN_DOCREP_VALUES else ""
     return document["id"], document.get("title") or "-", str(document.get("words", 0)), docrep

@@ -35,8 +35,13 @@ SHOT_FIGURES = ("accuracy", "micro_f1", "macro_f1")
 
 
 def _docs_summary(metrics: dict[str, Any]) -> tuple[str, dict[str, Any]]:
-    worst = max(m["ppl_own"] / m["ppl_other"] for m in metrics["documents"].values())
-    return f"worst own/other perplexity ratio {worst:.3f}", {"worst_own_other_ratio": worst}
+    summary = metrics["summary"]
+    shown = (
+        f"identification ≥ {summary['identification_accuracy_min']:.2f}, nearest-other/own perplexity "
+        f"≥ {summary['nearest_other_over_own_min']:.2f}, CE own ≤ {summary['ce_own_max']:.3f}, recall "
+        f"{summary['recall_own_mean']:.2f} own vs {summary['recall_nearest_other_mean']:.2f} nearest other"
+    )
+    return shown, summary
 
 
 def _facts_summary(metrics: dict[str, Any]) -> tuple[str, dict[str, Any]]:

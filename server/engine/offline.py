@@ -21,7 +21,14 @@ def generate_all(
     engine: Engine, prompts: Sequence[list[int]], memories: tuple[RowMemory, ...], max_new_tokens: int
 ) -> list[list[int]]:
     """Greedy continuations of `prompts` through the engine (all submitted at once, batched)."""
-    results: list[list[int]] = [[] for _ in prompts]
+    return generate_each(engine, [(prompt, memories) for prompt in prompts], max_new_tokens)
+
+
+def generate_each(
+    engine: Engine, requests: Sequence[tuple[list[int], tuple[RowMemory, ...]]], max_new_tokens: int
+) -> list[list[int]]:
+    """Greedy continuations of (prompt, its memories) pairs, all submitted at once and batched."""
+    results: list[list[int]] = [[] for _ in requests]
     errors: list[BaseException] = []
     done = threading.Semaphore(0)
 
@@ -38,12 +45,12 @@ def generate_all(
         return sink
 
     stopping = StoppingParams(max_new_tokens=max_new_tokens, ignore_eos=True)
-    pending = list(enumerate(prompts))
+    pending = list(enumerate(requests))
     in_flight = 0
     while pending or in_flight:
         # Fill the queue up to its bound, then wait for one request to finish.
         while pending and in_flight < engine.config.max_queue_size:
-            index, prompt = pending.pop(0)
+            index, (prompt, memories) = pending.pop(0)
             engine.submit(
                 GenerationRequest(tuple(prompt), stopping=stopping, memories=memories), sink_for(index)
             )

@@ -26,7 +26,7 @@ class Document(_message.Message):
     def __init__(self, id: _Optional[str] = ..., title: _Optional[str] = ..., text: _Optional[str] = ..., docrep: _Optional[_Union[_memory_ref_pb2.DocRep, _Mapping]] = ...) -> None: ...
 
 class DocumentTrainingConfig(_message.Message):
-    __slots__ = ("memory_dim", "key_dim", "key_activation", "key_module", "key_depth", "layer", "token_activation", "negatives", "loss", "tau", "alpha", "epochs", "learning_rate", "batch_size", "window_words", "window_stride", "max_windows", "max_length", "seed", "holdout_windows")
+    __slots__ = ("memory_dim", "key_dim", "key_activation", "key_module", "key_depth", "layer", "token_activation", "negatives", "loss", "tau", "alpha", "epochs", "learning_rate", "batch_size", "window_words", "window_stride", "max_windows", "max_length", "seed", "holdout_windows", "preset", "tau_margin", "target_ce", "schedule", "negative_share", "key_init")
     MEMORY_DIM_FIELD_NUMBER: _ClassVar[int]
     KEY_DIM_FIELD_NUMBER: _ClassVar[int]
     KEY_ACTIVATION_FIELD_NUMBER: _ClassVar[int]
@@ -47,6 +47,12 @@ class DocumentTrainingConfig(_message.Message):
     MAX_LENGTH_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
     HOLDOUT_WINDOWS_FIELD_NUMBER: _ClassVar[int]
+    PRESET_FIELD_NUMBER: _ClassVar[int]
+    TAU_MARGIN_FIELD_NUMBER: _ClassVar[int]
+    TARGET_CE_FIELD_NUMBER: _ClassVar[int]
+    SCHEDULE_FIELD_NUMBER: _ClassVar[int]
+    NEGATIVE_SHARE_FIELD_NUMBER: _ClassVar[int]
+    KEY_INIT_FIELD_NUMBER: _ClassVar[int]
     memory_dim: int
     key_dim: int
     key_activation: str
@@ -67,7 +73,13 @@ class DocumentTrainingConfig(_message.Message):
     max_length: int
     seed: int
     holdout_windows: int
-    def __init__(self, memory_dim: _Optional[int] = ..., key_dim: _Optional[int] = ..., key_activation: _Optional[str] = ..., key_module: _Optional[str] = ..., key_depth: _Optional[int] = ..., layer: _Optional[int] = ..., token_activation: _Optional[str] = ..., negatives: _Optional[str] = ..., loss: _Optional[str] = ..., tau: _Optional[float] = ..., alpha: _Optional[float] = ..., epochs: _Optional[int] = ..., learning_rate: _Optional[float] = ..., batch_size: _Optional[int] = ..., window_words: _Optional[int] = ..., window_stride: _Optional[int] = ..., max_windows: _Optional[int] = ..., max_length: _Optional[int] = ..., seed: _Optional[int] = ..., holdout_windows: _Optional[int] = ...) -> None: ...
+    preset: str
+    tau_margin: float
+    target_ce: float
+    schedule: str
+    negative_share: float
+    key_init: float
+    def __init__(self, memory_dim: _Optional[int] = ..., key_dim: _Optional[int] = ..., key_activation: _Optional[str] = ..., key_module: _Optional[str] = ..., key_depth: _Optional[int] = ..., layer: _Optional[int] = ..., token_activation: _Optional[str] = ..., negatives: _Optional[str] = ..., loss: _Optional[str] = ..., tau: _Optional[float] = ..., alpha: _Optional[float] = ..., epochs: _Optional[int] = ..., learning_rate: _Optional[float] = ..., batch_size: _Optional[int] = ..., window_words: _Optional[int] = ..., window_stride: _Optional[int] = ..., max_windows: _Optional[int] = ..., max_length: _Optional[int] = ..., seed: _Optional[int] = ..., holdout_windows: _Optional[int] = ..., preset: _Optional[str] = ..., tau_margin: _Optional[float] = ..., target_ce: _Optional[float] = ..., schedule: _Optional[str] = ..., negative_share: _Optional[float] = ..., key_init: _Optional[float] = ...) -> None: ...
 
 class RegisterDocumentsRequest(_message.Message):
     __slots__ = ("bank", "documents", "config")

@@ -16,21 +16,50 @@ if TYPE_CHECKING:
 
 KEY_ACTIVATION_NAMES = ("tanh", "relu", "sigmoid")
 KEY_MODULES = ("linear", "mlp")
-NEGATIVES = ("other", "random", "zero", "perturb")
+NEGATIVES = ("other", "nearest", "random", "zero", "perturb")
 LOSSES = ("abs", "capped_sq")
+SCHEDULES = ("cosine", "constant")
+PRESETS = ("", "paper")
+# The paper's configuration (Park & Choi, IJCAI 2024, its released configs), as a preset that
+# reproduces it: a small bank, a fixed τ, 500 epochs at 1e-3 over overlapping windows.
+PAPER_PRESET: dict[str, Any] = {
+    "memory_dim": 32,
+    "key_dim": 2,
+    "key_init": 0.0,
+    "tau": 4.5,
+    "alpha": 0.1,
+    "epochs": 500,
+    "learning_rate": 1e-3,
+    "schedule": "constant",
+    "target_ce": 0.0,
+    "negative_share": 1.0,
+    "window_stride": 64,
+    "max_windows": 10,
+}
 MAX_DOCUMENTS = 1000
 MAX_TEXT_CHARS = 1_000_000
 
 
 @dataclass(frozen=True)
 class DocumentConfig:
-    """Training options; the defaults are the paper's where it has one (docs/design.md)."""
+    """Training options: defaults measured on the default model (docs/benchmarks.md); the preset
+    "paper" gives the paper's configuration (docs/design.md)."""
 
-    memory_dim: int = option(32, "Memory entries m of the bank", low=1, high=4096)
-    key_dim: int = option(2, "Values k of a DocRep", low=1, high=1024)
+    preset: str = option(
+        "", 'A named set of defaults: "paper" reproduces the paper\'s configuration', choices=PRESETS
+    )
+    memory_dim: int = option(1024, "Memory entries m of the bank", low=1, high=4096)
+    key_dim: int = option(16, "Values k of a DocRep", low=1, high=1024)
     key_activation: str = option("tanh", "The selection's activation σ_doc", choices=KEY_ACTIVATION_NAMES)
     key_module: str = option("linear", "How a DocRep maps to a selection", choices=KEY_MODULES)
     key_depth: int = option(3, 'Hidden layers of the "mlp" key module', low=1, high=4)
+    key_init: float = option(
+        4.0,
+        "Scale of the linear key module's random-feature start (sharp, nearly disjoint "
+        "selections per document); 0: orthogonal, as the paper",
+        low=0,
+        high=100,
+    )
     layer: int = option(
         -1, "The block the bank sits after; negative counts from the end", low=-4096, high=4095
     )
@@ -39,16 +68,33 @@ class DocumentConfig:
     loss: str = option(
         "abs", 'The guidance loss: the paper\'s "abs" or the public code\'s "capped_sq"', choices=LOSSES
     )
-    tau: float = option(4.5, "τ, the cross-entropy the negatives are pushed towards", low=0)
+    tau: float = option(
+        0.0,
+        "τ, the cross-entropy the negatives are pushed towards; 0: each window's own base-model "
+        "cross-entropy plus tau_margin (a wrong DocRep then reads like no memory)",
+        low=0,
+    )
+    tau_margin: float = option(0.0, "Added to the base model's cross-entropy when tau is 0", low=-10, high=10)
     alpha: float = option(0.1, "α, the weight of the negative term", low=0)
-    # Measured on the default model (docs/benchmarks.md): the paper's 500 epochs at 1e-3 are not needed.
-    epochs: int = option(25, "Passes over the training windows", low=1, high=10_000)
-    learning_rate: float = option(1e-2, "AdamW's learning rate (weight decay 0.01, clipping at 5)", low=0)
+    epochs: int = option(60, "Passes over the training windows, at most", low=1, high=10_000)
+    target_ce: float = option(
+        0.05, "Stop once an epoch's mean CE⁺ (own DocRep) is at most this; 0: run every epoch", low=0
+    )
+    learning_rate: float = option(
+        1e-2, "AdamW's peak learning rate (weight decay 0.01, clipping at 5)", low=0
+    )
+    schedule: str = option("cosine", "The learning rate over the epochs", choices=SCHEDULES)
+    negative_share: float = option(
+        0.25, "Share of each batch's windows also run with a negative DocRep", low=0.01, high=1
+    )
     batch_size: int = option(16, "Windows per step", low=1, high=256)
     window_words: int = option(128, "Words per training window", low=1, high=4096)
-    window_stride: int = option(64, "Words between the starts of two windows", low=1, high=4096)
+    window_stride: int = option(128, "Words between the starts of two windows", low=1, high=4096)
     max_windows: int = option(
-        10, "Training windows per document, at most (the tail is kept)", low=1, high=1000
+        64,
+        "Training windows per document, at most (spread over the document, first and last kept)",
+        low=1,
+        high=1000,
     )
     max_length: int = option(256, "Tokens per window, at most", low=2, high=4096)
     seed: int = option(0, "Seed of the initialisation, the DocReps and the batches", low=0, high=2**63 - 1)
@@ -58,7 +104,9 @@ class DocumentConfig:
 
     @classmethod
     def from_spec(cls, given: dict[str, Any]) -> DocumentConfig:
-        return options_from_spec(cls, given, "document")
+        """The options given, over their preset's values (if any), over the defaults."""
+        preset = PAPER_PRESET if isinstance(given, dict) and given.get("preset") == "paper" else {}
+        return options_from_spec(cls, {**preset, **given}, "document")
 
     def check(self) -> None:
         check_options(self)

@@ -11,6 +11,7 @@ forward pass, whatever their keys.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -61,7 +62,7 @@ class BankShape:
 class DocumentBank(nn.Module):
     """The bank's parameters and its two halves: selection (from K) and the residual update."""
 
-    def __init__(self, shape: BankShape) -> None:
+    def __init__(self, shape: BankShape, key_init: float = 0.0) -> None:
         super().__init__()
         shape.check()
         self.shape = shape
@@ -79,12 +80,23 @@ class DocumentBank(nn.Module):
         self.value = nn.Linear(m, shape.hidden_size)
         self._token_activation = ACT2FN[shape.token_activation]
         self._key_activation = KEY_ACTIVATIONS[shape.key_activation]
-        self.reset_parameters()
+        self.reset_parameters(key_init)
 
-    def reset_parameters(self) -> None:
+    def reset_parameters(self, key_init: float = 0.0) -> None:
+        """Orthogonal weights and zero biases, V = 0; with `key_init` > 0, a linear key module
+        starts as random features instead: weights N(0, key_init²/k) and biases uniform in
+        ±key_init/2, so that each entry is on for one random half of the DocRep space, sharply,
+        and documents a little apart start with nearly disjoint selections (an orthogonal k → m
+        map with k ≪ m starts almost linear and tiny: every key then selects a scaled copy of
+        the same memory)."""
         for module in (self.token_proj, *[m for m in self.key if isinstance(m, nn.Linear)]):
             nn.init.orthogonal_(module.weight)
             nn.init.zeros_(module.bias)
+        if key_init > 0 and self.shape.key_module == "linear":
+            first = self.key[0]
+            assert isinstance(first, nn.Linear)
+            nn.init.normal_(first.weight, std=key_init / math.sqrt(self.shape.key_dim))
+            nn.init.uniform_(first.bias, -key_init / 2, key_init / 2)
         # V = 0: an untrained bank is the identity, and training starts from the base model.
         nn.init.zeros_(self.value.weight)
         nn.init.zeros_(self.value.bias)

@@ -46,14 +46,21 @@ class SourceDocument:
 
 
 def windows(text: str, size: int, stride: int, limit: int) -> list[str]:
-    """Word windows of `size` at `stride`, the tail kept (the public code dropped it), at most `limit`."""
+    """Word windows of `size` at `stride`, the tail kept (the public code dropped it).
+
+    Over `limit` windows, `limit` starts are spread evenly from the first word to the last
+    window's, so that a long document keeps its beginning and its end (cutting the list
+    would drop the tail again)."""
     words = text.split()
     if len(words) <= size:
         return [" ".join(words)] if words else []
-    starts = list(range(0, len(words) - size + 1, stride))
-    if starts[-1] + size < len(words):  # the tail: one last window that ends at the last word
-        starts.append(len(words) - size)
-    return [" ".join(words[s : s + size]) for s in starts[:limit]]
+    last = len(words) - size
+    starts = list(range(0, last + 1, stride))
+    if starts[-1] < last:  # the tail: one last window that ends at the last word
+        starts.append(last)
+    if len(starts) > limit:
+        starts = [round(i * last / (limit - 1)) for i in range(limit)] if limit > 1 else [0]
+    return [" ".join(words[s : s + size]) for s in starts]
 
 
 def split_windows(text: str, config: DocumentConfig) -> tuple[list[str], list[str]]:
@@ -162,93 +169,169 @@ class GuidanceTrainer:
             token_activation=config.token_activation or _model_activation(model),
         )
         torch.manual_seed(config.seed)
-        self.bank = DocumentBank(shape).to(self.device, torch.float32)
+        self.bank = DocumentBank(shape, config.key_init).to(self.device, torch.float32)
         self._random = random.Random(config.seed)
+        self._generator = torch.Generator().manual_seed(config.seed)
+        distances = torch.cdist(self.docreps, self.docreps).fill_diagonal_(float("inf"))
+        self._nearest = distances.argmin(1)  # each document's nearest other DocRep
 
-    def _residuals(self) -> torch.Tensor:
-        """The frozen residual stream at the bank's layer, for every window: computed once."""
-        chunks = []
-        for start in range(0, len(self.windows), self.config.batch_size):
-            part = slice(start, start + self.config.batch_size)
-            chunks.append(
-                residual_at(
-                    self.model,
-                    self.layer,
-                    self.windows.input_ids[part].to(self.device),
-                    self.windows.attention_mask[part].to(self.device),
+    def _frozen_pass(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The frozen residual stream at the bank's layer for every window (computed once, as
+        it does not depend on the bank), and each window's base-model cross-entropy (the τ of
+        its negatives when `tau` is 0)."""
+        residuals, base = [], []
+        with torch.no_grad():
+            for start in range(0, len(self.windows), self.config.batch_size):
+                part = slice(start, start + self.config.batch_size)
+                mask = self.windows.attention_mask[part].to(self.device)
+                hidden = residual_at(
+                    self.model, self.layer, self.windows.input_ids[part].to(self.device), mask
                 )
-            )
-        return torch.cat(chunks)
+                logits = logits_after(self.model, self.layer, hidden, mask)
+                base.append(token_losses(logits, self.windows.labels[part].to(self.device)))
+                residuals.append(hidden)
+        return torch.cat(residuals), torch.cat(base).float()
 
     def negatives(self, owners: torch.Tensor) -> torch.Tensor:
         positives = self.docreps[owners]
         kind = self.config.negatives
-        if kind == "other" and len(self.docreps) > 1:
-            others = [
-                self._random.choice([j for j in range(len(self.docreps)) if j != int(o)]) for o in owners
-            ]
-            return self.docreps[torch.tensor(others, device=self.device)]
+        count = len(self.docreps)
+        if kind == "nearest" and count > 1:
+            # Half the rows against the owner's nearest other DocRep (the one most easily
+            # confused with it), the others against any other document's.
+            hard = torch.rand(len(owners), generator=self._generator) < 0.5
+            uniform = self._other_than(owners)
+            return self.docreps[torch.where(hard.to(self.device), self._nearest[owners], uniform)]
+        if kind == "other" and count > 1:
+            return self.docreps[self._other_than(owners)]
         if kind == "zero":
             return torch.zeros_like(positives)
         if kind == "perturb":
             return positives + 0.1 * torch.randn_like(positives)
         return torch.randn_like(positives)  # "random", and "other" with a single document
 
+    def _other_than(self, owners: torch.Tensor) -> torch.Tensor:
+        """For each owner, another document uniformly: a draw from N - 1, shifted past the owner."""
+        draws = torch.tensor(
+            [self._random.randrange(len(self.docreps) - 1) for _ in owners], device=self.device
+        )
+        return draws + (draws >= owners).long()
+
     def step_loss(
-        self, hidden: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor, owners: torch.Tensor
+        self,
+        hidden: torch.Tensor,
+        mask: torch.Tensor,
+        labels: torch.Tensor,
+        owners: torch.Tensor,
+        base_ce: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(loss, CE⁺, CE⁻): the positive and the negative pass as one batched forward."""
-        rows = hidden.shape[0]
-        keys = torch.cat([self.docreps[owners], self.negatives(owners)])
-        doubled = torch.cat([hidden, hidden]).float()
-        doubled = (doubled + self.bank(doubled, self.bank.selection(keys))).to(self.dtype)
-        double_mask = torch.cat([mask, mask])
-        logits = logits_after(self.model, self.layer, doubled, double_mask)
-        per_row = token_losses(logits, torch.cat([labels, labels]))
-        positive, negative = per_row[:rows].mean(), per_row[rows:].mean()
+        """(loss, CE⁺, CE⁻) of one batch: every window with its own DocRep and the first
+        `negative_share` of them with a negative one, in one batched forward."""
         config = self.config
+        rows = hidden.shape[0]
+        negatives = max(1, round(rows * config.negative_share))
+        keys = torch.cat([self.docreps[owners], self.negatives(owners[:negatives])])
+        stacked = torch.cat([hidden, hidden[:negatives]]).float()
+        stacked = (stacked + self.bank(stacked, self.bank.selection(keys))).to(self.dtype)
+        logits = logits_after(self.model, self.layer, stacked, torch.cat([mask, mask[:negatives]]))
+        per_row = token_losses(logits, torch.cat([labels, labels[:negatives]]))
+        positive, negative_rows = per_row[:rows].mean(), per_row[rows:]
+        if config.tau:  # the paper: one τ for the batch's mean CE⁻
+            reached, target = negative_rows.mean(), torch.tensor(config.tau, device=self.device)
+        else:  # each window's negative pushed to read like the base model on it
+            reached, target = negative_rows, base_ce[:negatives] + config.tau_margin
         if config.loss == "abs":
-            guidance = (config.tau - negative).abs()
+            guidance = (target - reached).abs().mean()
         else:
-            guidance = torch.minimum((negative - config.tau) ** 2, positive)
-        return positive + config.alpha * guidance, positive, negative
+            guidance = torch.minimum((reached - target) ** 2, positive).mean()
+        return positive + config.alpha * guidance, positive, negative_rows.mean()
 
     def fit(self, report: Any) -> dict[str, float]:
+        """Trains until an epoch's mean CE⁺ reaches `target_ce`, or for `epochs` epochs."""
         config = self.config
-        residuals = self._residuals()
+        residuals, base_ce = self._frozen_pass()
         optimizer = torch.optim.AdamW(self.bank.parameters(), lr=config.learning_rate, weight_decay=0.01)
-        batches = math.ceil(len(self.windows) / config.batch_size)
-        total = config.epochs * batches
+        total = config.epochs * math.ceil(len(self.windows) / config.batch_size)
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(config.schedule, total))
         generator = torch.Generator().manual_seed(config.seed)
-        step = 0
-        positive = negative = torch.tensor(float("nan"))
-        for _epoch in range(config.epochs):
+        progress = _Progress(report, total)
+        positive = negative = float("nan")
+        epochs = 0
+        while epochs < config.epochs:
+            epochs += 1
             order = torch.randperm(len(self.windows), generator=generator)
-            for start in range(0, len(order), config.batch_size):
-                chosen = order[start : start + config.batch_size]
-                width = int(self.windows.attention_mask[chosen].sum(1).max())  # trim the padding
-                loss, positive, negative = self.step_loss(
-                    residuals[chosen, :width],
-                    self.windows.attention_mask[chosen, :width].to(self.device),
-                    self.windows.labels[chosen, :width].to(self.device),
-                    self.windows.documents[chosen].to(self.device),
-                )
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                nn.utils.clip_grad_norm_(self.bank.parameters(), 5.0)
-                optimizer.step()
-                positive, negative = positive.detach(), negative.detach()
-                step += 1
-                report(
-                    step,
-                    total,
-                    loss=float(positive),
-                    message=f"CE+ {float(positive):.3f} CE- {float(negative):.3f}",
-                )
+            positive, negative = self._epoch(order, residuals, base_ce, optimizer, schedule, progress)
+            if positive <= config.target_ce:
+                report(total, total, loss=positive, message=f"CE+ {positive:.3f}: target reached")
+                break
         return {
-            "final_ce_positive": round(float(positive), 4),
-            "final_ce_negative": round(float(negative), 4),
+            "final_ce_positive": round(positive, 4),
+            "final_ce_negative": round(negative, 4),
+            "base_ce": round(float(base_ce.mean()), 4),
+            "epochs_run": epochs,
+            "steps": progress.step,
         }
+
+    def _epoch(
+        self,
+        order: torch.Tensor,
+        residuals: torch.Tensor,
+        base_ce: torch.Tensor,
+        optimizer: torch.optim.Optimizer,
+        schedule: torch.optim.lr_scheduler.LRScheduler,
+        progress: _Progress,
+    ) -> tuple[float, float]:
+        """One pass over the windows in `order`: the epoch's mean (CE⁺, CE⁻)."""
+        sums = torch.zeros(2)
+        for start in range(0, len(order), self.config.batch_size):
+            chosen = order[start : start + self.config.batch_size]
+            width = int(self.windows.attention_mask[chosen].sum(1).max())  # trim the padding
+            loss, positive, negative = self.step_loss(
+                residuals[chosen, :width],
+                self.windows.attention_mask[chosen, :width].to(self.device),
+                self.windows.labels[chosen, :width].to(self.device),
+                self.windows.documents[chosen].to(self.device),
+                base_ce[chosen],
+            )
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            nn.utils.clip_grad_norm_(self.bank.parameters(), 5.0)
+            optimizer.step()
+            schedule.step()
+            batch = torch.tensor([float(positive.detach()), float(negative.detach())])
+            sums += batch * len(chosen)
+            progress(*batch.tolist())
+        first, second = (sums / len(order)).tolist()
+        return first, second
+
+
+@dataclass
+class _Progress:
+    """Reports each step's CE⁺ and CE⁻ to the job."""
+
+    report: Any
+    total: int
+    step: int = 0
+
+    def __call__(self, positive: float, negative: float) -> None:
+        self.step += 1
+        self.report(self.step, self.total, loss=positive, message=f"CE+ {positive:.3f} CE- {negative:.3f}")
+
+
+def _schedule(name: str, total: int) -> Any:
+    """The learning-rate factor per step: constant, or a 5 % linear warm-up and a cosine decay
+    to a tenth of the peak (a few hundred steps at one rate either stall or overshoot)."""
+    if name == "constant":
+        return lambda step: 1.0
+    warmup = max(1, total // 20)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return 0.1 + 0.45 * (1 + math.cos(math.pi * progress))
+
+    return factor
 
 
 def train_bank(spec: dict[str, Any], context: TrainContext) -> Trained:
