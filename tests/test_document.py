@@ -298,12 +298,18 @@ def test_guidance_loss_formulas(tiny):
         ("capped_sq", lambda p, n: p + 0.5 * min((n - 4.0) ** 2, p)),
     ]:
         config = DocumentConfig(
-            loss=loss, tau=4.0, alpha=0.5, window_words=16, window_stride=8, negative_share=1.0
+            loss=loss,
+            tau=4.0,
+            alpha=0.5,
+            window_words=16,
+            window_stride=8,
+            negative_share=1.0,
+            background_windows=0,
         )
         trainer = GuidanceTrainer(
             tiny.model, tiny.tokenizer, 1, config, _docreps(documents, config), documents
         )
-        hidden, base = trainer._frozen_pass()
+        hidden, base = trainer._frozen_pass(trainer.windows)
         total, positive, negative = trainer.step_loss(
             hidden, trainer.windows.attention_mask, trainer.windows.labels, trainer.windows.documents, base
         )
@@ -318,13 +324,13 @@ def test_a_relative_tau_pushes_each_negative_window_to_its_base_model_loss(tiny)
     documents = [SourceDocument(k, k, v) for k, v in TEXTS.items()]
     config = DocumentConfig(
         tau=0.0, tau_margin=0.25, alpha=0.5, negatives="zero", window_words=16, window_stride=8,
-        negative_share=0.5, memory_dim=8,
+        negative_share=0.5, memory_dim=8, background_windows=0,
     )  # fmt: skip
     trainer = GuidanceTrainer(tiny.model, tiny.tokenizer, 1, config, _docreps(documents, config), documents)
     with torch.no_grad():
         trainer.bank.value.weight.normal_()  # a bank that changes the text, so that CE⁻ ≠ base,
         trainer.bank.key[0].bias.normal_()  # even with the zero DocRep
-    hidden, base = trainer._frozen_pass()
+    hidden, base = trainer._frozen_pass(trainer.windows)
     mask, labels = trainer.windows.attention_mask, trainer.windows.labels
     losses = trainer.step_loss(hidden, mask, labels, trainer.windows.documents, base)
     total, positive, _ = (t.detach() for t in losses)
@@ -402,3 +408,20 @@ def test_a_job_too_big_for_memory_is_refused_before_it_starts(tiny, monkeypatch)
     monkeypatch.setattr(training, "MAX_RESIDUAL_BYTES", 10_000)
     with pytest.raises(InvalidArgument, match="cached activations"):
         DocumentKind().train(spec(TEXTS, epochs=1), FakeContext(tiny))
+
+
+def test_the_locality_term_is_zero_for_an_untrained_bank_and_grows_when_it_changes_text(tiny):
+    from memserve.kinds.document.train import GuidanceTrainer, SourceDocument, _docreps, background_windows
+
+    documents = [SourceDocument(k, k, v) for k, v in TEXTS.items()]
+    config = DocumentConfig(window_words=16, window_stride=8, memory_dim=8, background_windows=4)
+    trainer = GuidanceTrainer(tiny.model, tiny.tokenizer, 1, config, _docreps(documents, config), documents)
+    assert trainer.background is not None and len(trainer.background) == 4
+    assert int(trainer.background.attention_mask.sum()) > 4  # the model wrote text
+    owners = torch.tensor([0, 1, 2])
+    assert float(trainer.locality_loss(owners)) == pytest.approx(0.0, abs=1e-5)  # V = 0: the base model
+    with torch.no_grad():
+        trainer.bank.value.weight.normal_()
+    assert float(trainer.locality_loss(owners)) > 0.01
+    again = background_windows(tiny.model, tiny.tokenizer, 4, 16, config.seed)
+    assert torch.equal(again.input_ids, trainer.background.input_ids)  # seeded: the same text

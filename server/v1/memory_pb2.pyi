@@ -26,7 +26,7 @@ class Document(_message.Message):
     def __init__(self, id: _Optional[str] = ..., title: _Optional[str] = ..., text: _Optional[str] = ..., docrep: _Optional[_Union[_memory_ref_pb2.DocRep, _Mapping]] = ...) -> None: ...
 
 class DocumentTrainingConfig(_message.Message):
-    __slots__ = ("memory_dim", "key_dim", "key_activation", "key_module", "key_depth", "layer", "token_activation", "negatives", "loss", "tau", "alpha", "epochs", "learning_rate", "batch_size", "window_words", "window_stride", "max_windows", "max_length", "seed", "holdout_windows", "preset", "tau_margin", "target_ce", "schedule", "negative_share", "key_init")
+    __slots__ = ("memory_dim", "key_dim", "key_activation", "key_module", "key_depth", "layer", "token_activation", "negatives", "loss", "tau", "alpha", "epochs", "learning_rate", "batch_size", "window_words", "window_stride", "max_windows", "max_length", "seed", "holdout_windows", "preset", "tau_margin", "target_ce", "schedule", "negative_share", "key_init", "background_windows", "locality_weight")
     MEMORY_DIM_FIELD_NUMBER: _ClassVar[int]
     KEY_DIM_FIELD_NUMBER: _ClassVar[int]
     KEY_ACTIVATION_FIELD_NUMBER: _ClassVar[int]
@@ -53,6 +53,8 @@ class DocumentTrainingConfig(_message.Message):
     SCHEDULE_FIELD_NUMBER: _ClassVar[int]
     NEGATIVE_SHARE_FIELD_NUMBER: _ClassVar[int]
     KEY_INIT_FIELD_NUMBER: _ClassVar[int]
+    BACKGROUND_WINDOWS_FIELD_NUMBER: _ClassVar[int]
+    LOCALITY_WEIGHT_FIELD_NUMBER: _ClassVar[int]
     memory_dim: int
     key_dim: int
     key_activation: str
@@ -79,7 +81,9 @@ class DocumentTrainingConfig(_message.Message):
     schedule: str
     negative_share: float
     key_init: float
-    def __init__(self, memory_dim: _Optional[int] = ..., key_dim: _Optional[int] = ..., key_activation: _Optional[str] = ..., key_module: _Optional[str] = ..., key_depth: _Optional[int] = ..., layer: _Optional[int] = ..., token_activation: _Optional[str] = ..., negatives: _Optional[str] = ..., loss: _Optional[str] = ..., tau: _Optional[float] = ..., alpha: _Optional[float] = ..., epochs: _Optional[int] = ..., learning_rate: _Optional[float] = ..., batch_size: _Optional[int] = ..., window_words: _Optional[int] = ..., window_stride: _Optional[int] = ..., max_windows: _Optional[int] = ..., max_length: _Optional[int] = ..., seed: _Optional[int] = ..., holdout_windows: _Optional[int] = ..., preset: _Optional[str] = ..., tau_margin: _Optional[float] = ..., target_ce: _Optional[float] = ..., schedule: _Optional[str] = ..., negative_share: _Optional[float] = ..., key_init: _Optional[float] = ...) -> None: ...
+    background_windows: int
+    locality_weight: float
+    def __init__(self, memory_dim: _Optional[int] = ..., key_dim: _Optional[int] = ..., key_activation: _Optional[str] = ..., key_module: _Optional[str] = ..., key_depth: _Optional[int] = ..., layer: _Optional[int] = ..., token_activation: _Optional[str] = ..., negatives: _Optional[str] = ..., loss: _Optional[str] = ..., tau: _Optional[float] = ..., alpha: _Optional[float] = ..., epochs: _Optional[int] = ..., learning_rate: _Optional[float] = ..., batch_size: _Optional[int] = ..., window_words: _Optional[int] = ..., window_stride: _Optional[int] = ..., max_windows: _Optional[int] = ..., max_length: _Optional[int] = ..., seed: _Optional[int] = ..., holdout_windows: _Optional[int] = ..., preset: _Optional[str] = ..., tau_margin: _Optional[float] = ..., target_ce: _Optional[float] = ..., schedule: _Optional[str] = ..., negative_share: _Optional[float] = ..., key_init: _Optional[float] = ..., background_windows: _Optional[int] = ..., locality_weight: _Optional[float] = ...) -> None: ...
 
 class RegisterDocumentsRequest(_message.Message):
     __slots__ = ("bank", "documents", "config")

@@ -27,7 +27,9 @@ from memserve.kinds.document.config import DocumentConfig, check_spec, settings_
 from memserve.kinds.document.module import BankShape, DocumentBank, spread_docreps
 from memserve.memory.kind import TrainContext, Trained
 from memserve.memory_store.artifact import Artifact
+from memserve.padding import pad_token_id
 from memserve.training.frozen import (
+    Windows,
     check_memory_budget,
     check_trainable,
     logits_after,
@@ -126,6 +128,33 @@ def _docreps(documents: list[SourceDocument], config: DocumentConfig) -> torch.T
     ).float()
 
 
+def background_windows(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, count: int, tokens: int, seed: int
+) -> Windows:
+    """`count` windows of `tokens` tokens of text the base model writes itself (sampled from its
+    start token, top-k 50, seeded): text that is in no document and that the model reads well,
+    for the locality term. Made by the model, so no evaluation text is ever seen in training."""
+    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    pad = pad_token_id(tokenizer)
+    device = next(model.parameters()).device
+    prompt = torch.full((count, 1), int(start), device=device)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad():
+        torch.manual_seed(seed)
+        out = model.generate(
+            input_ids=prompt,
+            attention_mask=torch.ones_like(prompt),
+            do_sample=True,
+            top_k=50,
+            max_new_tokens=tokens,
+            pad_token_id=pad,
+        )
+    rows = []
+    for row in out.tolist():
+        ends = [i for i, token in enumerate(row[1:], 1) if token == tokenizer.eos_token_id]
+        rows.append(row[: ends[0]] if ends else row)  # up to the first end of text
+    return Windows.of(rows, [-1] * len(rows), pad)
+
+
 class GuidanceTrainer:
     """Trains one bank over its documents' windows with the guidance loss."""
 
@@ -156,6 +185,14 @@ class GuidanceTrainer:
             raise InvalidArgument("the documents give no training windows")
         self.windows = tokenize_windows(tokenizer, texts, owners, config.max_length)
         check_memory_budget(model, len(self.windows), self.windows.input_ids.shape[1], config.batch_size)
+        # As long as a training window in words, in tokens: text of about the same length.
+        tokens = min(config.window_words, config.max_length)
+        self.background = (
+            background_windows(model, tokenizer, config.background_windows, tokens, config.seed)
+            if config.background_windows
+            else None
+        )
+        self._background_pass: tuple[torch.Tensor, torch.Tensor] | None = None
         # The bank trains in fp32 whatever the model's dtype: AdamW's small steps would round
         # away in bf16. (On an fp32 model this changes nothing.)
         self.docreps = docreps.to(self.device, torch.float32)
@@ -175,22 +212,36 @@ class GuidanceTrainer:
         distances = torch.cdist(self.docreps, self.docreps).fill_diagonal_(float("inf"))
         self._nearest = distances.argmin(1)  # each document's nearest other DocRep
 
-    def _frozen_pass(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def _frozen_pass(self, windows: Windows) -> tuple[torch.Tensor, torch.Tensor]:
         """The frozen residual stream at the bank's layer for every window (computed once, as
         it does not depend on the bank), and each window's base-model cross-entropy (the τ of
         its negatives when `tau` is 0)."""
         residuals, base = [], []
         with torch.no_grad():
-            for start in range(0, len(self.windows), self.config.batch_size):
+            for start in range(0, len(windows), self.config.batch_size):
                 part = slice(start, start + self.config.batch_size)
-                mask = self.windows.attention_mask[part].to(self.device)
-                hidden = residual_at(
-                    self.model, self.layer, self.windows.input_ids[part].to(self.device), mask
-                )
+                mask = windows.attention_mask[part].to(self.device)
+                hidden = residual_at(self.model, self.layer, windows.input_ids[part].to(self.device), mask)
                 logits = logits_after(self.model, self.layer, hidden, mask)
-                base.append(token_losses(logits, self.windows.labels[part].to(self.device)))
+                base.append(token_losses(logits, windows.labels[part].to(self.device)))
                 residuals.append(hidden)
         return torch.cat(residuals), torch.cat(base).float()
+
+    def locality_loss(self, owners: torch.Tensor) -> torch.Tensor:
+        """How far text from no document reads from the base model with these owners' DocReps:
+        the mean |CE − CE_base| over as many background windows, drawn at random."""
+        if self.background is None or not self.config.locality_weight:
+            return torch.zeros((), device=self.device)
+        if self._background_pass is None:  # computed once, as the windows' own
+            self._background_pass = self._frozen_pass(self.background)
+        residuals, base = self._background_pass
+        chosen = torch.tensor([self._random.randrange(len(base)) for _ in owners])
+        mask = self.background.attention_mask[chosen].to(self.device)
+        hidden = residuals[chosen].float()
+        hidden = (hidden + self.bank(hidden, self.bank.selection(self.docreps[owners]))).to(self.dtype)
+        logits = logits_after(self.model, self.layer, hidden, mask)
+        losses = token_losses(logits, self.background.labels[chosen].to(self.device))
+        return (losses - base[chosen]).abs().mean()
 
     def negatives(self, owners: torch.Tensor) -> torch.Tensor:
         positives = self.docreps[owners]
@@ -244,12 +295,13 @@ class GuidanceTrainer:
             guidance = (target - reached).abs().mean()
         else:
             guidance = torch.minimum((reached - target) ** 2, positive).mean()
-        return positive + config.alpha * guidance, positive, negative_rows.mean()
+        locality = config.locality_weight * self.locality_loss(owners[:negatives])
+        return positive + config.alpha * guidance + locality, positive, negative_rows.mean()
 
     def fit(self, report: Any) -> dict[str, float]:
         """Trains until an epoch's mean CE⁺ reaches `target_ce`, or for `epochs` epochs."""
         config = self.config
-        residuals, base_ce = self._frozen_pass()
+        residuals, base_ce = self._frozen_pass(self.windows)
         optimizer = torch.optim.AdamW(self.bank.parameters(), lr=config.learning_rate, weight_decay=0.01)
         total = config.epochs * math.ceil(len(self.windows) / config.batch_size)
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(config.schedule, total))
