@@ -33,7 +33,6 @@ PAPER_PRESET: dict[str, Any] = {
     "schedule": "constant",
     "target_ce": 0.0,
     "negative_share": 1.0,
-    "background_windows": 0,
     "window_stride": 64,
     "max_windows": 10,
 }
@@ -78,9 +77,9 @@ class DocumentConfig:
     tau_margin: float = option(0.0, "Added to the base model's cross-entropy when tau is 0", low=-10, high=10)
     alpha: float = option(0.1, "α, the weight of the negative term", low=0)
     background_windows: int = option(
-        16,
+        0,
         "Windows of text the base model writes itself, which the bank learns to leave as they "
-        "are (0: no locality term)",
+        "are (0: no locality term; 16 measured in docs/benchmarks.md)",
         low=0,
         high=256,
     )
@@ -89,7 +88,7 @@ class DocumentConfig:
         "The weight of the locality term: |CE − CE_base| on those windows, with the batch's DocReps",
         low=0,
     )
-    epochs: int = option(100, "Passes over the training windows, at most", low=1, high=10_000)
+    epochs: int = option(60, "Passes over the training windows, at most", low=1, high=10_000)
     target_ce: float = option(
         0.05, "Stop once an epoch's mean CE⁺ (own DocRep) is at most this; 0: run every epoch", low=0
     )
