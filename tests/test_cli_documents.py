@@ -333,3 +333,12 @@ def test_only_the_training_flags_given_are_sent(peer, address, capsys, tmp_path)
     args = build_parser().parse_args(["docs", "add", "bank", "a.txt", "--epochs", "3", "--key-module", "mlp"])
     request = build_documents_request("bank", [("a", "text")], given_options(args, DocumentConfig))
     assert [field.name for field, _ in request.config.ListFields()] == ["key_module", "epochs"]
+
+
+def test_docs_ls_shows_the_first_values_of_a_long_docrep_and_json_has_them_all():
+    from memserve.clients.cli.docs import _row
+
+    short = _row({"id": "a", "title": "A", "words": 3, "docrep": [0.5, -0.25]})
+    assert short == ("a", "A", "3", "0.5,-0.25")
+    long = _row({"id": "b", "title": "", "words": 9, "docrep": [0.1 * i for i in range(16)]})
+    assert long[1] == "-" and long[3] == "0,0.1,0.2,… (16 values)"

@@ -396,7 +396,7 @@ BLOG_NEGATIVES = [
 
 
 def test_the_blogs_nepal_fact_on_the_default_model(default_model, make_engine):
-    """The blog's example (seeds/004): the whole word for >= 6 of 7 positives, the first token
+    """The source blog post's example: the whole word for >= 6 of 7 positives, the first token
     kept for >= 7 of 8 negatives; half of the given prompts are held out of the boundary search."""
     tokenizer = default_model.tokenizer
     engine = make_engine(default_model.model, tokenizer, max_batch_size=16)
