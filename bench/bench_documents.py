@@ -1,6 +1,9 @@
 """Document memories on the default model: the paper's central effect, linear vs MLP keys.
 
     python bench/bench_documents.py train --out DIR [--config '{"key_module": "mlp"}'] [--seed N]
+                                          [--articles 100] [--compare-with 24] [--exact-sample 5]
+    python bench/bench_documents.py evaluate --out DIR
+    python bench/bench_documents.py keys --out DIR [--seeds 3] [--config '{"epochs": 30}']
     python bench/bench_documents.py throughput [--bank FILE]
 
 `train` trains a bank over the ten fictional articles in tests/fixtures/documents (the
@@ -13,9 +16,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import random
 import sys
+import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -28,7 +35,7 @@ from memserve.kinds.document import DocumentKind  # noqa: E402
 from memserve.kinds.document.eval import evaluate_bank  # noqa: E402
 from memserve.memory.evaluation import offline_context  # noqa: E402
 from memserve.memory.kind import TrainContext  # noqa: E402
-from memserve.memory_store.artifact import Artifact, MemoryMeta, decode, encode, export_bytes  # noqa: E402
+from memserve.memory_store.artifact import Artifact, MemoryMeta, decode, encode, export_bytes, import_bytes  # noqa: E402
 from memserve.models import LoadedModel, ModelConfig, load_model  # noqa: E402
 
 FIXTURES = REPO / "tests" / "fixtures" / "documents"
@@ -67,8 +74,59 @@ class _Context(TrainContext):
 def train(args: argparse.Namespace) -> int:
     loaded = load_model(ModelConfig(device="cpu", dtype="fp32"))
     config = {"holdout_windows": args.holdout_windows, "seed": args.seed, **json.loads(args.config)}
-    started = time.monotonic()
     documents = articles(args.articles) if args.articles else fixture_documents()
+    _train(loaded, documents, config, args)
+    return 0
+
+
+# The paper's study of nonlinear keys (its appendix): ReLU selections, α = 1, random negatives.
+PAPER_KEY_STUDY = {"key_activation": "relu", "alpha": 1.0, "negatives": "random"}
+KEY_FIGURES = (
+    ("ce_own_mean", "CE own, mean"),
+    ("nearest_other_over_own_min", "nearest/own, min"),
+    ("identification_accuracy_mean", "identification, mean"),
+    ("recall_own_mean", "recall own"),
+    ("recall_nearest_other_mean", "recall nearest"),
+)
+
+
+def keys(args: argparse.Namespace) -> int:
+    """Linear against MLP keys over several seeds, as the paper compared them; mean ± sd."""
+    import statistics
+
+    loaded = load_model(ModelConfig(device="cpu", dtype="fp32"))
+    base = {**PAPER_KEY_STUDY, "holdout_windows": args.holdout_windows, **json.loads(args.config)}
+    out = args.out
+    figures: dict[str, list[dict[str, float]]] = {}
+    for module in ("linear", "mlp"):
+        for seed in range(args.seeds):
+            args.out = out / f"{module}-seed{seed}"
+            metrics = _train(loaded, fixture_documents(), {**base, "key_module": module, "seed": seed}, args)
+            row = {**metrics["summary"], "unrelated_ppl_ratio": metrics["unrelated_ppl_ratio"]}
+            row.update(
+                l0=metrics["selection"]["l0"], normalized_pairwise=metrics["selection"]["normalized_pairwise"]
+            )
+            figures.setdefault(module, []).append(row)
+    (out / "keys.json").write_text(json.dumps({"config": base, "runs": figures}, indent=2))
+    names = [*KEY_FIGURES, ("unrelated_ppl_ratio", "unrelated ×"), ("l0", "L0"),
+             ("normalized_pairwise", "normalised pairwise")]  # fmt: skip
+    print(f"| key ({args.seeds} seeds, mean ± sd) | " + " | ".join(label for _, label in names) + " |")
+    print("|---|" + "---:|" * len(names))
+    for module, rows in figures.items():
+        cells = []
+        for name, _ in names:
+            values = [r[name] for r in rows]
+            spread = statistics.stdev(values) if len(values) > 1 else 0.0
+            cells.append(f"{statistics.mean(values):.3g} ± {spread:.2g}")
+        print(f"| {module} | " + " | ".join(cells) + " |")
+    return 0
+
+
+def _train(
+    loaded: LoadedModel, documents: list[dict[str, str]], config: dict[str, Any], args: argparse.Namespace
+) -> dict[str, Any]:
+    """Trains a bank of `documents`, writes it into args.out, evaluates it; its metrics."""
+    started = time.monotonic()
     trained = DocumentKind().train({"documents": documents, "config": config}, _Context(loaded))
     seconds = time.monotonic() - started
     meta = MemoryMeta(
@@ -85,13 +143,62 @@ def train(args: argparse.Namespace) -> int:
     artifact = decode(replace(meta, version=1), blob)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "bank.safetensors").write_bytes(export_bytes(artifact))
+    print(f"trained in {seconds:.0f} s ({trained.metrics})", file=sys.stderr)
+    return _evaluate(loaded, artifact, args, {"wall_seconds": seconds})
+
+
+def evaluate(args: argparse.Namespace) -> int:
+    """The evaluation alone, of a bank written by `train` (its training time kept)."""
+    loaded = load_model(ModelConfig(device="cpu", dtype="fp32"))
+    artifact = import_bytes((args.out / "bank.safetensors").read_bytes())
+    before = args.out / "metrics.json"
+    kept = (
+        {k: v for k, v in json.loads(before.read_text()).items() if k == "wall_seconds"}
+        if before.exists()
+        else {}
+    )
+    _evaluate(loaded, artifact, args, kept)
+    return 0
+
+
+def _evaluate(
+    loaded: LoadedModel, artifact: Artifact, args: argparse.Namespace, extra: dict[str, Any]
+) -> dict[str, Any]:
+    """Evaluates into args.out; with `--exact-sample N`, N documents are compared again with every
+    other DocRep, to show what comparing with `--compare-with` of them misses."""
+    from memserve.kinds.document.eval import BankEvaluation
+
+    started = time.monotonic()
     with offline_context(loaded, artifact, args.out) as context:
-        metrics = evaluate_bank(context, artifact)
-    metrics["wall_seconds"] = seconds
+        metrics = evaluate_bank(context, artifact, compare_with=args.compare_with)
+        sampled = sorted(random.Random(0).sample(range(len(metrics["documents"])), args.exact_sample))
+        if sampled and metrics["summary"]["compared_with_min"] < len(metrics["documents"]) - 1:
+            evaluation = BankEvaluation(context, artifact)
+            ids = list(metrics["documents"])
+            same_nearest = same_identification = 0
+            for i in sampled:
+                everyone = [j for j in range(len(ids)) if j != i]
+                full, nearest = evaluation.document_metrics(i, evaluation.train[i], everyone, everyone)
+                same_nearest += ids[nearest] == metrics["documents"][ids[i]]["nearest_other"]
+                same_identification += math.isclose(
+                    full["identification_accuracy"], metrics["documents"][ids[i]]["identification_accuracy"]
+                )
+            metrics["exact_check"] = {
+                "documents": [ids[i] for i in sampled],
+                "same_nearest_other": same_nearest,
+                "same_identification_accuracy": same_identification,
+            }
+    metrics.update(extra, eval_seconds=time.monotonic() - started)
     (args.out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     print((args.out / "report.md").read_text())
-    print(f"trained in {seconds:.0f} s ({trained.metrics})")
-    return 0
+    if "exact_check" in metrics:
+        check = metrics["exact_check"]
+        print(
+            f"compared with every DocRep, {len(check['documents'])} documents: the same nearest other for "
+            f"{check['same_nearest_other']}, the same identification for "
+            f"{check['same_identification_accuracy']}"
+        )
+    return metrics
 
 
 def reference(args: argparse.Namespace) -> int:
@@ -185,12 +292,63 @@ def reference(args: argparse.Namespace) -> int:
     return 0
 
 
+PROMPTS = [
+    "The history of the town begins", "In the spring of that year", "According to the records,",
+    "The most famous part of it is", "Critics at the time wrote that", "Its design was unusual because",
+    "Visitors today can still see", "The first written account says",
+]  # fmt: skip
+
+
 def throughput(args: argparse.Namespace) -> int:
     """8 concurrent streams, each with a different document of one bank, against 8 with no memory,
-    on one `memserve serve` subprocess, rounds interleaved; greedy, EOS ignored."""
-    import asyncio
+    rounds interleaved; greedy, EOS ignored. Through a `memserve serve` subprocess and its gRPC
+    API, or (`--in-process`) straight into an engine, which leaves out the RPC noise."""
     import statistics
-    import tempfile
+
+    measure = _engine_rounds if args.in_process else _server_rounds
+    plain, memory = measure(args)
+    p, m = statistics.median(plain), statistics.median(memory)
+    paired = statistics.median(b / a for a, b in zip(plain, memory, strict=True))
+    where = "in one engine" if args.in_process else "over gRPC"
+    title = f"8 concurrent streams {where}, {args.new_tokens} new tokens each"
+    print(f"| {title} | tokens/s (median of {args.rounds}) | ratio | median ratio within a round |")
+    print("|---|---:|---:|---:|")
+    print(f"| no memory | {p:.1f} | 1.00x | |")
+    print(f"| each with a different document of one bank | {m:.1f} | {m / p:.3f}x | {paired:.3f}x |")
+    return 0
+
+
+def _engine_rounds(args: argparse.Namespace) -> tuple[list[float], list[float]]:
+    from memserve.engine.offline import generate_each
+    from memserve.kinds.document.module import LoadedDocumentBank
+    from memserve.memory.kind import MemoryKey, MemoryRefSpec
+
+    loaded = load_model(ModelConfig(device="cpu", dtype="fp32"))
+    artifact = import_bytes(args.bank.read_bytes())
+    prompts = [loaded.tokenizer(p).input_ids for p in PROMPTS]
+    with tempfile.TemporaryDirectory() as out, offline_context(loaded, artifact, Path(out)) as context:
+        bank = LoadedDocumentBank(artifact, context.target)
+        every = [d["id"] for d in artifact.meta.details["documents"]]
+        ids = [every[i % len(every)] for i in range(len(PROMPTS))]
+        bound = [
+            (bank.bind(MemoryRefSpec("articles", "document", key=MemoryKey(document_id=i))),) for i in ids
+        ]
+
+        def rate(memories: list[tuple[Any, ...]]) -> float:
+            started = time.perf_counter()
+            generate_each(context.engine, list(zip(prompts, memories, strict=True)), args.new_tokens)
+            return len(prompts) * args.new_tokens / (time.perf_counter() - started)
+
+        rate(bound), rate([()] * 8)  # warm
+        plain, memory = [], []
+        for _ in range(args.rounds):
+            plain.append(rate([()] * 8))
+            memory.append(rate(bound))
+    return plain, memory
+
+
+def _server_rounds(args: argparse.Namespace) -> tuple[list[float], list[float]]:
+    import asyncio
 
     sys.path.insert(0, str(REPO / "bench"))
     from common import launch_server, stop, wait_for_first_token
@@ -198,11 +356,6 @@ def throughput(args: argparse.Namespace) -> int:
     from memserve.clients.client import AsyncClient, Client, document_ref
     from memserve.memory_store.redis_server import RedisServer
 
-    prompts = [
-        "The history of the town begins", "In the spring of that year", "According to the records,",
-        "The most famous part of it is", "Critics at the time wrote that", "Its design was unusual because",
-        "Visitors today can still see", "The first written account says",
-    ]  # fmt: skip
     data = args.bank.read_bytes()
 
     async def streams(address: str, documents: list[str | None]) -> float:
@@ -215,8 +368,8 @@ def throughput(args: argparse.Namespace) -> int:
                     pass
 
             started = time.perf_counter()
-            await asyncio.gather(*(one(p, d) for p, d in zip(prompts, documents, strict=True)))
-            return len(prompts) * args.new_tokens / (time.perf_counter() - started)
+            await asyncio.gather(*(one(p, d) for p, d in zip(PROMPTS, documents, strict=True)))
+            return len(PROMPTS) * args.new_tokens / (time.perf_counter() - started)
 
     with tempfile.TemporaryDirectory() as tmp, RedisServer(Path(tmp)) as redis:
         server, address = launch_server("--redis-url", redis.url, "--workers", "0")
@@ -232,13 +385,7 @@ def throughput(args: argparse.Namespace) -> int:
                 memory.append(asyncio.run(streams(address, list(ids))))
         finally:
             stop(server)
-    p, m = statistics.median(plain), statistics.median(memory)
-    title = f"8 concurrent streams, {args.new_tokens} new tokens each"
-    print(f"| {title} | tokens/s (median of {args.rounds}) | ratio |")
-    print("|---|---:|---:|")
-    print(f"| no memory | {p:.1f} | 1.00x |")
-    print(f"| each with a different document of one bank | {m:.1f} | {m / p:.3f}x |")
-    return 0
+    return plain, memory
 
 
 def main() -> int:
@@ -255,6 +402,20 @@ def main() -> int:
                      "(bench/articles.py), not the fixtures")  # fmt: skip
     run.add_argument("--seed", type=int, default=0)
     run.set_defaults(run=train)
+    again = commands.add_parser("evaluate", help="evaluate again the bank that `train` wrote into --out")
+    again.add_argument("--out", type=Path, required=True)
+    again.set_defaults(run=evaluate)
+    study = commands.add_parser("keys", help="linear against MLP keys, several seeds, on the ten fixtures")
+    study.add_argument("--out", type=Path, required=True)
+    study.add_argument("--seeds", type=int, default=3)
+    study.add_argument("--holdout-windows", type=int, default=1)
+    study.add_argument("--config", default="{}", help="options over the study's, as JSON")
+    study.set_defaults(run=keys)
+    for command in (run, again, study):
+        command.add_argument("--compare-with", type=int, default=24,
+                             help="other DocReps each document is compared with (0 = all)")  # fmt: skip
+        command.add_argument("--exact-sample", type=int, default=0,
+                             help="documents compared again with every DocRep, as a check")  # fmt: skip
     compare = commands.add_parser("reference", help="trainer speed against the public reference loop")
     compare.add_argument("--epochs", type=int, default=2)
     compare.add_argument("--learning-rate", type=float, default=1e-2)
@@ -262,7 +423,8 @@ def main() -> int:
     speed = commands.add_parser("throughput", help="8 concurrent requests with 8 documents vs none")
     speed.add_argument("--bank", type=Path, required=True, help="an export file from `train`")
     speed.add_argument("--new-tokens", type=int, default=64)
-    speed.add_argument("--rounds", type=int, default=3)
+    speed.add_argument("--rounds", type=int, default=5)
+    speed.add_argument("--in-process", action="store_true", help="into an engine, not through a server")
     speed.set_defaults(run=throughput)
     args = parser.parse_args()
     torch.set_num_threads(torch.get_num_threads())

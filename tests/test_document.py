@@ -215,7 +215,8 @@ def test_the_evaluation_writes_the_report_metrics_and_plots(trained, tiny, tmp_p
         metrics = evaluate_bank(context, artifact, grid=3)
     assert set(metrics["documents"]) == set(TEXTS)
     keys = {"ppl_own", "ce_own", "ppl_nearest_other", "ppl_other", "ppl_random", "ppl_none", "ppl_base",
-            "identification_accuracy", "recall_own", "recall_nearest_other", "nearest_other"}  # fmt: skip
+            "identification_accuracy", "recall_own", "recall_nearest_other", "recall_short_own",
+            "nearest_other", "compared_with"}  # fmt: skip
     for doc_id, values in metrics["documents"].items():
         assert keys <= set(values)
         assert values["ppl_own"] <= values["ppl_nearest_other"] <= values["ppl_other"]
@@ -231,6 +232,25 @@ def test_the_evaluation_writes_the_report_metrics_and_plots(trained, tiny, tmp_p
     assert (tmp_path / "selection_heatmap.png").stat().st_size > 1000
     assert (tmp_path / "ppl_landscape.png").stat().st_size > 1000
     assert "| fox |" in (tmp_path / "report.md").read_text()
+
+
+def test_a_large_bank_compares_each_document_with_its_nearest_docreps(trained, tiny, tmp_path):
+    from memserve.kinds.document.eval import BankEvaluation, evaluate_bank
+    from memserve.memory.evaluation import offline_context
+
+    artifact = as_artifact(trained[0])
+    with offline_context(tiny, artifact, tmp_path) as context:
+        evaluation = BankEvaluation(context, artifact)
+        selections = evaluation.selections.float()
+        for index in range(len(TEXTS)):
+            assert evaluation.compared_keys(index, 0) == ([j for j in range(len(TEXTS)) if j != index],) * 2
+            distances = {j: float((selections[j] - selections[index]).norm()) for j in range(len(TEXTS))}
+            nearest = min((j for j in distances if j != index), key=distances.__getitem__)
+            assert evaluation.compared_keys(index, 1) == ([nearest], [])
+        metrics = evaluate_bank(context, artifact, grid=2, compare_with=1)
+    assert metrics["summary"]["compared_with_min"] == 1
+    assert all(m["compared_with"] == 1 for m in metrics["documents"].values())
+    assert "1 other DocReps" in (tmp_path / "report.md").read_text()
 
 
 def test_eval_docs_from_the_command_line_on_an_export_file(trained, tiny_llama_dir, tmp_path):

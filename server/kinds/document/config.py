@@ -176,6 +176,13 @@ class DocumentEvalOptions:
     """Options of a bank's evaluation (`memserve eval docs`)."""
 
     grid: int = option(7, "Points per side of the perplexity landscape over 2-D DocReps", low=2, high=101)
+    compare_with: int = option(
+        24,
+        "Other DocReps each document is compared with, when the bank has more: two thirds whose "
+        "selections are nearest its own, one third at random (their mean is `ppl_other`); 0 = all",
+        low=0,
+        high=100_000,
+    )
 
     def check(self) -> None:
         check_options(self)

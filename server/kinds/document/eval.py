@@ -43,6 +43,9 @@ RANDOM_KEYS = 4
 # RECALL_TOKENS that greedy decoding gets right, position by position.
 RECALL_PROMPT = 32
 RECALL_TOKENS = 16
+# The same from a window's first 8 tokens: a short prompt, as a user types one, gives the bank
+# little context to recognise its text by (a bank taught to leave other text alone may stay quiet).
+RECALL_SHORT_PROMPT = 8
 MIN_RECALL_PROMPT = 4
 # The paper clipped at 9 (its own-DocRep perplexities were 2.4-3.0); a log scale up to 100
 # shows the basin whatever the model's perplexity level.
@@ -110,47 +113,69 @@ class BankEvaluation:
         with torch.no_grad():
             return self.bank.bank.selection(docrep[None].to(self.bank.device, self.bank.dtype))[0]
 
-    def document_metrics(self, index: int, windows: _Windows) -> tuple[dict[str, float], int]:
-        """The document's perplexities and identification accuracy on `windows`, and the index
-        of its nearest other document (the one whose DocRep gives the lowest perplexity)."""
-        per_key = torch.stack([self.window_losses(windows, s) for s in self.selections], 1)  # (W, N)
-        tokens = windows.tokens
-        ppl = torch.exp(per_key.sum(0) / tokens.sum())  # (N,)
+    def compared_keys(self, index: int, limit: int) -> tuple[list[int], list[int]]:
+        """(the other documents whose DocReps `index` is compared with, the random part of them).
+
+        All the others up to `limit` (0 = no limit). Over it, the two thirds whose selections
+        are nearest the document's own (the bank's update is linear in the selection, so these
+        are the DocReps likeliest to explain its text as well) and one third drawn at random, an
+        unbiased sample for the mean over the others."""
         others = [j for j in range(len(self.documents)) if j != index]
-        nearest = min(others, key=lambda j: float(ppl[j])) if others else index
-        identified = (per_key / tokens[:, None]).argmin(1) == index
+        if not limit or len(others) <= limit:
+            return others, others
+        distance = (self.selections.float() - self.selections[index].float()).norm(dim=1)
+        distance[index] = math.inf
+        nearest = distance.argsort()[: limit - limit // 3].tolist()
+        rest = [j for j in others if j not in set(nearest)]
+        drawn = torch.randperm(len(rest), generator=self.generator)[: limit // 3].tolist()
+        sampled = [rest[i] for i in drawn]
+        return nearest + sampled, sampled
+
+    def document_metrics(
+        self, index: int, windows: _Windows, others: list[int], sampled: list[int]
+    ) -> tuple[dict[str, float], int]:
+        """The document's perplexities and identification accuracy on `windows` against the
+        DocReps of `others`, and the index of its nearest other document (the one whose DocRep
+        gives the lowest perplexity); `ppl_other` is the mean over `sampled`."""
+        keys = [index, *others]
+        per_key = torch.stack([self.window_losses(windows, self.selections[j]) for j in keys], 1)  # (W, K)
+        tokens = windows.tokens
+        ppl = dict(zip(keys, torch.exp(per_key.sum(0) / tokens.sum()).tolist(), strict=True))
+        nearest = min(others, key=lambda j: ppl[j]) if others else index
+        identified = (per_key / tokens[:, None]).argmin(1) == 0
         key_dim = self.bank.key_dim
         randoms = [
             self.perplexity(windows, self.selection(torch.rand(key_dim, generator=self.generator) * 2 - 1))
             for _ in range(RANDOM_KEYS)
         ]
-        own = float(ppl[index])
+        own = ppl[index]
         return {
             "ppl_own": own,
             "ce_own": math.log(own),
-            "ppl_nearest_other": float(ppl[nearest]) if others else float("nan"),
-            "ppl_other": float(ppl[others].mean()) if others else float("nan"),
+            "ppl_nearest_other": ppl[nearest] if others else float("nan"),
+            "ppl_other": statistics.mean(ppl[j] for j in sampled) if sampled else float("nan"),
             "identification_accuracy": float(identified.float().mean()),
+            "compared_with": len(others),
             "ppl_random": statistics.mean(randoms),
             "ppl_none": self.perplexity(windows, None),
             "ppl_base": self.perplexity(windows, None, attached=False),
             "windows": len(tokens),
         }, nearest
 
-    def recall(self, requests: list[tuple[int, int]]) -> list[float]:
-        """For (document, key document) pairs: the share of the document's next tokens that
-        greedy decoding says with the key document's DocRep, over its training windows long
-        enough to test, through the serving engine."""
+    def recall(self, requests: list[tuple[int, int, int]]) -> list[float]:
+        """For (document, key document, prompt tokens) triples: the share of the document's next
+        tokens that greedy decoding says with the key document's DocRep after a window's first
+        tokens, over its training windows long enough to test, through the serving engine."""
         jobs: list[tuple[list[int], tuple[BoundDocument, ...]]] = []
         owners: list[tuple[int, list[int]]] = []
-        for pair, (index, key) in enumerate(requests):
+        for pair, (index, key, prompt_tokens) in enumerate(requests):
             bound = self.bank.bind(
                 MemoryRefSpec(self.bank.name, "document", key=MemoryKey(document_id=self.documents[key].id))
             )
             windows = self.train[index]
             for row, length in enumerate(windows.mask.sum(1).tolist()):
                 # A window shorter than prompt + continuation is prompted with all but its end.
-                prompt = min(RECALL_PROMPT, length - RECALL_TOKENS)
+                prompt = min(prompt_tokens, length - RECALL_TOKENS)
                 if prompt >= MIN_RECALL_PROMPT:
                     ids = windows.ids[row].tolist()
                     jobs.append((ids[:prompt], (bound,)))
@@ -199,11 +224,17 @@ def run(options: dict[str, Any], context: EvalContext) -> None:
     given = options_from_spec(DocumentEvalOptions, options, "document evaluation")
     if context.artifact is None:
         raise InvalidArgument("a document evaluation needs a bank")
-    evaluate_bank(context, context.artifact, grid=given.grid)
+    evaluate_bank(context, context.artifact, grid=given.grid, compare_with=given.compare_with)
 
 
-def evaluate_bank(context: EvalContext, artifact: Artifact, grid: int = 7) -> dict[str, Any]:
-    """Writes metrics.json, report.md and the plots into `context.out`; returns the metrics."""
+def evaluate_bank(
+    context: EvalContext, artifact: Artifact, grid: int = 7, compare_with: int = 24
+) -> dict[str, Any]:
+    """Writes metrics.json, report.md and the plots into `context.out`; returns the metrics.
+
+    Each document is compared with every other DocRep, or with `compare_with` of them in a
+    large bank (`BankEvaluation.compared_keys`): the cost is one pass of the model's last
+    layers per window and compared DocRep."""
     out = context.out
     out.mkdir(parents=True, exist_ok=True)
     evaluation = BankEvaluation(context, artifact)
@@ -212,17 +243,23 @@ def evaluate_bank(context: EvalContext, artifact: Artifact, grid: int = 7) -> di
     nearest: list[int] = []
     steps = len(evaluation.documents) + 1
     for i, doc in enumerate(evaluation.documents):
-        documents[doc.id], closest = evaluation.document_metrics(i, evaluation.train[i])
+        others, sampled = evaluation.compared_keys(i, compare_with)
+        documents[doc.id], closest = evaluation.document_metrics(i, evaluation.train[i], others, sampled)
         nearest.append(closest)
         held = evaluation.held[i]
         if held is not None:
-            held_out[doc.id] = evaluation.document_metrics(i, held)[0]
+            held_out[doc.id] = evaluation.document_metrics(i, held, others, sampled)[0]
         context.progress(i + 1, steps, doc.id)
     count = len(evaluation.documents)
-    recalls = evaluation.recall([(i, i) for i in range(count)] + [(i, nearest[i]) for i in range(count)])
+    recalls = evaluation.recall(
+        [(i, i, RECALL_PROMPT) for i in range(count)]
+        + [(i, nearest[i], RECALL_PROMPT) for i in range(count)]
+        + [(i, i, RECALL_SHORT_PROMPT) for i in range(count)]
+    )
     for i, doc in enumerate(evaluation.documents):
         documents[doc.id]["recall_own"] = recalls[i]
         documents[doc.id]["recall_nearest_other"] = recalls[count + i] if count > 1 else float("nan")
+        documents[doc.id]["recall_short_own"] = recalls[2 * count + i]
         documents[doc.id]["nearest_other"] = evaluation.documents[nearest[i]].id if count > 1 else ""
     context.progress(steps, steps, "recall")
     unrelated = evaluation.unrelated_ratios()
@@ -257,12 +294,14 @@ def _summary(documents: dict[str, dict[str, Any]]) -> dict[str, float]:
     ratios = [m["ppl_nearest_other"] / m["ppl_own"] for m in rows if not math.isnan(m["ppl_nearest_other"])]
     return {
         "documents": len(rows),
+        "compared_with_min": min(int(m["compared_with"]) for m in rows),
         "ce_own_mean": statistics.mean(values("ce_own")),
         "ce_own_max": max(values("ce_own")),
         "nearest_other_over_own_min": min(ratios) if ratios else float("nan"),
         "identification_accuracy_mean": statistics.mean(values("identification_accuracy")),
         "identification_accuracy_min": min(values("identification_accuracy")),
         "recall_own_mean": statistics.mean(values("recall_own")) if values("recall_own") else float("nan"),
+        "recall_short_own_mean": statistics.mean(values("recall_short_own")),
         "recall_nearest_other_mean": (
             statistics.mean(values("recall_nearest_other"))
             if values("recall_nearest_other")
@@ -344,12 +383,14 @@ def _report(metrics: dict[str, Any], plots: list[str]) -> str:
     lines = [
         f"# Document bank `{metrics['bank']}` version {metrics['version']}",
         "",
-        f"Over {summary['documents']} documents, the weakest figures first: nearest-other/own "
+        f"Over {summary['documents']} documents, each compared with {_compared(summary)}, the "
+        "weakest figures first: nearest-other/own "
         f"perplexity at least {summary['nearest_other_over_own_min']:.2f}; identification accuracy "
         f"at least {summary['identification_accuracy_min']:.2f} (mean "
         f"{summary['identification_accuracy_mean']:.2f}); CE own at most {summary['ce_own_max']:.3f} "
         f"(mean {summary['ce_own_mean']:.3f}); recall {summary['recall_own_mean']:.2f} with the own "
-        f"DocRep, {summary['recall_nearest_other_mean']:.2f} with the nearest other. Text that no "
+        f"DocRep ({summary['recall_short_own_mean']:.2f} from {RECALL_SHORT_PROMPT} tokens), "
+        f"{summary['recall_nearest_other_mean']:.2f} with the nearest other. Text that no "
         f"document contains: perplexity × {metrics['unrelated_ppl_ratio']:.2f} of the base model's "
         f"(worst DocRep × {metrics['unrelated_ppl_ratio_max']:.2f}).",
         "",
@@ -358,17 +399,18 @@ def _report(metrics: dict[str, Any], plots: list[str]) -> str:
         "over the other documents' DocReps; `random`: the mean over random DocReps in [-1, 1]^k; "
         "`base`: the model alone. `ident`: the share of windows whose own DocRep beats every other. "
         f"Recall: prompted with a window's first {RECALL_PROMPT} tokens, the share of the next "
-        f"{RECALL_TOKENS} said greedily.",
+        f"{RECALL_TOKENS} said greedily; `short`: the same from its first {RECALL_SHORT_PROMPT} tokens.",
         "",
         "| document | own | nearest | other | random | base | nearest/own | ident | recall own | "
-        "recall nearest |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "recall nearest | recall short |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for doc_id, m in metrics["documents"].items():
         lines.append(
             f"| {doc_id} | {m['ppl_own']:.2f} | {m['ppl_nearest_other']:.2f} | {m['ppl_other']:.2f} | "
             f"{m['ppl_random']:.2f} | {m['ppl_base']:.2f} | {m['ppl_nearest_other'] / m['ppl_own']:.2f} | "
-            f"{m['identification_accuracy']:.2f} | {m['recall_own']:.2f} | {m['recall_nearest_other']:.2f} |"
+            f"{m['identification_accuracy']:.2f} | {m['recall_own']:.2f} | {m['recall_nearest_other']:.2f} | "
+            f"{m['recall_short_own']:.2f} |"
         )
     lines += _held_out_table(metrics["held_out"])
     s = metrics["selection"]
@@ -385,6 +427,16 @@ def _report(metrics: dict[str, Any], plots: list[str]) -> str:
     ]
     lines += [f"![{p}]({p})" for p in plots]
     return "\n".join(lines) + "\n"
+
+
+def _compared(summary: dict[str, Any]) -> str:
+    count = int(summary["compared_with_min"])
+    if count == summary["documents"] - 1:
+        return "every other document's DocRep"
+    return (
+        f"{count} other DocReps (the nearest by selection, two thirds, and a random third, whose "
+        "mean is `other`)"
+    )
 
 
 def _held_out_table(held_out: dict[str, dict[str, Any]]) -> list[str]:
