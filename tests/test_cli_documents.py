@@ -289,6 +289,7 @@ def test_eval_docs_runs_on_the_server_and_writes_the_report(stories, address, ca
     assert code == 0, err
     assert printed.startswith(f"wrote {out / 'report.md'} and ") and "metrics.json" in printed
     assert "nearest-other/own perplexity" in printed and printed.count("\n") == 1
+    assert "unrelated text ×" in printed  # the figure a bank is weakest on, in the line
     metrics = json.loads((out / "metrics.json").read_text())
     assert set(metrics["documents"]) == {"fox", "sea"}
     assert (metrics["bank"], metrics["version"]) == ("stories", 1)
@@ -302,6 +303,7 @@ def test_eval_docs_runs_on_the_server_and_writes_the_report(stories, address, ca
     assert code == 0 and {"report.md", "metrics.json"} <= set(summary["files"])
     assert summary["out"] == str(tmp_path / "again")
     assert summary["summary"]["identification_accuracy_min"] >= 0
+    assert summary["summary"]["unrelated_ppl_ratio"] > 0
 
 
 @pytest.mark.parametrize(

@@ -35,11 +35,12 @@ SHOT_FIGURES = ("accuracy", "micro_f1", "macro_f1")
 
 
 def _docs_summary(metrics: dict[str, Any]) -> tuple[str, dict[str, Any]]:
-    summary = metrics["summary"]
+    summary = {**metrics["summary"], "unrelated_ppl_ratio": metrics["unrelated_ppl_ratio"]}
     shown = (
         f"identification ≥ {summary['identification_accuracy_min']:.2f}, nearest-other/own perplexity "
         f"≥ {summary['nearest_other_over_own_min']:.2f}, CE own ≤ {summary['ce_own_max']:.3f}, recall "
-        f"{summary['recall_own_mean']:.2f} own vs {summary['recall_nearest_other_mean']:.2f} nearest other"
+        f"{summary['recall_own_mean']:.2f} own vs {summary['recall_nearest_other_mean']:.2f} nearest other, "
+        f"unrelated text ×{summary['unrelated_ppl_ratio']:.1f} the base model's perplexity"
     )
     return shown, summary
 
