@@ -301,8 +301,9 @@ PROMPTS = [
 
 def throughput(args: argparse.Namespace) -> int:
     """8 concurrent streams, each with a different document of one bank, against 8 with no memory,
-    rounds interleaved; greedy, EOS ignored. Through a `memserve serve` subprocess and its gRPC
-    API, or (`--in-process`) straight into an engine, which leaves out the RPC noise."""
+    rounds interleaved (which goes first alternates); greedy, EOS ignored. Through a `memserve
+    serve` subprocess and its gRPC API, or (`--in-process`) straight into an engine, which
+    leaves out the RPC noise."""
     import statistics
 
     measure = _engine_rounds if args.in_process else _server_rounds
@@ -341,10 +342,16 @@ def _engine_rounds(args: argparse.Namespace) -> tuple[list[float], list[float]]:
 
         rate(bound), rate([()] * 8)  # warm
         plain, memory = [], []
-        for _ in range(args.rounds):
-            plain.append(rate([()] * 8))
-            memory.append(rate(bound))
+        for turn in range(args.rounds):
+            for with_bank in _order(turn):
+                (memory if with_bank else plain).append(rate(bound if with_bank else [()] * 8))
     return plain, memory
+
+
+def _order(turn: int) -> tuple[bool, bool]:
+    """Which runs first in a round (with the bank: True): alternated, so that a drift over a
+    round (a cache warming, another process waking) does not always favour one side."""
+    return (False, True) if turn % 2 == 0 else (True, False)
 
 
 def _server_rounds(args: argparse.Namespace) -> tuple[list[float], list[float]]:
@@ -380,9 +387,10 @@ def _server_rounds(args: argparse.Namespace) -> tuple[list[float], list[float]]:
             ids = [d["id"] for d in info.details["documents"]][:8]
             plain, memory = [], []
             asyncio.run(streams(address, list(ids)))  # warm: the bank loads once
-            for _ in range(args.rounds):
-                plain.append(asyncio.run(streams(address, [None] * 8)))
-                memory.append(asyncio.run(streams(address, list(ids))))
+            for turn in range(args.rounds):
+                for with_bank in _order(turn):
+                    documents = list(ids) if with_bank else [None] * 8
+                    (memory if with_bank else plain).append(asyncio.run(streams(address, documents)))
         finally:
             stop(server)
     return plain, memory
