@@ -300,14 +300,15 @@ def _summary(documents: dict[str, dict[str, Any]]) -> dict[str, float]:
         "nearest_other_over_own_min": min(ratios) if ratios else float("nan"),
         "identification_accuracy_mean": statistics.mean(values("identification_accuracy")),
         "identification_accuracy_min": min(values("identification_accuracy")),
-        "recall_own_mean": statistics.mean(values("recall_own")) if values("recall_own") else float("nan"),
-        "recall_short_own_mean": statistics.mean(values("recall_short_own")),
-        "recall_nearest_other_mean": (
-            statistics.mean(values("recall_nearest_other"))
-            if values("recall_nearest_other")
-            else float("nan")
-        ),
+        "recall_own_mean": _mean(values("recall_own")),
+        "recall_short_own_mean": _mean(values("recall_short_own")),
+        "recall_nearest_other_mean": _mean(values("recall_nearest_other")),
     }
+
+
+def _mean(values: list[float]) -> float:
+    """NaN where nothing was measured (e.g. no window long enough for a recall prompt)."""
+    return statistics.mean(values) if values else float("nan")
 
 
 def _pearson(xs: list[float], ys: list[float]) -> float:
