@@ -445,3 +445,22 @@ def test_the_locality_term_is_zero_for_an_untrained_bank_and_grows_when_it_chang
     assert float(trainer.locality_loss(owners).detach()) > 0.01
     again = background_windows(tiny.model, tiny.tokenizer, 4, 16, config.seed)
     assert torch.equal(again.input_ids, trainer.background.input_ids)  # seeded: the same text
+
+
+@pytest.mark.parametrize(
+    ("options", "match"),
+    [
+        ({"compare_with": -3}, r"options\.compare_with must be in \[0, 100000\], got -3"),
+        ({"compare_with": "x"}, r"options\.compare_with has the wrong type: 'x'"),
+        ({"compare_wth": 3}, r"unknown document evaluation options: \['compare_wth'\]"),
+    ],
+)
+def test_bad_evaluation_options_are_named_where_the_request_carries_them(options, match):
+    from memserve.kinds.document.config import DocumentEvalOptions
+    from memserve.memory.options import options_from_spec
+
+    with pytest.raises(InvalidArgument, match=match):
+        options_from_spec(DocumentEvalOptions, options, "document evaluation")
+    # Training options live in a spec's `config`, and their messages say so.
+    with pytest.raises(InvalidArgument, match=r"config\.memory_dim must be in"):
+        DocumentConfig.from_spec({"memory_dim": 0})

@@ -90,16 +90,23 @@ def describe(cls: type[Options]) -> list[OptionInfo]:
     return described
 
 
+def section_of(cls: type) -> str:
+    """Where a request carries these options, for error messages: a training spec's `config`,
+    or an evaluation's `options` (a class says so with `section: ClassVar[str]`)."""
+    return str(getattr(cls, "section", "config"))
+
+
 def check_options(options: Options) -> None:
     """Checks every option against its declared bounds and choices (InvalidArgument, naming it)."""
+    section = section_of(type(options))
     for info in describe(type(options)):
         value = getattr(options, info.name)
         for one in value if info.is_list else (value,):
-            _check_value(info, one)
+            _check_value(info, one, section)
 
 
-def _check_value(info: OptionInfo, value: Any) -> None:
-    name = f"config.{info.name}"
+def _check_value(info: OptionInfo, value: Any, section: str) -> None:
+    name = f"{section}.{info.name}"
     if info.choices and value not in info.choices:
         raise InvalidArgument(f"{name} must be one of {list(info.choices)}, got {value!r}")
     if isinstance(value, float) and not math.isfinite(value):
@@ -119,18 +126,20 @@ def options_from_spec(
     value takes its declared type (a float with a fraction is no int; a list option takes a
     list), then the options check themselves. Every problem is an InvalidArgument that names
     the option."""
+    section = section_of(cls)
+    noun = f"{what} training options" if section == "config" else f"{what} options"
     if not isinstance(given, dict):
-        raise InvalidArgument(f"the {what} training options must be an object of option: value")
+        raise InvalidArgument(f"the {noun} must be an object of option: value")
     infos = {info.name: info for info in describe(cls)}
     unknown = set(given) - set(infos)
     if unknown:
-        raise InvalidArgument(f"unknown {what} training options: {sorted(unknown)}")
+        raise InvalidArgument(f"unknown {noun}: {sorted(unknown)}")
     values: dict[str, Any] = {}
     for name, value in given.items():
         try:
             values[name] = convert(name, value) if convert else _converted(infos[name], value)
         except (TypeError, ValueError):
-            raise InvalidArgument(f"config.{name} has the wrong type: {value!r}") from None
+            raise InvalidArgument(f"{section}.{name} has the wrong type: {value!r}") from None
     options = cls(**values)
     options.check()
     return options

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from memserve.errors import InvalidArgument
 from memserve.memory.options import check_options, option, options_from_spec
@@ -121,6 +121,8 @@ def check_spec(spec: dict[str, Any]) -> dict[str, Any]:
 class FactualityOptions:
     """Options of the few-shot factuality evaluation (`memserve eval factuality`); the claims
     travel beside them."""
+
+    section: ClassVar[str] = "options"  # EvaluateRequest.options, for error messages
 
     shots: tuple[int, ...] = option((0, 1, 2, 3), "Numbers of shots k to evaluate", low=0, high=5, item=int)
     seed: int = option(0, "Seed of the shots' choice and order", low=0, high=2**63 - 1)

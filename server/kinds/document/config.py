@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from memserve.errors import FailedPrecondition, InvalidArgument
 from memserve.memory.options import check_options, option, options_from_spec
@@ -174,6 +174,8 @@ def check_spec(spec: dict[str, Any]) -> dict[str, Any]:
 @dataclass(frozen=True)
 class DocumentEvalOptions:
     """Options of a bank's evaluation (`memserve eval docs`)."""
+
+    section: ClassVar[str] = "options"  # EvaluateRequest.options, for error messages
 
     grid: int = option(7, "Points per side of the perplexity landscape over 2-D DocReps", low=2, high=101)
     compare_with: int = option(

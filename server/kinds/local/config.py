@@ -6,7 +6,7 @@ import hashlib
 import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from memserve.errors import FailedPrecondition, InvalidArgument
 from memserve.memory.options import check_options, option, options_from_spec
@@ -164,6 +164,8 @@ def check_spec(spec: dict[str, Any]) -> dict[str, Any]:
 @dataclass(frozen=True)
 class LocalEvalOptions:
     """Options of a set's evaluation (`memserve eval facts`)."""
+
+    section: ClassVar[str] = "options"  # EvaluateRequest.options, for error messages
 
     continuation_tokens: int = option(
         16, "Greedy tokens compared with and without the set, for locality", low=1, high=256
