@@ -6,11 +6,12 @@ python bench/bench_facts.py decode [--entries 10000] [--repeats 5] [--metrics]
     activations of the default model (keys) with random deltas, spread over 1, 8 or 60
     (layer, site) cells; the trigger is computed for every entry at every step either way.
 
-python bench/bench_facts.py counterfacts [--out DIR] [--facts FILE]
-    Trains the 50 counterfactual facts of tests/fixtures/facts/counterfacts.jsonl (3
-    paraphrases and 3 neighbours each, half held out) into one set, evaluates it on the
-    held-out prompts, and prints edit success, generalisation and locality next to the
-    numbers GRACE and MELO report.
+python bench/bench_facts.py counterfacts [--out DIR] [--config JSON] [--batch N] [--given] [--limit N]
+    Registers the 50 counterfactual facts of tests/fixtures/facts/counterfacts.jsonl from their
+    prompt and target alone (as a user does; --given adds their paraphrases and neighbours, half
+    held out), N at a time, through the trainer a job runs; then judges the set on the file's
+    written paraphrases and neighbours (which no tuning step saw), 50 unrelated prompts and
+    unrelated text, with 95 % intervals.
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ import random
 import statistics
 import threading
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -40,7 +40,7 @@ from memserve.engine.threads import compute_threads
 from memserve.kinds.local.config import LOCAL_SITES
 from memserve.kinds.local.module import LoadedLocalSet, group_tensors
 from memserve.memory.hooks import MemoryContext
-from memserve.memory.kind import LoadTarget, MemoryObserver, MemoryRefSpec
+from memserve.memory.kind import LoadTarget, MemoryObserver, MemoryRefSpec, TrainContext
 from memserve.memory_store.artifact import Artifact, MemoryMeta
 from memserve.models import LoadedModel, ModelConfig, load_model
 
@@ -197,79 +197,123 @@ def decode(args: argparse.Namespace) -> None:
         print(f"| {batch} | {cells} | {base:.2f} | {value:.2f} | {ratio:.3f}× |")
 
 
-# Published numbers (seed-algorithms.md §3.1): other models and datasets, for orientation only.
+# Published numbers (other models and datasets), for orientation only.
 PUBLISHED = [
     ("GRACE (T5-small, zsRE; as in MELO's Table 2)", "—", "0.94", "0.69 (TRR)"),
     ("MELO (T5-small, zsRE)", "0.98", "0.97", "0.72"),
 ]
 
 
-def counterfacts(args: argparse.Namespace) -> None:
-    from memserve.kinds.local.config import LocalConfig, check_facts
-    from memserve.kinds.local.eval import evaluate_set
-    from memserve.kinds.local.prompts import split_prompts
-    from memserve.kinds.local.train import OTHER_FACT_NEIGHBOURS, FactTrainer, _groups
-    from memserve.memory.evaluation import offline_context
-    from memserve.memory.hooks import MemoryHooks
+class BenchContext(TrainContext):
+    """A trainer's context in this process: the model, the set's current version, a progress line."""
 
-    facts = check_facts([json.loads(line) for line in args.facts.read_text().splitlines() if line.strip()])
-    facts = facts[: args.limit] if args.limit else facts
+    job_id = "bench"
+    tenant = "default"
+    memory_name = "counterfacts"
+
+    def __init__(self, loaded: LoadedModel, current: Artifact | None, label: str) -> None:
+        self._loaded, self._current, self.label = loaded, current, label
+        self.started = time.monotonic()
+
+    @property
+    def model(self) -> LoadedModel:
+        return self._loaded
+
+    def report(self, step: int, total: int, loss: float | None = None, message: str = "") -> None:
+        elapsed = time.monotonic() - self.started
+        print(f"\r{self.label}: {step}/{total} {message[:40]:40s} {elapsed:.0f} s", end="", flush=True)
+
+    def current_artifact(self) -> Artifact | None:
+        return self._current
+
+
+def train_in_batches(
+    loaded: LoadedModel, facts: list[dict], config: dict, batch: int
+) -> tuple[Artifact, list[dict]]:
+    """The facts registered `batch` at a time, each batch a new version over the last (as
+    `memserve facts add` does); returns the last version and each batch's job metrics."""
+    from memserve.kinds.local.train import train_set
+
+    current: Artifact | None = None
+    metrics = []
+    for start in range(0, len(facts), batch):
+        chunk = facts[start : start + batch]
+        context = BenchContext(loaded, current, f"facts {start + 1}-{start + len(chunk)}")
+        trained = train_set({"facts": chunk, "config": config}, context)
+        print()
+        version = 1 if current is None else current.meta.version + 1
+        meta = MemoryMeta(
+            kind="local",
+            name="counterfacts",
+            base_model=loaded.fingerprint,
+            version=version,
+            hyperparameters=trained.hyperparameters,
+            metrics=trained.metrics,
+            details=trained.details,
+        )
+        current = Artifact(meta, trained.tensors)
+        metrics.append(trained.metrics)
+    assert current is not None
+    return current, metrics
+
+
+def _cell(rate: dict) -> str:
+    if rate["rate"] is None:
+        return "—"
+    return f"{rate['rate']:.2f} ({rate['hits']}/{rate['n']}; {rate['low']:.2f}–{rate['high']:.2f})"
+
+
+def counterfacts(args: argparse.Namespace) -> None:
+    from memserve.kinds.local.config import eval_prompts
+    from memserve.kinds.local.eval import evaluate_set
+    from memserve.memory.evaluation import offline_context
+
+    rows = [json.loads(line) for line in args.facts.read_text().splitlines() if line.strip()]
+    rows = rows[: args.limit] if args.limit else rows
+    given = ("positive_prompts", "negative_prompts")
+    # From prompt and target alone, as a user registers a fact; the written rewordings and
+    # neighbours are for the evaluation only.
+    facts = rows if args.given else [{k: v for k, v in r.items() if k not in given} for r in rows]
+    config = json.loads(args.config)
     loaded = load_model(ModelConfig())
-    config = LocalConfig(distance=args.distance)
-    hooks = MemoryHooks(loaded.model)
-    trainer = FactTrainer(loaded.model, loaded.tokenizer, hooks, config)
-    rng = random.Random(config.seed)
     started = time.monotonic()
-    results = []
-    prompts = [f.prompt for f in facts]
-    for i, fact in enumerate(facts):
-        pool = [p for p in prompts if p != fact.prompt]
-        others = rng.sample(pool, min(OTHER_FACT_NEIGHBOURS, len(pool)))
-        results.append(trainer.train(fact, split_prompts(fact, config, rng), others))
-        print(f"\r{i + 1}/{len(facts)} facts, {time.monotonic() - started:.0f} s", end="", flush=True)
-    print()
+    artifact, jobs = train_in_batches(loaded, facts, config, args.batch or len(facts))
     train_seconds = time.monotonic() - started
-    hooks.remove()
-    entries = [e for r in results for e in r.entries]
-    groups = _groups(entries)
-    meta = MemoryMeta(
-        kind="local",
-        name="counterfacts",
-        base_model=loaded.fingerprint,
-        version=1,
-        hyperparameters=asdict(config),
-        details={
-            "groups": [{"layer": g["layer"], "site": g["site"], "entries": g["labels"]} for g in groups],
-            "facts": [r.details(loaded.tokenizer) for r in results],
-        },
-    )
-    artifact = Artifact(meta, group_tensors(groups))
+    prompts = None if args.given else eval_prompts([{k: r[k] for k in ("id", *given)} for r in rows])
     with offline_context(loaded, artifact, args.out) as context:
-        metrics = evaluate_set(context, artifact, continuation_tokens=16)
+        metrics = evaluate_set(context, artifact, 16, prompts)
+    from memserve.memory_store.artifact import export_bytes
+
+    (args.out / "set.safetensors").write_bytes(export_bytes(artifact))  # for `memserve memories import`
     metrics["train_seconds"] = round(train_seconds, 1)
+    metrics["jobs"] = jobs
     (args.out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    cells: dict[str, int] = {}
-    for entry in entries:
-        cells[f"L{entry.layer} {entry.site}"] = cells.get(f"L{entry.layer} {entry.site}", 0) + 1
+    rates = metrics["rates"]
+    method = artifact.meta.hyperparameters.get("method")
     print(
-        f"{len(facts)} facts → {len(entries)} entries in {len(cells)} cells; "
-        f"trained in {train_seconds:.0f} s "
+        f"{len(facts)} facts ({'with' if args.given else 'without'} given prompts, method {method}) → "
+        f"{metrics['entries']} entries, trained in {train_seconds:.0f} s "
         f"({train_seconds / len(facts):.1f} s per fact); report in {args.out}/report.md"
     )
+    recheck = jobs[-1].get("recheck", {})
+    print(f"last batch's re-check: {recheck}")
     print()
-    print("| editor | edit success | generalisation | locality |")
-    print("|---|---:|---:|---:|")
     print(
-        f"| memserve local, {args.distance} (SmolLM2-135M, 50 counterfacts, held-out prompts) | "
-        f"{metrics['edit_success']:.2f} | {metrics['generalization']:.2f} | {metrics['locality']:.2f} "
-        f"(first token {metrics['locality_first_token']:.2f}) |"
+        "| editor | edit success | generalisation (written) | neighbours kept | "
+        "unrelated prompts kept | unrelated text ppl |"
+    )
+    print("|---|---:|---:|---:|---:|---:|")
+    print(
+        f"| memserve local, {method} | {_cell(rates['edit_success'])} | {_cell(rates['generalization'])} | "
+        f"{_cell(rates['locality_neighbours'])} | {_cell(rates['locality_unrelated'])} | "
+        f"×{metrics['unrelated_text_ppl_ratio']:.4f} |"
     )
     print(
-        f"| base model, no edit | {metrics['base_edit_success']:.2f} | "
-        f"{metrics['base_generalization']:.2f} | 1.00 |"
+        f"| base model, no edit | {_cell(rates['base_edit_success'])} | "
+        f"{_cell(rates['base_generalization'])} | — | — | ×1 |"
     )
     for name, es, gen, loc in PUBLISHED:
-        print(f"| {name} | {es} | {gen} | {loc} |")
+        print(f"| {name} | {es} | {gen} | {loc} | | |")
 
 
 def main() -> None:
@@ -289,8 +333,17 @@ def main() -> None:
     cf = commands.add_parser("counterfacts", help="train and evaluate the 50 counterfactual facts")
     cf.add_argument("--facts", type=Path, default=ROOT / "tests/fixtures/facts/counterfacts.jsonl")
     cf.add_argument("--out", type=Path, default=Path("eval-counterfacts"))
-    cf.add_argument("--distance", choices=["projection", "mixed"], default="projection")
+    cf.add_argument(
+        "--config", default="{}", help='LocalTrainingConfig options as JSON, e.g. {"method": "blog"}'
+    )
     cf.add_argument("--limit", type=int, default=0, help="the first N facts only")
+    cf.add_argument("--batch", type=int, default=0, help="register N facts at a time (default: all at once)")
+    cf.add_argument(
+        "--given",
+        action="store_true",
+        help="register the file's paraphrases and neighbours too (half held out); default: prompt "
+        "and target only, judged on all of them",
+    )
     cf.set_defaults(run=counterfacts)
     args = parser.parse_args()
     args.run(args)

@@ -27,8 +27,8 @@ DOCUMENT_CONFIG_FIELDS = tuple(f.name for f in memory_pb2.DocumentTrainingConfig
 """The options of `register_documents(config=...)`, those of DocumentTrainingConfig."""
 
 FactSpec = Mapping[str, Any]
-"""A fact to register: {"prompt", "target", "id"?, "positive_prompts"?, "negative_prompts"?}."""
-FACT_FIELDS = frozenset({"id", "prompt", "target", "positive_prompts", "negative_prompts"})
+"""A fact to register: {"prompt", "target", "id"?, "subject"?, "positive_prompts"?, "negative_prompts"?}."""
+FACT_FIELDS = frozenset({"id", "prompt", "target", "subject", "positive_prompts", "negative_prompts"})
 LOCAL_CONFIG_FIELDS = tuple(f.name for f in memory_pb2.LocalTrainingConfig.DESCRIPTOR.fields)
 """The options of `register_facts(config=...)`, those of LocalTrainingConfig."""
 
@@ -152,6 +152,7 @@ def _fact(fact: FactSpec, index: int) -> memory_pb2.Fact:
         id=str(fact.get("id") or ""),
         prompt=str(fact["prompt"]),
         target=str(fact["target"]),
+        subject=str(fact.get("subject") or ""),
         positive_prompts=[str(p) for p in fact.get("positive_prompts") or ()],
         negative_prompts=[str(p) for p in fact.get("negative_prompts") or ()],
     )

@@ -139,7 +139,7 @@ def test_eval_facts_runs_on_the_server_and_writes_the_report(animals, address, c
     code, printed, err = run_cli(capsys, *argv, "--server", address)
     assert code == 0, err
     assert printed.startswith(f"wrote {out / 'report.md'} and metrics.json; edit_success 1.000")
-    assert "generalization" in printed and "locality_first_token" in printed
+    assert "generalization" in printed and "locality_neighbours" in printed and "unrelated_text" in printed
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["edit_success"] == 1.0 and metrics["base_edit_success"] == 0.0
     assert [fact["id"] for fact in metrics["per_fact"]] == ["fox"]
@@ -149,4 +149,4 @@ def test_eval_facts_runs_on_the_server_and_writes_the_report(animals, address, c
     code, printed, _ = run_cli(capsys, *argv, "--server", address)
     summary = json.loads(printed)
     assert code == 0 and sorted(summary["files"]) == ["metrics.json", "report.md"]
-    assert summary["summary"]["edit_success"] == 1.0 and set(summary["summary"]) >= {"locality"}
+    assert summary["summary"]["edit_success"] == 1.0 and set(summary["summary"]) >= {"locality_unrelated"}

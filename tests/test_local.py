@@ -15,7 +15,7 @@ from memserve.engine.offline import generate_all
 from memserve.engine.requests import GenerationRequest, StoppingParams
 from memserve.errors import InvalidArgument
 from memserve.kinds.local import LocalKind
-from memserve.kinds.local.config import Fact, LocalConfig, check_facts
+from memserve.kinds.local.config import Fact, LocalConfig, check_facts, settings_over
 from memserve.kinds.local.module import Entries, LoadedLocalSet, TriggerStats, group_tensors, trigger_values
 from memserve.kinds.local.prompts import generated_prompts, split_prompts
 from memserve.memory.hooks import MemoryContext, MemoryHooks
@@ -78,7 +78,7 @@ def entry_group(layer: int, site: str, keys: torch.Tensor, deltas: torch.Tensor,
     }
 
 
-def test_the_trigger_is_the_blogs_band_pass_with_both_distances():
+def test_the_trigger_is_the_blogs_band_pass_with_every_distance():
     key = torch.tensor([[2.0, 0.0]])
     bound, hardness = torch.tensor([0.5]), torch.tensor([3.0])
     on_key = trigger_values(key, key, bound, hardness, "projection")
@@ -94,6 +94,11 @@ def test_the_trigger_is_the_blogs_band_pass_with_both_distances():
     expected = math.exp(-(((x / 0.5) ** 2) ** 3))
     assert float(trigger_values(a, key, bound, hardness, "mixed")) == pytest.approx(expected)
     assert float(trigger_values(key, key, bound, hardness, "mixed")) == pytest.approx(1.0)
+    # Euclidean: two-sided, so a larger magnitude along the key does not fire either.
+    assert float(trigger_values(key, key, bound, hardness, "euclidean")) == pytest.approx(1.0)
+    at_bound = trigger_values(torch.tensor([[2.0, 1.0]]), key, bound, hardness, "euclidean")  # x = 1/2
+    assert float(at_bound) == pytest.approx(math.exp(-1))
+    assert float(trigger_values(a, key, bound, hardness, "euclidean")) < 1e-6  # x = 1
 
 
 def _written_out(a: torch.Tensor, keys: torch.Tensor, bounds: torch.Tensor, hardness: torch.Tensor,
@@ -106,6 +111,8 @@ def _written_out(a: torch.Tensor, keys: torch.Tensor, bounds: torch.Tensor, hard
             projection = position @ key / (key @ key)
             if distance == "projection":
                 x = 1 - min(float(projection), 1.0)
+            elif distance == "euclidean":
+                x = float((position - key).norm() / key.norm())
             else:
                 cosine = position @ key / (position.norm() * key.norm())
                 x = 0.5 * abs(1 - float(projection)) + 0.5 * (1 - float(cosine))
@@ -118,7 +125,7 @@ def _written_out(a: torch.Tensor, keys: torch.Tensor, bounds: torch.Tensor, hard
     return out
 
 
-@pytest.mark.parametrize("distance", ["projection", "mixed"])
+@pytest.mark.parametrize("distance", ["euclidean", "projection", "mixed"])
 @pytest.mark.parametrize("combination", ["top1", "sum"])
 @pytest.mark.parametrize("uniform_hardness", [True, False])
 def test_every_fast_form_of_the_trigger_matches_the_formula(distance, combination, uniform_hardness):
@@ -300,8 +307,11 @@ def trained(tiny):
 
 def test_training_makes_the_model_produce_every_target_token(trained, tiny, make_engine):
     result, context = trained
-    assert context.reports[-1][:2] == (2, 2)
+    assert context.reports[-1][:2] == (3, 3)  # two facts, then the re-check
     facts = {f["id"]: f for f in result.details["facts"]}
+    assert result.hyperparameters["method"] == "subject" and result.hyperparameters["distance"] == "euclidean"
+    assert facts["fox"]["subject"]["text"] and facts["fox"]["entries"][0] == "fox#s"
+    assert result.metrics["recheck"]["checked"] == 2 and not result.metrics["recheck"]["still_failing"]
     assert set(facts) == {"fox", "sea"} and result.metrics["facts"] == 2
     assert len(facts["sea"]["target_tokens"]) > 1  # a multi-token target: one step per token
     assert len(facts["sea"]["tokens"]) == len(facts["sea"]["target_tokens"])
@@ -336,6 +346,10 @@ def test_adding_facts_makes_a_new_version_over_the_old_ones(trained, tiny):
     assert newer.hyperparameters["generated_prompts"] == 0
     with pytest.raises(Exception, match="distance"):
         LocalKind().train({**more, "config": {"distance": "mixed"}}, FakeContext(tiny, current))
+    # A set made before methods existed goes on with the blog's method and distance.
+    legacy = {k: v for k, v in result.hyperparameters.items() if k not in ("method",)}
+    old = as_artifact(replace(result, hyperparameters={**legacy, "distance": "projection"}))
+    assert settings_over(old, {}).method == "blog" and settings_over(old, {}).distance == "projection"
 
 
 def test_a_set_made_for_another_model_shape_is_refused(trained, tiny, hooks):
@@ -369,9 +383,26 @@ def test_eval_facts_writes_the_report_from_the_command_line(tiny_llama_dir, tmp_
     assert code == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["edit_success"] == 1.0 and metrics["base_edit_success"] == 0.0
-    assert {"generalization", "locality", "locality_first_token"} <= set(metrics)
-    assert metrics["counts"]["unrelated"] == 10 and len(metrics["per_fact"]) == 2
+    assert {"generalization", "locality_neighbours", "locality_unrelated"} <= set(metrics)
+    assert metrics["counts"]["unrelated"] == 50 and len(metrics["per_fact"]) == 2
+    assert math.isfinite(metrics["unrelated_text_ppl_ratio"]) and metrics["unrelated_text_ppl_ratio"] > 0
+    edit = metrics["rates"]["edit_success"]
+    assert (edit["hits"], edit["n"]) == (2, 2) and 0.3 < edit["low"] < 1 and edit["high"] == 1
     assert "| fox |" in (out / "report.md").read_text()
+    # Judged on given rewordings and neighbours: prefixed prompts apart, a neighbour counted once.
+    prompts = tmp_path / "prompts.jsonl"
+    rows = [{"id": "fox", "positive_prompts": ["A brown fox that is quick", "Fact: the quick brown fox"],
+             "negative_prompts": ["The slow dog", "Once upon a time"]},
+            {"id": "sea", "positive_prompts": ["There once was a small"],
+             "negative_prompts": ["The slow dog"]}]  # fmt: skip
+    prompts.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    offline = ["--file", str(exported), "--out", str(out), "--model", str(tiny_llama_dir), "--device", "cpu"]
+    assert main(["eval", "facts", "facts", "--prompts", str(prompts), *offline]) == 0
+    counts = json.loads((out / "metrics.json").read_text())["counts"]
+    assert counts == {"facts": 2, "written_rewordings": 2, "prefixed_prompts": 1, "neighbours": 2,
+                      "unrelated": 50, "left_out_as_tuned_on": 0}  # fmt: skip
+    prompts.write_text(json.dumps({"id": "nobody", "positive_prompts": ["x"]}) + "\n")
+    assert main(["eval", "facts", "facts", "--prompts", str(prompts), *offline]) != 0
 
 
 BLOG_POSITIVES = [
@@ -449,3 +480,16 @@ def test_a_failing_statistics_observer_fails_the_sets_requests_loudly_and_no_oth
     local_set.observe = broken
     error = fails_alone(engine, prompt, local_set.bind(MemoryRefSpec("facts", "local")))
     assert "'facts'" in error and "metrics layer is broken" in error
+
+
+@pytest.mark.parametrize("distance", ["euclidean", "projection", "mixed"])
+def test_the_trainers_distance_is_the_one_serving_triggers_on(distance):
+    """Boundaries are tuned on the trainer's distance: it must be the served trigger's x."""
+    from memserve.kinds.local.runner import _distance
+
+    generator = torch.Generator().manual_seed(5)
+    key = torch.randn(16, generator=generator)
+    a = torch.cat([key[None] * 1.05, torch.randn(4, 16, generator=generator), key[None] + 0.1])
+    x = _distance(a, key, distance)
+    served = trigger_values(a, key[None], torch.ones(1), torch.full((1,), 2.0), distance)[:, 0]
+    torch.testing.assert_close(served, torch.exp(-(x.square() ** 2)), atol=1e-5, rtol=1e-4)

@@ -25,12 +25,18 @@ from memserve.clients.types import EvaluationProgress, ReportFile
 from memserve.kinds.adapter.claims import claims_from
 from memserve.kinds.adapter.config import FactualityOptions
 from memserve.kinds.document.config import DocumentEvalOptions
-from memserve.kinds.local.config import LocalEvalOptions
+from memserve.kinds.local.config import LocalEvalOptions, eval_prompts
 from memserve.memory.options import Options
 
 Summary = Callable[[dict[str, Any]], tuple[str, dict[str, Any]]]
 """metrics.json → (the summary line's figures, the same as JSON)."""
-FACT_FIGURES = ("edit_success", "generalization", "locality", "locality_first_token")
+FACT_FIGURES = (
+    "edit_success",
+    "generalization",
+    "locality_neighbours",
+    "locality_unrelated",
+    "unrelated_text_ppl_ratio",
+)
 SHOT_FIGURES = ("accuracy", "micro_f1", "macro_f1")
 
 
@@ -108,6 +114,14 @@ def register(commands: Any) -> None:
     facts.add_argument(
         "set", metavar="SET[@VERSION]", type=memory_argument, help="the set (ignored with --file)"
     )
+    facts.add_argument(
+        "--prompts",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="JSONL of {id, positive_prompts, negative_prompts} (a facts file does): judge each fact "
+        "on these rewordings and neighbours instead of its held-out prompts",
+    )
     factuality = _parser(kinds, FACTUALITY, run_factuality)
     factuality.add_argument(
         "--claims", type=Path, required=True, help="JSONL of {id, document, claim, label, split}"
@@ -147,7 +161,13 @@ def run_docs(args: argparse.Namespace) -> int:
 
 
 def run_facts(args: argparse.Namespace) -> int:
-    return evaluate(args, FACTS, args.set, given_options(args, LocalEvalOptions))
+    options = given_options(args, LocalEvalOptions)
+    if args.prompts is not None:
+        fields = ("id", "positive_prompts", "negative_prompts")
+        rows = [row for _, row in json_file_objects(str(args.prompts))]
+        options["prompts"] = [{k: row[k] for k in fields if k in row} for row in rows]
+        eval_prompts(options["prompts"])  # refused here, before a server or a model is reached
+    return evaluate(args, FACTS, args.set, options)
 
 
 def run_factuality(args: argparse.Namespace) -> int:

@@ -35,11 +35,17 @@ FACT_FLAGS = (
     ),
     flag("--id", dest="fact_id", default="", help="the fact's id (default: made from its prompt)"),
     flag(
+        "--subject",
+        default="",
+        help="what the fact is about, as written in the prompt, e.g. 'The Eiffel Tower' (default: "
+        "the trainer finds it: the words before the prompt's first verb)",
+    ),
+    flag(
         "--file",
         default=None,
         metavar="FACTS.jsonl",
         help=(
-            "many facts, one JSON object per line: {prompt, target, id?, positive_prompts?, "
+            "many facts, one JSON object per line: {prompt, target, id?, subject?, positive_prompts?, "
             "negative_prompts?} ('-' = standard input)"
         ),
     ),
@@ -87,13 +93,17 @@ def read_facts(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 def _given_fact(args: argparse.Namespace) -> list[dict[str, Any]]:
     if not (args.prompt or args.target):
-        if args.positive or args.negative or args.fact_id:
-            raise ValueError("--positive, --negative and --id describe the fact of --prompt and --target")
+        if args.positive or args.negative or args.fact_id or args.subject:
+            raise ValueError(
+                "--positive, --negative, --id and --subject describe the fact of --prompt and --target"
+            )
         return []
     if not (args.prompt and args.target):
         raise ValueError("give both --prompt and --target (or a --file of facts)")
     fact = {"prompt": args.prompt, "target": args.target, "positive_prompts": args.positive}
     fact["negative_prompts"] = args.negative
+    if args.subject:
+        fact["subject"] = args.subject
     return [{**fact, "id": args.fact_id} if args.fact_id else fact]
 
 

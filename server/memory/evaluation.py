@@ -9,6 +9,7 @@ model and an engine of its own.
 
 from __future__ import annotations
 
+import math
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -97,3 +98,15 @@ def _quiet(step: int, total: int, message: str) -> None:
 def scratch_folder() -> tempfile.TemporaryDirectory[str]:
     """A folder for a report that travels back to a client (removed when closed)."""
     return tempfile.TemporaryDirectory(prefix="memserve-eval-")
+
+
+def wilson_interval(successes: int, trials: int, z: float = 1.96) -> tuple[float, float]:
+    """The Wilson score interval of a rate (95 % by default): honest near 0 and 1, where the
+    normal approximation is not. (nan, nan) without trials."""
+    if trials <= 0:
+        return math.nan, math.nan
+    p = successes / trials
+    denominator = 1 + z * z / trials
+    centre = (p + z * z / (2 * trials)) / denominator
+    half = z * math.sqrt(p * (1 - p) / trials + z * z / (4 * trials * trials)) / denominator
+    return max(0.0, centre - half), min(1.0, centre + half)

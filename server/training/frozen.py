@@ -47,15 +47,21 @@ def residual_at(
 
 
 def logits_after(
-    model: PreTrainedModel, layer: int, hidden: torch.Tensor, attention_mask: torch.Tensor
+    model: PreTrainedModel,
+    layer: int,
+    hidden: torch.Tensor,
+    attention_mask: torch.Tensor,
+    only: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Logits from the residual stream after block `layer`: the later blocks, the norm, the head."""
+    """Logits from the residual stream after block `layer`: the later blocks, the norm, the head.
+    With `only` (a (B, T) bool mask), the head runs on those positions alone: (N, vocabulary)."""
     with _layers_view(model, slice(layer + 1, None), final_norm=True) as view:
         out = view(inputs_embeds=hidden, attention_mask=attention_mask, use_cache=False)
+        final = out[0] if only is None else out[0][only]
         # The LM head (vocabulary × hidden) is most of a training step: bf16 halves it on CPUs
         # with AVX512-BF16 and GPUs alike; the loss itself is taken in fp32.
         with torch.autocast(hidden.device.type, dtype=torch.bfloat16, enabled=_bf16_head(hidden)):
-            return model.get_output_embeddings()(out[0])
+            return model.get_output_embeddings()(final)
 
 
 def _bf16_head(hidden: torch.Tensor) -> bool:

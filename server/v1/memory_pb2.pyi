@@ -96,21 +96,23 @@ class RegisterDocumentsRequest(_message.Message):
     def __init__(self, bank: _Optional[str] = ..., documents: _Optional[_Iterable[_Union[Document, _Mapping]]] = ..., config: _Optional[_Union[DocumentTrainingConfig, _Mapping]] = ...) -> None: ...
 
 class Fact(_message.Message):
-    __slots__ = ("id", "prompt", "target", "positive_prompts", "negative_prompts")
+    __slots__ = ("id", "prompt", "target", "positive_prompts", "negative_prompts", "subject")
     ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     TARGET_FIELD_NUMBER: _ClassVar[int]
     POSITIVE_PROMPTS_FIELD_NUMBER: _ClassVar[int]
     NEGATIVE_PROMPTS_FIELD_NUMBER: _ClassVar[int]
+    SUBJECT_FIELD_NUMBER: _ClassVar[int]
     id: str
     prompt: str
     target: str
     positive_prompts: _containers.RepeatedScalarFieldContainer[str]
     negative_prompts: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, id: _Optional[str] = ..., prompt: _Optional[str] = ..., target: _Optional[str] = ..., positive_prompts: _Optional[_Iterable[str]] = ..., negative_prompts: _Optional[_Iterable[str]] = ...) -> None: ...
+    subject: str
+    def __init__(self, id: _Optional[str] = ..., prompt: _Optional[str] = ..., target: _Optional[str] = ..., positive_prompts: _Optional[_Iterable[str]] = ..., negative_prompts: _Optional[_Iterable[str]] = ..., subject: _Optional[str] = ...) -> None: ...
 
 class LocalTrainingConfig(_message.Message):
-    __slots__ = ("layers", "sites", "alphas", "hardness", "distance", "combination", "seed", "holdout", "generated_prompts", "extra_keys", "candidates")
+    __slots__ = ("layers", "sites", "alphas", "hardness", "distance", "combination", "seed", "holdout", "generated_prompts", "extra_keys", "candidates", "method", "subject_layer", "value_steps", "value_lr", "kl_weight", "value_decay", "subject_hardness", "boundary_margin")
     LAYERS_FIELD_NUMBER: _ClassVar[int]
     SITES_FIELD_NUMBER: _ClassVar[int]
     ALPHAS_FIELD_NUMBER: _ClassVar[int]
@@ -122,6 +124,14 @@ class LocalTrainingConfig(_message.Message):
     GENERATED_PROMPTS_FIELD_NUMBER: _ClassVar[int]
     EXTRA_KEYS_FIELD_NUMBER: _ClassVar[int]
     CANDIDATES_FIELD_NUMBER: _ClassVar[int]
+    METHOD_FIELD_NUMBER: _ClassVar[int]
+    SUBJECT_LAYER_FIELD_NUMBER: _ClassVar[int]
+    VALUE_STEPS_FIELD_NUMBER: _ClassVar[int]
+    VALUE_LR_FIELD_NUMBER: _ClassVar[int]
+    KL_WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    VALUE_DECAY_FIELD_NUMBER: _ClassVar[int]
+    SUBJECT_HARDNESS_FIELD_NUMBER: _ClassVar[int]
+    BOUNDARY_MARGIN_FIELD_NUMBER: _ClassVar[int]
     layers: _containers.RepeatedScalarFieldContainer[int]
     sites: _containers.RepeatedScalarFieldContainer[str]
     alphas: _containers.RepeatedScalarFieldContainer[float]
@@ -133,7 +143,15 @@ class LocalTrainingConfig(_message.Message):
     generated_prompts: int
     extra_keys: int
     candidates: int
-    def __init__(self, layers: _Optional[_Iterable[int]] = ..., sites: _Optional[_Iterable[str]] = ..., alphas: _Optional[_Iterable[float]] = ..., hardness: _Optional[float] = ..., distance: _Optional[str] = ..., combination: _Optional[str] = ..., seed: _Optional[int] = ..., holdout: _Optional[float] = ..., generated_prompts: _Optional[int] = ..., extra_keys: _Optional[int] = ..., candidates: _Optional[int] = ...) -> None: ...
+    method: str
+    subject_layer: int
+    value_steps: int
+    value_lr: float
+    kl_weight: float
+    value_decay: float
+    subject_hardness: float
+    boundary_margin: float
+    def __init__(self, layers: _Optional[_Iterable[int]] = ..., sites: _Optional[_Iterable[str]] = ..., alphas: _Optional[_Iterable[float]] = ..., hardness: _Optional[float] = ..., distance: _Optional[str] = ..., combination: _Optional[str] = ..., seed: _Optional[int] = ..., holdout: _Optional[float] = ..., generated_prompts: _Optional[int] = ..., extra_keys: _Optional[int] = ..., candidates: _Optional[int] = ..., method: _Optional[str] = ..., subject_layer: _Optional[int] = ..., value_steps: _Optional[int] = ..., value_lr: _Optional[float] = ..., kl_weight: _Optional[float] = ..., value_decay: _Optional[float] = ..., subject_hardness: _Optional[float] = ..., boundary_margin: _Optional[float] = ...) -> None: ...
 
 class RegisterFactsRequest(_message.Message):
     __slots__ = ("set", "facts", "config")

@@ -5,8 +5,8 @@ from __future__ import annotations
 import hashlib
 import re
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+from dataclasses import asdict, dataclass, replace
+from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
 
 from memserve.errors import FailedPrecondition, InvalidArgument
 from memserve.memory.options import check_options, option, options_from_spec
@@ -15,12 +15,10 @@ from memserve.names import NAME_PATTERN
 if TYPE_CHECKING:
     from memserve.memory_store.artifact import Artifact
 
-DISTANCES = ("projection", "mixed")
-COMBINATIONS = ("top1", "sum")
-LOCAL_SITES = ("attn_out", "mlp_down")  # memserve.memory.hooks.Site values
-DISTANCES = ("projection", "mixed")
-
-
+DISTANCES = ("euclidean", "projection", "mixed")
+METHODS = ("subject", "blog")
+# The distance each method uses unless told: the blog's is one-sided, as the blog wrote it.
+METHOD_DISTANCES = {"subject": "euclidean", "blog": "projection"}
 COMBINATIONS = ("top1", "sum")
 LOCAL_SITES = ("attn_out", "mlp_down")  # memserve.memory.hooks.Site values
 MAX_FACTS = 1000
@@ -38,8 +36,37 @@ MAX_ALPHAS = 32
 class LocalConfig:
     """Training options of a local memory set (LocalTrainingConfig in the API)."""
 
+    method: str = option(
+        "subject",
+        "How entries are made: 'subject' (a key at the subject's last token, a value optimised over "
+        "several steps with a KL term, last-token entries only where it falls short) or 'blog' (keys "
+        "at the prompt's last token, one gradient step: the source blog's method)",
+        choices=METHODS,
+    )
+    subject_layer: int = option(
+        -1, "Layer of the subject entries; -1: 27 % of the way in (8 of 30)", low=-1, high=4095
+    )
+    value_steps: int = option(24, "Most optimisation steps of a subject entry's value", low=1, high=500)
+    value_lr: float = option(0.5, "Learning rate of the value's optimisation (Adam)", low=1e-4, high=100)
+    kl_weight: float = option(
+        10.0, "Weight of the KL term keeping the subject's other relations", low=0, high=1000
+    )
+    value_decay: float = option(1e-3, "Weight of the L2 penalty on the value", low=0, high=100)
+    subject_hardness: float = option(
+        8.0,
+        "Hardness h of the subject entries' trigger: sharper than the blog's, since their values "
+        "are large and a tail would reach other tokens",
+        low=0.5,
+        high=20,
+    )
+    boundary_margin: float = option(
+        0.7,
+        "A subject entry's threshold is at most this share of the distance to the nearest negative",
+        low=0.05,
+        high=1,
+    )
     layers: tuple[int, ...] = option(
-        (), "Layers to search for edits; empty: every layer", low=0, high=4095, item=int
+        (), "Layers to search for last-token edits; empty: every layer", low=0, high=4095, item=int
     )
     sites: tuple[str, ...] = option(LOCAL_SITES, "Sites to search for edits", choices=LOCAL_SITES, item=str)
     alphas: tuple[float, ...] = option(
@@ -50,7 +77,12 @@ class LocalConfig:
         item=float,
     )
     hardness: float = option(3.0, "Hardness h of the trigger exp(-(x²/b²)^h)", low=0.5, high=20)
-    distance: str = option("projection", "How far an activation is from an entry's key", choices=DISTANCES)
+    distance: str = option(
+        "auto",
+        "How far an activation is from an entry's key; auto: the method's (subject: euclidean, "
+        "blog: projection)",
+        choices=("auto", *DISTANCES),
+    )
     combination: str = option(
         "top1", "Entries that fire at a position: the best one, or all", choices=COMBINATIONS
     )
@@ -72,6 +104,12 @@ class LocalConfig:
     def from_spec(cls, given: dict[str, Any]) -> LocalConfig:
         return options_from_spec(cls, given, "local")
 
+    def resolved(self) -> LocalConfig:
+        """The options with `auto` replaced by what it stands for (what a set records)."""
+        if self.distance != "auto":
+            return self
+        return replace(self, distance=METHOD_DISTANCES[self.method])
+
     def check(self) -> None:
         check_options(self)
         if not 1 <= len(self.alphas) <= MAX_ALPHAS or not all(a > 0 for a in self.alphas):
@@ -85,6 +123,8 @@ class Fact:
     target: str
     positive_prompts: tuple[str, ...] = ()
     negative_prompts: tuple[str, ...] = ()
+    subject: str = ""
+    """What the fact is about, as written in the prompt; empty: the trainer finds it."""
 
 
 def fact_from_dict(raw: dict[str, Any]) -> Fact:
@@ -94,6 +134,7 @@ def fact_from_dict(raw: dict[str, Any]) -> Fact:
         target=raw["target"],
         positive_prompts=tuple(raw.get("positive_prompts", ())),
         negative_prompts=tuple(raw.get("negative_prompts", ())),
+        subject=str(raw.get("subject") or ""),
     )
 
 
@@ -135,22 +176,30 @@ def check_facts(facts: Sequence[dict[str, Any]]) -> list[Fact]:
                     f"{where}.{name}: each prompt must have 1 to {MAX_PROMPT_CHARS} characters"
                 )
             lists[name] = tuple(dict.fromkeys(prompts))
-        checked.append(Fact(the_id, prompt, target, lists["positive_prompts"], lists["negative_prompts"]))
+        subject = str(raw.get("subject") or "")
+        if subject and subject not in prompt:
+            raise InvalidArgument(f"{where}.subject {subject!r} must be written in the prompt as it is")
+        checked.append(
+            Fact(the_id, prompt, target, lists["positive_prompts"], lists["negative_prompts"], subject)
+        )
     return checked
 
 
 def settings_over(current: Artifact | None, given: dict[str, Any]) -> LocalConfig:
-    """The new version's options: the given ones over the current version's."""
+    """The new version's options: the given ones over the current version's (`auto` resolved)."""
     if current is None:
-        return LocalConfig.from_spec(given)
+        return LocalConfig.from_spec(given).resolved()
     known = LocalConfig.__dataclass_fields__
     previous = {k: v for k, v in current.meta.hyperparameters.items() if k in known}
-    if "distance" in given and given["distance"] != previous.get("distance", given["distance"]):
+    previous.setdefault("method", "blog")  # sets made before there was a choice
+    previous.setdefault("distance", "projection")
+    given = {k: v for k, v in given.items() if not (k == "distance" and v == "auto")}
+    if "distance" in given and given["distance"] != previous["distance"]:
         raise FailedPrecondition(
             f"local memory set {current.meta.name!r} uses the {previous['distance']!r} distance; its "
             "boundaries were tuned for it: register the facts in a new set to change it"
         )
-    return LocalConfig.from_spec({**previous, **given})
+    return LocalConfig.from_spec({**previous, **given}).resolved()
 
 
 def check_spec(spec: dict[str, Any]) -> dict[str, Any]:
@@ -173,3 +222,37 @@ class LocalEvalOptions:
 
     def check(self) -> None:
         check_options(self)
+
+
+class EvalPrompts(NamedTuple):
+    """Rewordings and neighbours of one fact, given to the evaluation (never to a trainer)."""
+
+    positives: tuple[str, ...]
+    negatives: tuple[str, ...]
+
+
+def eval_prompts(raw: Any) -> dict[str, EvalPrompts] | None:
+    """`options.prompts`: a list of {id, positive_prompts, negative_prompts} (a facts file's
+    lines), checked; None when not given."""
+    if raw is None:
+        return None
+    if not isinstance(raw, list):
+        raise InvalidArgument("options.prompts must be a list of {id, positive_prompts, negative_prompts}")
+    checked: dict[str, EvalPrompts] = {}
+    for i, row in enumerate(raw):
+        if not isinstance(row, dict) or not isinstance(row.get("id"), str) or not row["id"]:
+            raise InvalidArgument(f"options.prompts[{i}] must be an object with an id")
+        lists = []
+        for name in ("positive_prompts", "negative_prompts"):
+            values = row.get(name) or []
+            if not isinstance(values, list) or len(values) > MAX_PROMPTS_PER_FACT:
+                raise InvalidArgument(
+                    f"options.prompts[{i}].{name}: a list of at most {MAX_PROMPTS_PER_FACT} prompts"
+                )
+            if any(not isinstance(p, str) or not p.strip() or len(p) > MAX_PROMPT_CHARS for p in values):
+                raise InvalidArgument(
+                    f"options.prompts[{i}].{name}: each prompt must have 1 to {MAX_PROMPT_CHARS} characters"
+                )
+            lists.append(tuple(dict.fromkeys(values)))
+        checked[row["id"]] = EvalPrompts(*lists)
+    return checked

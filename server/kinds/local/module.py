@@ -5,7 +5,8 @@ delta Δ (one gradient step on that activation towards the target token), a boun
 hardness h, at one layer and site. At every position, the live activation a is compared
 with the keys and the delta is added as far as the trigger lets it:
 
-    x = distance(a, a_mem)       "projection": 1 − min(a·a_mem / ‖a_mem‖², 1)     (the blog)
+    x = distance(a, a_mem)       "euclidean":  ‖a − a_mem‖ / ‖a_mem‖               (two-sided)
+                                 "projection": 1 − min(a·a_mem / ‖a_mem‖², 1)     (the blog)
                                  "mixed":      ½|1 − a·a_mem/‖a_mem‖²| + ½(1 − cos(a, a_mem))
     f = exp(−(x² / b²)^h)        1 on the key, 1/e at x = b, ~0 beyond
     a ← a + f·Δ                  "top1": only the best-triggered entry per position (default)
@@ -76,7 +77,15 @@ class Entries:
             float(hardness[0]) if len(hardness) and bool((hardness == hardness[0]).all()) else None
         )
         self.linear = distance == "projection" and self.uniform_hardness is not None
-        if self.linear:
+        if distance == "euclidean":
+            # x²/b² = ‖a‖²·c − 2a·a_mem·c + 1/b² with c = 1/(‖a_mem‖²·b²): one addmm and a rank-one term.
+            scale = 1 / (norms_sq * bounds * bounds)
+            self.inv_bounds_sq = 1 / (bounds * bounds)
+            self.norm_scale = scale
+            self.keys_t = (keys * (-2 * scale)[:, None]).T.contiguous()
+            self.hardness = hardness
+            constants = [self.keys_t, self.inv_bounds_sq, self.norm_scale, self.hardness]
+        elif self.linear:
             self.inv_bounds = 1 / bounds
             # a @ this + 1/b = (1 − a·a_mem/‖a_mem‖²)/b
             self.keys_t = (keys * (-self.inv_bounds / norms_sq)[:, None]).T.contiguous()
@@ -96,6 +105,8 @@ class Entries:
     def exponents(self, activations: torch.Tensor) -> torch.Tensor:
         """z for every activation against every entry: (N, D) → (N, n) fp32, f = exp(−z)."""
         a = activations.float()
+        if self.distance == "euclidean":
+            return self._scaled_squares(a).pow_(self.uniform_hardness or self.hardness)
         if self.linear:
             scaled = torch.addmm(self.inv_bounds, a, self.keys_t).clamp_(min=0)  # x/b
             return scaled.pow_(2 * self.uniform_hardness)
@@ -108,6 +119,13 @@ class Entries:
             x = (1 - projection).abs_().add_(1 - cosine).mul_(0.5)
         return x.square_().mul_(self.inv_bounds_sq).pow_(self.hardness)
 
+    def _scaled_squares(self, a: torch.Tensor) -> torch.Tensor:
+        """x²/b² of the euclidean distance for fp32 activations (N, D) → (N, n), clamped at 0
+        (rounding can take ‖a − a_mem‖² a hair below it)."""
+        squares = (a * a).sum(-1, keepdim=True)
+        scaled = torch.addmm(self.inv_bounds_sq, a, self.keys_t).addcmul_(squares, self.norm_scale)
+        return scaled.clamp_(min=0)
+
     def triggers(self, activations: torch.Tensor) -> torch.Tensor:
         """f for every activation against every entry: (N, D) → (N, n) fp32."""
         return self.exponents(activations).neg_().exp_()
@@ -116,7 +134,10 @@ class Entries:
         """For (N, D) activations: the (N, D) update in their dtype and each position's
         strongest trigger (N,) in fp32."""
         if combination == "top1":
-            if self.linear:  # smallest x/b first, then f of that one only
+            if self.distance == "euclidean" and self.uniform_hardness is not None:
+                best_scaled, index = self._scaled_squares(hidden.float()).min(-1)  # smallest x²/b²
+                best = best_scaled.pow_(self.uniform_hardness).neg_().exp_()
+            elif self.linear:  # smallest x/b first, then f of that one only
                 # Clamped first: every saturated entry (f = 1) ties, and the first one wins, as in f.max().
                 scaled = torch.addmm(self.inv_bounds, hidden.float(), self.keys_t).clamp_(min=0)
                 best_scaled, index = scaled.min(-1)

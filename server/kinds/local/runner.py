@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -224,3 +225,33 @@ class Runner:
             return hidden
 
         return op
+
+
+def _distance(activations: torch.Tensor, key: torch.Tensor, distance: str) -> torch.Tensor:
+    """x for each row of `activations` (T, D) against one key (with b = 1, before the trigger)."""
+    if distance == "euclidean":
+        return (activations - key).norm(dim=-1) / key.norm()
+    dots = activations @ key
+    projection = dots / (key @ key)
+    if distance == "projection":
+        return 1 - projection.clamp(max=1)
+    cosine = dots / (activations.norm(dim=-1) * key.norm()).clamp(min=1e-12)
+    return 0.5 * (1 - projection).abs() + 0.5 * (1 - cosine)
+
+
+def _threshold(positive_x: list[float], negative_x: list[float]) -> tuple[float, int, float]:
+    """(threshold, prompts right, log-width of its gap): the distance below which the trigger
+    fires, in the middle of the widest gap among those that put the most prompts right."""
+    points = sorted(set(positive_x) | set(negative_x))
+    floor = 1e-4  # distances of 0 (the key itself) sit just below every candidate
+    best = (-1, -math.inf, 0.0)
+    for low, high in zip([0.0, *points], [*points, points[-1] * 4 + 1e-3], strict=True):
+        low_c, high_c = max(low, floor), max(high, floor * 2)
+        if high_c <= low_c:
+            continue
+        threshold = math.sqrt(low_c * high_c)
+        correct = sum(x <= threshold for x in positive_x) + sum(x > threshold for x in negative_x)
+        margin = math.log(high_c / low_c)
+        if (correct, margin) > best[:2]:
+            best = (correct, margin, threshold)
+    return best[2], best[0], best[1]

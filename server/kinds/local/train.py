@@ -30,7 +30,7 @@ import math
 import random
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import torch
@@ -39,8 +39,10 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from memserve.errors import FailedPrecondition, InvalidArgument
 from memserve.kinds.local.config import Fact, LocalConfig, check_spec, fact_from_dict, settings_over
 from memserve.kinds.local.module import group_tensors
-from memserve.kinds.local.prompts import FactPrompts, split_prompts
-from memserve.kinds.local.runner import Cell, Entry, Runner
+from memserve.kinds.local.prompts import GENERIC_NEIGHBOURS, FactPrompts, split_prompts
+from memserve.kinds.local.runner import Cell, Entry, Runner, _distance, _threshold
+from memserve.kinds.local.subject import find_subject, subject_prompts
+from memserve.kinds.local.values import ValueTrainer, locate
 from memserve.memory.hooks import MemoryHooks
 from memserve.memory.kind import TrainContext, Trained
 from memserve.memory_store.artifact import Artifact
@@ -63,6 +65,7 @@ class FactResult:
     target_tokens: list[int]
     entries: list[Entry] = field(default_factory=list)
     steps: list[dict[str, Any]] = field(default_factory=list)
+    subject: dict[str, Any] | None = None  # the subject entry's search, with the `subject` method
 
     def details(self, tokenizer: PreTrainedTokenizerBase) -> dict[str, Any]:
         return {
@@ -76,6 +79,7 @@ class FactResult:
             "heldout_positives": self.prompts.heldout_positives,
             "heldout_negatives": self.prompts.heldout_negatives,
             "generated_prompts": self.prompts.generated,
+            **({"subject": self.subject} if self.subject else {}),
             "tokens": self.steps,
         }
 
@@ -133,8 +137,19 @@ class FactTrainer:
             )
         return tokens
 
-    def train(self, fact: Fact, prompts: FactPrompts, other_prompts: Sequence[str]) -> FactResult:
-        result = FactResult(fact, prompts, self.target_tokens(fact.prompt, fact.target))
+    def train(
+        self,
+        fact: Fact,
+        prompts: FactPrompts,
+        other_prompts: Sequence[str],
+        first: Sequence[Entry] = (),
+        result: FactResult | None = None,
+    ) -> FactResult:
+        """Last-token entries for each target token the fact's entries so far (`first`) do not
+        yet produce on the training positives."""
+        if result is None:
+            result = FactResult(fact, prompts, self.target_tokens(fact.prompt, fact.target))
+        result.entries = [*first, *result.entries]
         prompt_ids = self.encode(fact.prompt)
         positives = [self.encode(p) for p in [fact.prompt, *prompts.train_positives]]
         negative_texts = list(dict.fromkeys([*prompts.train_negatives, *other_prompts]))
@@ -278,34 +293,6 @@ class FactTrainer:
         return chosen, pos_ok, neg_ok
 
 
-def _distance(activations: torch.Tensor, key: torch.Tensor, distance: str) -> torch.Tensor:
-    """x for each row of `activations` (T, D) against one key (with b = 1, before the trigger)."""
-    dots = activations @ key
-    projection = dots / (key @ key)
-    if distance == "projection":
-        return 1 - projection.clamp(max=1)
-    cosine = dots / (activations.norm(dim=-1) * key.norm()).clamp(min=1e-12)
-    return 0.5 * (1 - projection).abs() + 0.5 * (1 - cosine)
-
-
-def _threshold(positive_x: list[float], negative_x: list[float]) -> tuple[float, int, float]:
-    """(threshold, prompts right, log-width of its gap): the distance below which the trigger
-    fires, in the middle of the widest gap among those that put the most prompts right."""
-    points = sorted(set(positive_x) | set(negative_x))
-    floor = 1e-4  # distances of 0 (the key itself) sit just below every candidate
-    best = (-1, -math.inf, 0.0)
-    for low, high in zip([0.0, *points], [*points, points[-1] * 4 + 1e-3], strict=True):
-        low_c, high_c = max(low, floor), max(high, floor * 2)
-        if high_c <= low_c:
-            continue
-        threshold = math.sqrt(low_c * high_c)
-        correct = sum(x <= threshold for x in positive_x) + sum(x > threshold for x in negative_x)
-        margin = math.log(high_c / low_c)
-        if (correct, margin) > best[:2]:
-            best = (correct, margin, threshold)
-    return best[2], best[0], best[1]
-
-
 def _previous(artifact: Artifact | None) -> tuple[list[dict[str, Any]], list[Entry]]:
     """The current version's facts and entries, to train a new version over them."""
     if artifact is None:
@@ -346,8 +333,82 @@ def _groups(entries: list[Entry]) -> list[dict[str, Any]]:
     ]
 
 
+class SubjectFactTrainer:
+    """The `subject` method: one subject entry per fact (values.py), then last-token entries by
+    the blog's search only for the target tokens the subject entry does not yet produce on the
+    training rows."""
+
+    def __init__(self, blog: FactTrainer, layer: int) -> None:
+        config = blog.config
+        site = "mlp_down" if "mlp_down" in config.sites else config.sites[0]
+        self.blog, self.config = blog, config
+        runner = blog.runner
+        self.values = ValueTrainer(runner.model, blog.tokenizer, runner.hooks, config, (layer, site))
+        self.width = blog.runner._width((layer, site))
+
+    def train(
+        self,
+        fact: Fact,
+        prompts: FactPrompts,
+        other_prompts: Sequence[str],
+        other_subjects: Sequence[str],
+        rng: random.Random,
+    ) -> FactResult:
+        tokenizer, config = self.blog.tokenizer, self.config
+        subject = find_subject(fact.prompt, fact.subject)
+        made = subject_prompts(fact.prompt, subject.text, config.generated_prompts, rng, list(other_subjects))
+        targets = self.blog.target_tokens(fact.prompt, fact.target)
+        at = lambda texts: [locate(tokenizer, t, subject.text) for t in texts]  # noqa: E731
+        mentioning = lambda located: [x for x in located if x.subject_positions]  # noqa: E731
+        rows = mentioning(at(dict.fromkeys([*made.train, *prompts.train_positives])))
+        relations = mentioning(at(dict.fromkeys([*made.relations, *prompts.train_negatives])))
+        contexts = mentioning(at(made.contexts))
+        started = time.monotonic()
+        key, required = self.values.key(rows)
+        _, wanted = self.values.key(contexts) if contexts else (None, [])
+        value = self.values.value(rows, targets, relations, self.width)
+        value_seconds = time.monotonic() - started
+        negatives = at([*made.neighbours, *prompts.train_negatives, *other_prompts, *GENERIC_NEIGHBOURS])
+        threshold, inside, outside = self.values.boundary(key, required, wanted, negatives)
+        entry = self.values.entry(key, value.delta, threshold, f"{fact.id}#s")
+        # The blog's search then makes last-token entries where the subject entry falls short
+        # on the fact's own prompt and its given positives (the rule-made rows train the value).
+        blog_prompts = FactPrompts(
+            train_positives=list(prompts.train_positives),
+            train_negatives=list(dict.fromkeys([*prompts.train_negatives, *made.neighbours])),
+            heldout_positives=prompts.heldout_positives,
+            heldout_negatives=prompts.heldout_negatives,
+            generated=len(made.train) - 1 + len(made.neighbours) + len(made.contexts) + len(made.relations),
+        )
+        result = FactResult(fact, blog_prompts, targets)
+        result.subject = {
+            "text": subject.text,
+            "found_by": subject.found_by,
+            "entry": f"layer {entry.layer} {entry.site}",
+            "value_steps": value.steps,
+            "target_nll": round(value.target_nll, 4),
+            "relation_kl": round(value.relation_kl, 4),
+            "bound": round(entry.bound, 5),
+            "mentions_inside": f"{inside}/{len(required) + len(wanted)}",
+            "value_seconds": round(value_seconds, 2),
+            "negatives_outside": f"{outside}/{len(negatives)}",
+            "training_rows": len(rows),
+            "relations": len(relations),
+            # Every sentence the entry was tuned on: the evaluation leaves these out.
+            "prompts": {
+                "rows": made.train,
+                "relations": made.relations,
+                "contexts": made.contexts,
+                "neighbours": made.neighbours,
+            },
+        }
+        return self.blog.train(fact, blog_prompts, other_prompts, first=[entry], result=result)
+
+
 def train_set(spec: dict[str, Any], context: TrainContext) -> Trained:
-    """Trains a new version of the set: its current facts, and entries for the given ones."""
+    """Trains a new version of the set: its current facts, and entries for the given ones; then
+    re-checks every fact of the set against all the others' entries, and trains again those that
+    an entry of another broke."""
     spec = check_spec(spec)
     current = context.current_artifact()
     config = settings_over(current, spec["config"])
@@ -363,17 +424,39 @@ def train_set(spec: dict[str, Any], context: TrainContext) -> Trained:
     kept_facts = [f for f in old_facts if f["id"] not in replaced]
     kept_entries = [e for e in old_entries if e.label.split("#")[0] not in replaced]
     started = time.monotonic()
+    steps = len(new_facts) + 1
     try:
         trainer = FactTrainer(model, tokenizer, hooks, config)
+        subject_trainer = None
+        if config.method == "subject":
+            layer = config.subject_layer if config.subject_layer >= 0 else int(hooks.num_layers * 0.27)
+            if layer >= hooks.num_layers:
+                raise InvalidArgument(
+                    f"config.subject_layer: layer {layer} does not exist (the model has {hooks.num_layers})"
+                )
+            subject_trainer = SubjectFactTrainer(trainer, layer)
         rng = random.Random(config.seed)
         all_prompts = [f["prompt"] for f in kept_facts] + [f.prompt for f in new_facts]
-        results: list[FactResult] = []
-        for i, fact in enumerate(new_facts):
-            context.report(i, len(new_facts), message=f"fact {fact.id}")
+        subjects = [f["subject"]["text"] for f in kept_facts if isinstance(f.get("subject"), dict)]
+        subjects += [find_subject(f.prompt, f.subject).text for f in new_facts]
+
+        def train_one(fact: Fact, prompts: FactPrompts) -> FactResult:
             others = [p for p in all_prompts if p != fact.prompt]
             others = rng.sample(others, min(OTHER_FACT_NEIGHBOURS, len(others)))
-            results.append(trainer.train(fact, split_prompts(fact, config, rng), others))
-        context.report(len(new_facts), len(new_facts), message="done")
+            if subject_trainer is None:
+                return trainer.train(fact, prompts, others)
+            own = find_subject(fact.prompt, fact.subject).text.lower()
+            other_subjects = [s for s in subjects if s.lower() != own]
+            return subject_trainer.train(fact, prompts, others, other_subjects, rng)
+
+        split_config = replace(config, generated_prompts=0) if subject_trainer else config
+        results: list[FactResult] = []
+        for i, fact in enumerate(new_facts):
+            context.report(i, steps, message=f"fact {fact.id}")
+            results.append(train_one(fact, split_prompts(fact, split_config, rng)))
+        context.report(len(new_facts), steps, message="re-checking every fact against the others")
+        recheck = _recheck(trainer, kept_facts, kept_entries, results, train_one)
+        context.report(steps, steps, message="done")
     finally:
         hooks.remove()
     entries = kept_entries + [e for r in results for e in r.entries]
@@ -384,13 +467,68 @@ def train_set(spec: dict[str, Any], context: TrainContext) -> Trained:
         "groups": [{"layer": g["layer"], "site": g["site"], "entries": g["labels"]} for g in groups],
         "facts": facts,
     }
-    steps = [s for r in results for s in r.steps if s.get("entry")]
+    token_steps = [s for r in results for s in r.steps if s.get("entry")]
     metrics = {
         "facts": len(facts),
         "entries": len(entries),
         "new_facts": len(results),
         "new_entries": sum(len(r.entries) for r in results),
-        "edits_found": sum(bool(s.get("edit_found")) for s in steps),
+        "edits_found": sum(bool(s.get("edit_found")) for s in token_steps),
+        "recheck": recheck,
         "train_seconds": round(time.monotonic() - started, 2),
     }
     return Trained(tensors=tensors, hyperparameters=asdict(config), metrics=metrics, details=details)
+
+
+def _recheck(
+    trainer: FactTrainer,
+    kept_facts: list[dict[str, Any]],
+    kept_entries: list[Entry],
+    results: list[FactResult],
+    train_one: Any,
+) -> dict[str, Any]:
+    """Sequential editing without silent interference: every fact's own prompt is run with the
+    whole set; a new fact that fails is trained again with the others in place (its last-token
+    entries then see them), an old one is reported (its prompts are not kept to train it again).
+    Returns what was found, for the job's metrics."""
+    everyone = [(f["id"], f["prompt"], f.get("target", "")) for f in kept_facts]
+    everyone += [(r.fact.id, r.fact.prompt, r.fact.target) for r in results]
+    entries = tuple(kept_entries + [e for r in results for e in r.entries])
+    failing = _failing(trainer, everyone, entries)
+    repaired: list[str] = []
+    by_id = {r.fact.id: i for i, r in enumerate(results)}
+    for fact_id in failing:
+        if fact_id not in by_id:
+            continue
+        index = by_id[fact_id]
+        old = results[index]
+        others = [e for e in entries if e.label.split("#")[0] != fact_id]
+        # The search runs with every other entry in place; only the fact's own entries are kept.
+        retried = trainer.train(old.fact, old.prompts, [], first=[*others, *old.entries])
+        added = [e for e in retried.entries if e not in others and e not in old.entries]
+        for entry in added:
+            entry.label += "r"
+        old.entries = [*old.entries, *added]
+        old.steps.append({"recheck": retried.steps})
+        entries = tuple(kept_entries + [e for r in results for e in r.entries])
+        if not _failing(trainer, [everyone[len(kept_facts) + index]], entries):
+            repaired.append(fact_id)
+    still = _failing(trainer, everyone, entries) if failing else []
+    return {"checked": len(everyone), "failing": failing, "repaired": repaired, "still_failing": still}
+
+
+def _failing(
+    trainer: FactTrainer, facts: list[tuple[str, str, str]], entries: tuple[Entry, ...]
+) -> list[str]:
+    """The ids of the facts whose own prompt does not go on with every target token, teacher-forced."""
+    rows, owners, wanted = [], [], []
+    for fact_id, prompt, target in facts:
+        if not target:
+            continue
+        prompt_ids, tokens = trainer.encode(prompt), trainer.target_tokens(prompt, target)
+        for k, token in enumerate(tokens):
+            rows.append(prompt_ids + tokens[:k])
+            owners.append(fact_id)
+            wanted.append(token)
+    produced = trainer.runner.next_tokens(rows, [entries] * len(rows)) if rows else []
+    return list(dict.fromkeys(o for o, p, w in zip(owners, produced, wanted, strict=True) if p != w))

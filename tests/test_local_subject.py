@@ -1,0 +1,74 @@
+"""The `subject` method's rules: finding a fact's subject, the sentences made from it, locating
+it in tokens, and the evaluation leaving out what a trainer tuned on."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from memserve.errors import InvalidArgument
+from memserve.kinds.local.config import check_facts
+from memserve.kinds.local.eval import tuned_on
+from memserve.kinds.local.subject import find_subject, rewordings, subject_prompts
+from memserve.kinds.local.values import locate
+
+
+@pytest.mark.parametrize(
+    ("prompt", "subject", "found_by"),
+    [
+        ("The Eiffel Tower is located in the city of", "The Eiffel Tower", "before the verb"),
+        ("The capital city of Japan is", "Japan", "before the verb"),
+        ("The Statue of Liberty stands in the city of", "The Statue of Liberty", "before the verb"),
+        ("On a clear day, the colour of the sky is", "the sky", "before the verb"),
+        ("The play Hamlet was written by", "The play Hamlet", "before the verb"),
+        ("In the band, Ringo Starr played the", "Ringo Starr", "names"),
+        ("Giant pandas are native to", "Giant pandas", "before the verb"),
+    ],
+)
+def test_the_subject_is_what_stands_before_the_verb(prompt, subject, found_by):
+    assert (find_subject(prompt).text, find_subject(prompt).found_by) == (subject, found_by)
+
+
+def test_a_given_subject_wins_and_must_be_in_the_prompt():
+    assert find_subject("The Eiffel Tower is in", "Eiffel").text == "Eiffel"
+    with pytest.raises(ValueError, match="not in the prompt"):
+        find_subject("The Eiffel Tower is in", "Louvre")
+    with pytest.raises(InvalidArgument, match="subject"):
+        check_facts([{"prompt": "The Eiffel Tower is in", "target": " Rome", "subject": "Louvre"}])
+    (fact,) = check_facts([{"prompt": "The Eiffel Tower is in", "target": " Rome", "subject": "Eiffel Tower"}])
+    assert fact.subject == "Eiffel Tower"
+
+
+def test_rule_rewordings_ask_the_same_thing():
+    assert rewordings("The capital city of Japan is", "Japan") == ["Japan's capital city is"]
+    assert rewordings("The official language of Mars is", "Mars") == ["Mars' official language is"]
+    assert rewordings("The Eiffel Tower is located in", "The Eiffel Tower") == []
+
+
+def test_made_sentences_mention_the_subject_and_neighbours_do_not():
+    made = subject_prompts("The Eiffel Tower is located in the city of", "The Eiffel Tower", 3, random.Random(1))
+    assert made.train[0] == "The Eiffel Tower is located in the city of" and len(made.train) == 4
+    assert all(t.endswith("Eiffel Tower is located in the city of") for t in made.train)
+    assert all("Eiffel Tower" in t for t in made.contexts + made.relations)
+    assert any(r.startswith("The history of the Eiffel Tower") for r in made.relations)  # article lowered
+    assert made.neighbours and not any("Eiffel" in n for n in made.neighbours)
+    assert any(n.endswith("is located in the city of") for n in made.neighbours)  # the prompt, swapped
+
+
+def test_locate_finds_every_mention_and_its_last_token(tiny):
+    tokenizer = tiny.tokenizer
+    text = "the quick fox saw the quick fox"
+    located = locate(tokenizer, text, "quick fox")
+    assert len(located.subject_positions) == 2
+    ids = located.ids
+    for last in located.subject_positions:
+        assert tokenizer.decode(ids[: last + 1]).endswith("quick fox")
+        assert last in located.subject_tokens
+    assert not locate(tokenizer, text, "sea").subject_positions
+
+
+def test_the_evaluation_leaves_out_what_the_trainer_tuned_on():
+    fact = {"prompt": "P", "train_positives": ["A"], "train_negatives": ["B"],
+            "subject": {"prompts": {"rows": ["C"], "relations": ["D"], "contexts": [], "neighbours": ["E"]}}}  # fmt: skip
+    assert tuned_on(fact) == {"P", "A", "B", "C", "D", "E"}
