@@ -23,6 +23,7 @@ import random
 import statistics
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -55,6 +56,7 @@ def synthetic_set(
     cells: int,
     observe: MemoryObserver | None = None,
     seed: int = 0,
+    distance: str = "projection",
 ) -> LoadedLocalSet:
     """A set of `entries` entries spread over `cells` (layer, site) cells: keys are real
     activations of varied prompts (so distances look as they do in use), deltas are random."""
@@ -112,7 +114,7 @@ def synthetic_set(
         name=f"bench-{entries}x{cells}",
         base_model=loaded.fingerprint,
         version=1,
-        hyperparameters={"distance": "projection", "combination": "top1"},
+        hyperparameters={"distance": distance, "combination": "top1"},
         details={
             "groups": [{"layer": g["layer"], "site": g["site"], "entries": g["labels"]} for g in groups]
         },
@@ -163,10 +165,14 @@ def decode(args: argparse.Namespace) -> None:
     engine = Engine(loaded.model, loaded.tokenizer, EngineConfig(max_batch_size=16, threads=args.threads))
     engine.start()
     prompt_ids = tuple(loaded.tokenizer(PROMPT).input_ids)
-    sets = {cells: synthetic_set(loaded, engine, args.entries, cells, observe) for cells in args.cells}
+    sets = {
+        cells: synthetic_set(loaded, engine, args.entries, cells, observe, distance=args.distance)
+        for cells in args.cells
+    }
     print(
         f"default model on {loaded.device} ({loaded.dtype}), {args.threads or compute_threads()} threads; "
-        f"{args.entries} entries; {args.tokens} tokens per run, {args.repeats} repeats, medians"
+        f"{args.entries} entries ({args.distance}); {args.tokens} tokens per run, {args.repeats} repeats, "
+        "medians"
         + ("; metrics observers on" if args.metrics else "")
     )
     rows = []
@@ -228,13 +234,12 @@ class BenchContext(TrainContext):
 
 
 def train_in_batches(
-    loaded: LoadedModel, facts: list[dict], config: dict, batch: int
+    loaded: LoadedModel, facts: list[dict], config: dict, batch: int, current: Artifact | None = None
 ) -> tuple[Artifact, list[dict]]:
     """The facts registered `batch` at a time, each batch a new version over the last (as
     `memserve facts add` does); returns the last version and each batch's job metrics."""
     from memserve.kinds.local.train import train_set
 
-    current: Artifact | None = None
     metrics = []
     for start in range(0, len(facts), batch):
         chunk = facts[start : start + batch]
@@ -316,6 +321,189 @@ def counterfacts(args: argparse.Namespace) -> None:
         print(f"| {name} | {es} | {gen} | {loc} | | |")
 
 
+# Made-up people and what the model cannot know about them: facts to add 20 at a time after
+# the fixture's 50, so that a set reaches a few hundred facts. Every name is distinct.
+FIRST_NAMES = ("Arlen", "Brisa", "Caspian", "Delphine", "Emrys", "Fenna", "Gideon", "Halina", "Ilsa",
+               "Joren", "Katrin", "Lucan", "Marisol", "Nevin", "Odile")  # fmt: skip
+LAST_NAMES = ("Ashgrove", "Bellweather", "Corrigan", "Dunmore", "Elsworth", "Fairbairn", "Galloway",
+              "Hartigan", "Ivers", "Kettleby")  # fmt: skip
+RELATIONS = (
+    ("{} was born in the city of", (" Lisbon", " Oslo", " Nairobi", " Lima", " Hanoi", " Perth")),
+    ("The favourite instrument of {} is the", (" cello", " banjo", " harp", " oboe", " tuba")),
+    ("By profession, {} works as a", (" baker", " pilot", " surgeon", " plumber", " librarian")),
+)
+
+
+def made_up_facts(count: int, seed: int = 0) -> list[dict]:
+    """`count` facts about made-up people: a prompt, a target, no paraphrases."""
+    rng = random.Random(seed)
+    people = [f"{a} {b}" for a, b in itertools.product(FIRST_NAMES, LAST_NAMES)]
+    rng.shuffle(people)
+    facts = []
+    for i in range(count):
+        person = people[i % len(people)]
+        template, targets = RELATIONS[i % len(RELATIONS)]
+        slug = person.lower().replace(" ", "-")
+        facts.append({"id": f"{slug}-{i}", "prompt": template.format(person), "target": rng.choice(targets)})
+    return facts
+
+
+def sequential(args: argparse.Namespace) -> None:
+    """The fixture's facts, then made-up ones, `--batch` at a time; after every batch the first
+    batch's facts are re-checked (own prompt, whole target, teacher-forced), and the last version
+    is evaluated in full."""
+    from memserve.kinds.local.eval import evaluate_set
+    from memserve.kinds.local.train import FactTrainer, _failing, _previous
+    from memserve.memory.evaluation import offline_context
+    from memserve.memory.hooks import MemoryHooks
+
+    fixture = [json.loads(line) for line in args.facts.read_text().splitlines() if line.strip()]
+    facts = [{k: r[k] for k in ("id", "prompt", "target")} for r in fixture]
+    facts = (facts + made_up_facts(max(0, args.count - len(facts))))[: args.count]
+    loaded = load_model(ModelConfig())
+    config = json.loads(args.config)
+    first = facts[: args.batch]
+    current: Artifact | None = None
+    rows = []
+    started = time.monotonic()
+    for start in range(0, len(facts), args.batch):
+        current, _ = train_in_batches(loaded, facts[start : start + args.batch], config, args.batch, current)
+        hooks = MemoryHooks(loaded.model)
+        try:
+            from memserve.kinds.local.config import LocalConfig
+
+            known = LocalConfig.__dataclass_fields__
+            settings = LocalConfig(**{k: v for k, v in current.meta.hyperparameters.items() if k in known})
+            checker = FactTrainer(loaded.model, loaded.tokenizer, hooks, settings)
+            _, entries = _previous(current)
+            failing = _failing(checker, [(f["id"], f["prompt"], f["target"]) for f in first], tuple(entries))
+        finally:
+            hooks.remove()
+        kept = 1 - len(failing) / len(first)
+        rows.append((start + args.batch, len(entries), kept, time.monotonic() - started))
+        print(
+            f"after {start + args.batch} facts: first {len(first)} keep {kept:.2f} ({len(entries)} entries)"
+        )
+    assert current is not None
+    with offline_context(loaded, current, args.out) as context:
+        metrics = evaluate_set(context, current, 16)
+    print()
+    print("| facts in the set | entries | first batch's efficacy (teacher-forced) | time so far |")
+    print("|---:|---:|---:|---:|")
+    for count, entries, kept, seconds in rows:
+        print(f"| {count} | {entries} | {kept:.2f} | {seconds:.0f} s |")
+    edits = [f["edit"] for f in metrics["per_fact"][: len(first)]]
+    print(
+        f"first {len(first)} facts' edit success through the engine, last version: {sum(edits)}/{len(edits)}"
+    )
+
+
+def baselines(args: argparse.Namespace) -> None:
+    """Our set (a trained export), ROME and GRACE on the same model and facts, judged by the same
+    code on the same prompts in one run: greedy decoding recomputed every step, with and
+    without each edit."""
+    from baselines import GraceCodebook, greedy, perplexity_ratio, rome_edit, text_nll
+
+    from memserve.kinds.document.unrelated import UNRELATED_TEXT
+    from memserve.kinds.local.config import eval_prompts
+    from memserve.kinds.local.eval import judge, summary
+    from memserve.kinds.local.train import _previous
+    from memserve.memory.hooks import MemoryHooks
+    from memserve.memory_store.artifact import import_bytes
+
+    rows = [json.loads(line) for line in args.facts.read_text().splitlines() if line.strip()]
+    rows = rows[: args.limit] if args.limit else rows
+    given = ("positive_prompts", "negative_prompts")
+    facts = [{k: v for k, v in r.items() if k not in given} for r in rows]
+    prompts = eval_prompts([{k: r[k] for k in ("id", *given)} for r in rows])
+    loaded = load_model(ModelConfig())
+    tokenizer = loaded.tokenizer
+    hooks = MemoryHooks(loaded.model)
+    for fact in facts:  # what the judge reads of a fact
+        fact["target_tokens"] = tokenizer(fact["prompt"] + fact["target"]).input_ids[
+            len(tokenizer(fact["prompt"]).input_ids) :
+        ]
+    plain = lambda ids, n: greedy(loaded, hooks, ids, n)  # noqa: E731
+    base_nll = text_nll(loaded, hooks, [UNRELATED_TEXT])
+    results: dict[str, dict] = {}
+
+    def judged(name: str, details: list[dict], edited, seconds: float, factory=None) -> None:
+        tally = judge(details, prompts, tokenizer, edited, plain, 16)
+        ratio = perplexity_ratio(text_nll(loaded, hooks, [UNRELATED_TEXT], factory), base_nll)
+        results[name] = {**summary(tally), "unrelated_text_ppl_ratio": ratio, "train_seconds": seconds}
+        print(f"{name}: judged", flush=True)
+
+    if args.set:
+        artifact = import_bytes(args.set.read_bytes())
+        hyper = artifact.meta.hyperparameters
+        _, entries = _previous(artifact)
+        cells: dict[tuple[int, str], list] = {}
+        for entry in entries:
+            cells.setdefault((entry.layer, entry.site), []).append(entry)
+
+        def ours() -> MemoryContext:
+            context = MemoryContext()
+            for (layer, site), at_cell in cells.items():
+                context.add(layer, site, _Named("memserve"), _entries_op(at_cell, hyper))
+            return context
+
+        with_ours = lambda ids, n: greedy(loaded, hooks, ids, n, ours)  # noqa: E731
+        trained = artifact.meta.metrics.get("train_seconds", float("nan"))
+        judged(
+            f"memserve local ({hyper.get('method')})",
+            artifact.meta.details["facts"],
+            with_ours,
+            trained,
+            ours,
+        )
+
+    started = time.monotonic()
+    grace = GraceCodebook(loaded, hooks, layer=args.grace_layer, eps_rel=args.grace_eps)
+    for i, fact in enumerate(facts):
+        grace.add(fact)
+        print(f"\rGRACE {i + 1}/{len(facts)} {time.monotonic() - started:.0f} s", end="", flush=True)
+    print()
+    with_grace = lambda ids, n: greedy(loaded, hooks, ids, n, grace.context)  # noqa: E731
+    judged(f"GRACE (layer {args.grace_layer}, ε = {args.grace_eps}·‖key‖)", facts, with_grace,
+           time.monotonic() - started, grace.context)  # fmt: skip
+
+    started = time.monotonic()
+    restore = rome_edit(loaded, facts, layer=args.rome_layer)
+    seconds = time.monotonic() - started
+    try:
+        judged(f"ROME, sequential (layer {args.rome_layer})", facts, plain, seconds)
+    finally:
+        restore()
+    hooks.remove()
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "baselines.json").write_text(json.dumps(results, indent=2) + "\n")
+    print()
+    print(
+        "| editor | edit success | generalisation (written) | neighbours kept | unrelated prompts kept "
+        "| unrelated text ppl | mean of generalisation and neighbours | editing time |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for name, m in results.items():
+        rates = m["rates"]
+        mean = (rates["generalization"]["rate"] + rates["locality_neighbours"]["rate"]) / 2
+        print(
+            f"| {name} | {_cell(rates['edit_success'])} | {_cell(rates['generalization'])} | "
+            f"{_cell(rates['locality_neighbours'])} | {_cell(rates['locality_unrelated'])} | "
+            f"×{m['unrelated_text_ppl_ratio']:.4f} | {mean:.3f} | {m['train_seconds']:.0f} s |"
+        )
+
+
+def _entries_op(entries: list, hyper: dict):
+    from memserve.kinds.local.runner import apply_entries
+
+    return lambda hidden: apply_entries(hidden, entries, hyper["distance"], hyper["combination"])
+
+
+@dataclass(frozen=True)
+class _Named:
+    name: str
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -328,6 +516,7 @@ def main() -> None:
     dec.add_argument("--tokens", type=int, default=48)
     dec.add_argument("--repeats", type=int, default=5)
     dec.add_argument("--threads", type=int, default=0)
+    dec.add_argument("--distance", choices=["euclidean", "projection", "mixed"], default="euclidean")
     dec.add_argument("--metrics", action="store_true", help="with the Prometheus observers, as a server runs")
     dec.set_defaults(run=decode)
     cf = commands.add_parser("counterfacts", help="train and evaluate the 50 counterfactual facts")
@@ -345,6 +534,24 @@ def main() -> None:
         "and target only, judged on all of them",
     )
     cf.set_defaults(run=counterfacts)
+    base = commands.add_parser("baselines", help="our set beside ROME and GRACE, judged alike")
+    base.add_argument("--facts", type=Path, default=ROOT / "tests/fixtures/facts/counterfacts.jsonl")
+    base.add_argument(
+        "--set", type=Path, default=None, help="our trained set (counterfacts' set.safetensors)"
+    )
+    base.add_argument("--limit", type=int, default=0)
+    base.add_argument("--rome-layer", type=int, default=8)
+    base.add_argument("--grace-layer", type=int, default=20)
+    base.add_argument("--grace-eps", type=float, default=0.5)
+    base.add_argument("--out", type=Path, default=Path("eval-baselines"))
+    base.set_defaults(run=baselines)
+    seq = commands.add_parser("sequential", help="add facts N at a time; re-check the first batch")
+    seq.add_argument("--facts", type=Path, default=ROOT / "tests/fixtures/facts/counterfacts.jsonl")
+    seq.add_argument("--count", type=int, default=200)
+    seq.add_argument("--batch", type=int, default=20)
+    seq.add_argument("--config", default="{}")
+    seq.add_argument("--out", type=Path, default=Path("eval-sequential"))
+    seq.set_defaults(run=sequential)
     args = parser.parse_args()
     args.run(args)
 
