@@ -42,6 +42,7 @@ from memserve.kinds.local.config import LOCAL_SITES
 from memserve.kinds.local.module import LoadedLocalSet, group_tensors
 from memserve.memory.hooks import MemoryContext
 from memserve.memory.kind import LoadTarget, MemoryObserver, MemoryRefSpec, TrainContext
+from memserve.memory_store import artifact as artifacts
 from memserve.memory_store.artifact import Artifact, MemoryMeta
 from memserve.models import LoadedModel, ModelConfig, load_model
 
@@ -256,7 +257,8 @@ def train_in_batches(
             metrics=trained.metrics,
             details=trained.details,
         )
-        current = Artifact(meta, trained.tensors)
+        # With its sha256, as the store keeps it (an export file carries it).
+        current = artifacts.decode(*artifacts.encode(meta, trained.tensors))
         metrics.append(trained.metrics)
     assert current is not None
     return current, metrics
