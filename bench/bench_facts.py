@@ -173,8 +173,7 @@ def decode(args: argparse.Namespace) -> None:
     print(
         f"default model on {loaded.device} ({loaded.dtype}), {args.threads or compute_threads()} threads; "
         f"{args.entries} entries ({args.distance}); {args.tokens} tokens per run, {args.repeats} repeats, "
-        "medians"
-        + ("; metrics observers on" if args.metrics else "")
+        "medians" + ("; metrics observers on" if args.metrics else "")
     )
     rows = []
     try:

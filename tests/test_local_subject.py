@@ -36,7 +36,8 @@ def test_a_given_subject_wins_and_must_be_in_the_prompt():
         find_subject("The Eiffel Tower is in", "Louvre")
     with pytest.raises(InvalidArgument, match="subject"):
         check_facts([{"prompt": "The Eiffel Tower is in", "target": " Rome", "subject": "Louvre"}])
-    (fact,) = check_facts([{"prompt": "The Eiffel Tower is in", "target": " Rome", "subject": "Eiffel Tower"}])
+    given = {"prompt": "The Eiffel Tower is in", "target": " Rome", "subject": "Eiffel Tower"}
+    (fact,) = check_facts([given])
     assert fact.subject == "Eiffel Tower"
 
 
@@ -47,7 +48,8 @@ def test_rule_rewordings_ask_the_same_thing():
 
 
 def test_made_sentences_mention_the_subject_and_neighbours_do_not():
-    made = subject_prompts("The Eiffel Tower is located in the city of", "The Eiffel Tower", 3, random.Random(1))
+    prompt = "The Eiffel Tower is located in the city of"
+    made = subject_prompts(prompt, "The Eiffel Tower", 3, random.Random(1))
     assert made.train[0] == "The Eiffel Tower is located in the city of" and len(made.train) == 4
     assert all(t.endswith("Eiffel Tower is located in the city of") for t in made.train)
     assert all("Eiffel Tower" in t for t in made.contexts + made.relations)
@@ -69,6 +71,6 @@ def test_locate_finds_every_mention_and_its_last_token(tiny):
 
 
 def test_the_evaluation_leaves_out_what_the_trainer_tuned_on():
-    fact = {"prompt": "P", "train_positives": ["A"], "train_negatives": ["B"],
-            "subject": {"prompts": {"rows": ["C"], "relations": ["D"], "contexts": [], "neighbours": ["E"]}}}  # fmt: skip
+    made = {"rows": ["C"], "relations": ["D"], "contexts": [], "neighbours": ["E"]}
+    fact = {"prompt": "P", "train_positives": ["A"], "train_negatives": ["B"], "subject": {"prompts": made}}
     assert tuned_on(fact) == {"P", "A", "B", "C", "D", "E"}
