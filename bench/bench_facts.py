@@ -424,7 +424,18 @@ def baselines(args: argparse.Namespace) -> None:
         fact["target_tokens"] = tokenizer(fact["prompt"] + fact["target"]).input_ids[
             len(tokenizer(fact["prompt"]).input_ids) :
         ]
-    plain = lambda ids, n: greedy(loaded, hooks, ids, n)  # noqa: E731
+    edited_model = lambda ids, n: greedy(loaded, hooks, ids, n)  # noqa: E731
+    # "Without" is always the unedited model: its outputs are kept from GRACE's judging (same
+    # facts, same prompts, run before ROME edits the weights), so ROME is compared with the model
+    # before its edit.
+    unedited: dict[tuple, list[list[int]]] = {}
+
+    def plain(ids: list[list[int]], n: int) -> list[list[int]]:
+        key = (tuple(map(tuple, ids)), n)
+        if key not in unedited:
+            unedited[key] = edited_model(ids, n)
+        return unedited[key]
+
     base_nll = text_nll(loaded, hooks, [UNRELATED_TEXT])
     results: dict[str, dict] = {}
 
@@ -472,7 +483,7 @@ def baselines(args: argparse.Namespace) -> None:
     restore = rome_edit(loaded, facts, layer=args.rome_layer)
     seconds = time.monotonic() - started
     try:
-        judged(f"ROME, sequential (layer {args.rome_layer})", facts, plain, seconds)
+        judged(f"ROME, sequential (layer {args.rome_layer})", facts, edited_model, seconds)
     finally:
         restore()
     hooks.remove()
