@@ -455,7 +455,7 @@ def train_set(spec: dict[str, Any], context: TrainContext) -> Trained:
             context.report(i, steps, message=f"fact {fact.id}")
             results.append(train_one(fact, split_prompts(fact, split_config, rng)))
         context.report(len(new_facts), steps, message="re-checking every fact against the others")
-        recheck = _recheck(trainer, kept_facts, kept_entries, results, train_one)
+        recheck = _recheck(trainer, kept_facts, kept_entries, results)
         context.report(steps, steps, message="done")
     finally:
         hooks.remove()
@@ -485,7 +485,6 @@ def _recheck(
     kept_facts: list[dict[str, Any]],
     kept_entries: list[Entry],
     results: list[FactResult],
-    train_one: Any,
 ) -> dict[str, Any]:
     """Sequential editing without silent interference: every fact's own prompt is run with the
     whole set; a new fact that fails is trained again with the others in place (its last-token
