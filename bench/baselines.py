@@ -111,8 +111,7 @@ class RomeFact:
     id: str
     subject: str
     key: torch.Tensor  # k* (d_ff,) float32: the mean down-projection input at the subject's last token
-    delta: torch.Tensor  # Δ (d_ff,): the optimised change of that input
-    residual: torch.Tensor  # δ = W Δ (d_model,): the change of the MLP's output at k*
+    residual: torch.Tensor  # δ (d_model,): the optimised change of the MLP's output at k*
     value_steps: int
     target_nll: float
     relation_kl: float
@@ -154,19 +153,22 @@ def rome_edit(
     texts: Sequence[str] | None = None,
     regularisation: float = 1e-2,
     covariance_tokens: int = COVARIANCE_TOKENS,
+    clamp_norm_factor: float = 4.0,
 ) -> RomeEdit:
     """Sequential ROME: each fact in turn, a rank-one update of `layer`'s down projection W
     (d_model, d_ff), in place on `loaded.model`, its key and value computed on the model as
     edited so far. Returns a `RomeEdit`, a callable that restores the original weights.
 
     Per fact, with the subject method's rows, relations, targets and value optimisation:
-    k* is the mean down-projection input at the subject's last token over the rows, Δ the
-    optimised change of that input (the subject method's value) and δ = W Δ the change it makes
-    to the MLP's output. With C = E[k kᵀ] over generic text (`texts`, default
-    `covariance_texts()`), regularised by `regularisation`·mean(diag C)·I so that directions the
-    text never visits cannot blow the update up,
+    k* is the mean down-projection input at the subject's last token over the rows, and δ the
+    optimised change of the MLP's output there (added to the residual stream after the layer,
+    which is the same sum), its norm clamped to `clamp_norm_factor` × ‖W k*‖ as ROME does: an
+    unclamped δ is large, and the rank-one update carries a share of it to every other key.
+    With C = E[k kᵀ] over generic text (`texts`, default `covariance_texts()`), regularised
+    by `regularisation`·mean(diag C)·I so that directions the text never visits cannot blow the
+    update up,
         W ← W + δ (C⁻¹k*)ᵀ / (k*ᵀ C⁻¹ k*),
-    the least change (in the C-weighted sense) with W' k* = W k* + δ = W (k* + Δ) exactly.
+    the least change (in the C-weighted sense) with W' k* = W k* + δ exactly.
 
     The model must be fp32: the update is small next to W's entries, and bf16 rounding would eat it.
     """
@@ -189,7 +191,10 @@ def rome_edit(
         regularised = covariance + regularisation * covariance.diagonal().mean() * torch.eye(
             width, dtype=covariance.dtype, device=covariance.device
         )
-        values = ValueTrainer(model, tokenizer, hooks, config, cell)
+        keys = ValueTrainer(model, tokenizer, hooks, config, cell)
+        # The value is the change δ of the MLP's output at the subject, optimised where it acts:
+        # the residual stream after the layer (the same sum), its norm clamped as ROME clamps it.
+        values = ValueTrainer(model, tokenizer, hooks, config, (layer, Site.RESIDUAL.value))
         targets_of = _fact_trainer(loaded, hooks, config)
         for fact in facts:
             prompt = fact["prompt"]
@@ -202,12 +207,16 @@ def rome_edit(
             if not rows:
                 raise ValueError(f"the subject {subject!r} is not found in the tokens of {prompt!r}")
             targets = targets_of.target_tokens(prompt, fact["target"])
-            key, _ = values.key(rows)
-            value = values.value(rows, targets, relations, width)
+            key, _ = keys.key(rows)
+            with torch.no_grad():
+                output_norm = float((weight @ key.to(weight.device)).norm())
+            value = values.value(
+                rows, targets, relations, weight.shape[0], max_norm=clamp_norm_factor * output_norm
+            )
             with torch.no_grad():
                 w = weight.detach().double()
                 k = key.double().to(w.device)
-                residual = w @ value.delta.double().to(w.device)
+                residual = value.delta.double().to(w.device)
                 c_inv_k = torch.linalg.solve(regularised.to(w.device), k)
                 weight.copy_((w + torch.outer(residual, c_inv_k) / (k @ c_inv_k)).to(weight.dtype))
             edit.facts.append(
@@ -215,7 +224,6 @@ def rome_edit(
                     str(fact.get("id", prompt)),
                     subject,
                     key.float(),
-                    value.delta.float(),
                     residual.float(),
                     value.steps,
                     value.target_nll,

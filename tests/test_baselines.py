@@ -32,8 +32,8 @@ def test_rome_is_a_rank_one_edit_that_maps_the_key_and_restores_exactly(tiny: Lo
         change = down.weight.detach() - before
         assert int(torch.linalg.matrix_rank(change, rtol=1e-5)) == 1
         fact = edit.facts[0]
-        # δ is the change the value makes to the MLP's output, and W' k* = W k* + δ exactly.
-        torch.testing.assert_close(fact.residual, before @ fact.delta, rtol=1e-5, atol=1e-5)
+        # δ, the optimised change of the MLP's output, is clamped to 4 ‖W k*‖; W' k* = W k* + δ.
+        assert float(fact.residual.norm()) <= 4 * float((before @ fact.key).norm()) * (1 + 1e-4)
         with torch.no_grad():
             torch.testing.assert_close(
                 down(fact.key), before @ fact.key + fact.residual, rtol=1e-5, atol=1e-4

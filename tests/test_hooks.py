@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from memserve.errors import MemoryHookError
-from memserve.memory.hooks import MemoryContext, MemoryHooks, Site, find_sites
+from memserve.memory.hooks import LAYER_SITES, MemoryContext, MemoryHooks, Site, find_sites
 from tests.conftest import build_tiny_model
 
 
@@ -63,8 +63,9 @@ def test_the_attention_site_sees_the_concatenated_heads_and_the_mlp_site_the_act
 
     hooks = MemoryHooks(tiny_model)
     context = MemoryContext()
-    for site in Site:
+    for site in LAYER_SITES:
         context.add(0, site, Named("probe"), record(site))
+    context.add(hooks.num_layers - 1, Site.HEAD, Named("probe"), record(Site.HEAD))
     try:
         with hooks.using(context):
             tiny_model(**_inputs(tiny_model))
@@ -73,6 +74,7 @@ def test_the_attention_site_sees_the_concatenated_heads_and_the_mlp_site_the_act
     assert seen[Site.ATTN_OUT] == hidden  # heads × head_dim, before W_out
     assert seen[Site.MLP_DOWN] > hidden  # the MLP's inner width, after the activation
     assert seen[Site.RESIDUAL] == hidden
+    assert seen[Site.HEAD] == hidden  # the LM head's input, after the final norm
 
 
 def test_no_site_carries_a_hook_until_a_memory_uses_it(tiny_model):
@@ -110,7 +112,8 @@ def test_an_op_changes_only_the_rows_it_was_given(tiny_model, site):
     before = tiny_model(**inputs).logits
     hooks = MemoryHooks(tiny_model)
     context = MemoryContext()
-    context.add(1, site, Named("shift"), _add_to_rows([1], 0.5))
+    layer = hooks.num_layers - 1 if site is Site.HEAD else 1
+    context.add(layer, site, Named("shift"), _add_to_rows([1], 0.5))
     try:
         with hooks.using(context):
             after = tiny_model(**inputs).logits

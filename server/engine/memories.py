@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from transformers import PreTrainedModel
@@ -31,10 +32,14 @@ def hooks_or_none(model: PreTrainedModel) -> MemoryHooks | None:
 
 
 def memory_context(
-    requests: Sequence[GenerationRequest], device: torch.device, new_positions: torch.Tensor | None
+    requests: Sequence[GenerationRequest],
+    device: torch.device,
+    new_positions: torch.Tensor | None,
+    row_states: list[dict[Any, Any]] | None = None,
 ) -> MemoryContext | None:
     """The ops of every memory the batch rows use, each given the rows that use it; None when
-    no row uses one. `new_positions` (B, T) marks the real input positions (None: all are)."""
+    no row uses one. `new_positions` (B, T) marks the real input positions (None: all are);
+    `row_states` are the rows' per-request memory state (MemoryContext.row_states)."""
     groups: dict[int, tuple[RowMemory, list[int]]] = {}
     for index, request in enumerate(requests):
         for memory in request.memories:
@@ -42,7 +47,7 @@ def memory_context(
     if not groups:
         return None
     traced = frozenset(i for i, request in enumerate(requests) if request.trace)
-    context = MemoryContext(mask=new_positions, traced=traced)
+    context = MemoryContext(mask=new_positions, traced=traced, row_states=row_states)
     # Kinds that share a site apply in a fixed order (documents, then adapters), whatever
     # order a request lists its memories in (README: "One request, several memories").
     ordered = sorted(groups.values(), key=lambda group: group[0].apply_order)

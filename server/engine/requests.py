@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import Any
 
 import torch
 from transformers import PreTrainedTokenizerBase
@@ -113,6 +114,8 @@ class Row:
             request.stopping.include_stop_sequence,
         )
         self.generated: list[int] = []
+        # What memories remember of this row's earlier forwards (MemoryContext.row_states).
+        self.memory_state: dict[Any, Any] = {}
         self.submitted = time.monotonic()
         self.last_token: float | None = None
         # Tokens the repetition penalty looks at: the prompt and the output so far.

@@ -307,7 +307,9 @@ class Engine:
         requests using a memory that raised, or all of them for any other error.
         """
         try:
-            context = memory_context([r.request for r in rows], self.device, new_positions)
+            context = memory_context(
+                [r.request for r in rows], self.device, new_positions, [r.memory_state for r in rows]
+            )
             with self.hooks.using(context) if self.hooks else contextlib.nullcontext():
                 out = self.model(
                     input_ids=ids,

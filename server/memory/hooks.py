@@ -5,7 +5,10 @@ Three sites per decoder layer (docs/design.md):
 - ``attn_out``: the input of attention's output projection, heads concatenated
   (local memories, "before W_out");
 - ``mlp_down``: the input of the MLP's down projection, after the activation
-  (local memories).
+  (local memories);
+and one after the last: ``head``, the input of the LM head (the final norm's output) at
+the positions whose logits are computed (a local set's gated answers). It is addressed
+as (last layer, ``head``).
 
 A site's hook is installed once, the first time a memory uses the site, and
 stays. Each forward pass reads a ``MemoryContext`` that says which batch rows use
@@ -37,6 +40,11 @@ class Site(StrEnum):
     RESIDUAL = "residual"
     ATTN_OUT = "attn_out"
     MLP_DOWN = "mlp_down"
+    HEAD = "head"
+
+
+# The sites every decoder layer has (the head is after the last one only).
+LAYER_SITES = (Site.RESIDUAL, Site.ATTN_OUT, Site.MLP_DOWN)
 
 
 @dataclass(frozen=True)
@@ -154,6 +162,10 @@ class MemoryContext:
     groups: dict[GroupKey, GroupOp[Any]] = field(default_factory=dict)
     # Per-forward state one loaded memory shares between its sites, by (what, id(memory)).
     shared: dict[tuple[str, int], Any] = field(default_factory=dict)
+    # Per batch row, state that lives as long as the row's request (kept by the engine): what a
+    # memory must remember of positions an earlier forward saw, as the KV cache does for
+    # attention (a local set's subjects seen). None: every forward starts afresh.
+    row_states: list[dict[Any, Any]] | None = None
     # Run once the forward pass is done (e.g. a kind's per-forward statistics for the metrics).
     finishers: list[tuple[NamedMemory, Callable[[], None]]] = field(default_factory=list)
 
@@ -208,6 +220,9 @@ class MemoryHooks:
 
     def __init__(self, model: nn.Module) -> None:
         self.sites = find_sites(model)
+        self.head: nn.Module | None = (
+            model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        )
         # Per thread: a trainer running the same model in another thread (the
         # in-process worker) must never see the serving engine's routing.
         self._local = threading.local()
@@ -230,7 +245,13 @@ class MemoryHooks:
         if not 0 <= layer < len(self.sites):
             raise ValueError(f"layer {layer} does not exist: the model has layers 0..{len(self.sites) - 1}")
         sites = self.sites[layer]
-        if site is Site.RESIDUAL:
+        if site is Site.HEAD:
+            if layer != len(self.sites) - 1 or self.head is None:
+                raise ValueError(
+                    f"the head site is at the last layer ({len(self.sites) - 1}) of a model with an LM head"
+                )
+            handle = self.head.register_forward_pre_hook(self._input_hook(layer, site))
+        elif site is Site.RESIDUAL:
             handle = sites.block.register_forward_hook(self._block_hook(layer))
         else:
             module = sites.attn_out_proj if site is Site.ATTN_OUT else sites.mlp_down_proj
@@ -239,8 +260,10 @@ class MemoryHooks:
 
     def install_all(self) -> None:
         for layer in range(len(self.sites)):
-            for site in Site:
+            for site in LAYER_SITES:
                 self.install(layer, site)
+        if self.head is not None:
+            self.install(len(self.sites) - 1, Site.HEAD)
 
     @contextmanager
     def using(self, context: MemoryContext | None) -> Iterator[None]:

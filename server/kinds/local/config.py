@@ -16,9 +16,9 @@ if TYPE_CHECKING:
     from memserve.memory_store.artifact import Artifact
 
 DISTANCES = ("euclidean", "projection", "mixed")
-METHODS = ("subject", "blog")
+METHODS = ("gated", "subject", "blog")
 # The distance each method uses unless told: the blog's is one-sided, as the blog wrote it.
-METHOD_DISTANCES = {"subject": "euclidean", "blog": "projection"}
+METHOD_DISTANCES = {"gated": "euclidean", "subject": "euclidean", "blog": "projection"}
 COMBINATIONS = ("top1", "sum")
 LOCAL_SITES = ("attn_out", "mlp_down")  # memserve.memory.hooks.Site values
 MAX_FACTS = 1000
@@ -42,6 +42,22 @@ class LocalConfig:
         "several steps with a KL term, last-token entries only where it falls short) or 'blog' (keys "
         "at the prompt's last token, one gradient step: the source blog's method)",
         choices=METHODS,
+    )
+    answer_top_k: int = option(
+        32,
+        "Gated answers: tokens of the reference distribution compared (the rest is one bin)",
+        low=1,
+        high=1024,
+    )
+    answer_margin: float = option(
+        0.9,
+        "Gated answers: the threshold is at most this share of the divergence of the subject's "
+        "nearest other relation",
+        low=0.05,
+        high=1,
+    )
+    answer_hardness: float = option(
+        4.0, "Gated answers: hardness h of the answers' trigger", low=0.5, high=20
     )
     subject_layer: int = option(
         -1, "Layer of the subject entries; -1: 27 % of the way in (8 of 30)", low=-1, high=4095

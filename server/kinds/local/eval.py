@@ -411,8 +411,10 @@ def _report(metrics: dict[str, Any], examples: list[dict[str, Any]]) -> str:
     ]
     for fact in metrics["per_fact"]:
         gen, loc = fact["generalization"], fact["locality"]
+        subject = fact.get("subject")
+        subject = subject.get("text") if isinstance(subject, dict) else subject
         lines.append(
-            f"| {fact['id']} | {fact.get('subject') or '—'} | `{fact['target']}` | {fact['entries']} | "
+            f"| {fact['id']} | {subject or '—'} | `{fact['target']}` | {fact['entries']} | "
             f"{'✓' if fact['edit'] else '✗'} | {sum(gen)}/{len(gen)} | {sum(loc)}/{len(loc)} |"
         )
     lines += ["", "## Prompts that went wrong", ""]

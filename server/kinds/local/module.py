@@ -26,6 +26,7 @@ import torch
 
 from memserve.errors import InvalidArgument
 from memserve.kinds.local.config import COMBINATIONS, DISTANCES, LOCAL_SITES
+from memserve.kinds.local.gates import SEEN_AT, Gates
 from memserve.memory.group import GroupOp, rows_of
 from memserve.memory.hooks import GroupKey, MemoryContext, Site, TraceRecord
 from memserve.memory.kind import LoadedMemory, LoadTarget, MemoryRefSpec, RowMemory
@@ -231,14 +232,33 @@ class LoadedLocalSet(LoadedMemory):
             self.groups.append(
                 EntryGroup(layer, site, list(group["entries"]), tensors, target, self.distance)
             )
+        self.gates: Gates | None = None
+        described = meta.details.get("gates")
+        if described:
+            if not isinstance(described, dict) or not {"detector", "subjects", "answers"} <= set(described):
+                raise InvalidArgument(f"local memory set {meta.name!r}: its gates are not described")
+            tensors = {k[len("gates.") :]: v for k, v in artifact.tensors.items() if k.startswith("gates.")}
+            detector = described["detector"]
+            layer = int(detector.get("layer", -1)) if isinstance(detector, dict) else -1
+            if not 0 <= layer < target.num_layers or detector.get("site") not in LOCAL_SITES:
+                raise InvalidArgument(
+                    f"local memory set {meta.name!r}: its subject detectors are at a site this model lacks"
+                )
+            head = target.hooks.head if target.hooks is not None else None
+            width = _site_width(target, layer, str(detector["site"]))
+            self.gates = Gates(
+                meta.name, described, tensors, head, target.num_layers, width, target.device, target.dtype
+            )
+        if not self.groups and self.gates is None:
+            raise InvalidArgument(f"local memory set {meta.name!r} has no entries")
 
     @property
     def nbytes(self) -> int:
-        return sum(group.nbytes for group in self.groups)
+        return sum(group.nbytes for group in self.groups) + (self.gates.nbytes if self.gates else 0)
 
     @property
     def num_entries(self) -> int:
-        return sum(len(group) for group in self.groups)
+        return sum(len(group) for group in self.groups) + (len(self.gates) if self.gates else 0)
 
     def group_at(self, layer: int, site: Site) -> EntryGroup:
         """The set's entries at one (layer, site): one group per cell."""
@@ -263,6 +283,10 @@ class BoundLocalSet(RowMemory):
     def add_ops(self, context: MemoryContext, rows: torch.Tensor) -> None:
         for group in self.set.groups:
             _SiteOp.join(context, GroupKey("local", group.layer, group.site), self, rows)
+        gates = self.set.gates
+        if gates is not None:
+            _DetectorOp.join(context, GroupKey("local-subjects", gates.layer, gates.site), self, rows)
+            _AnswerOp.join(context, GroupKey("local-answers", gates.head_layer, Site.HEAD), self, rows)
 
 
 @dataclass(frozen=True)
@@ -283,22 +307,11 @@ class _SiteOp(GroupOp[BoundLocalSet]):
         for parts in self.by_memory():
             local_set = parts[0][0].set
             group = local_set.group_at(self.key.layer, self.key.site)
-            rows = self._rows(local_set, parts)
+            rows = _set_rows(self.context, local_set, parts)
             whole = rows.in_order and rows.count == hidden.shape[0]
             update = self._update(local_set, group, hidden if whole else hidden[rows.rows], rows)
             out = out + update if whole else out.index_add(0, rows.rows, update)
         return out
-
-    def _rows(self, local_set: LoadedLocalSet, parts: list[tuple[BoundLocalSet, torch.Tensor]]) -> _Rows:
-        """The set's rows and scales, worked out at its first site and reused at the others."""
-        key = ("local-rows", id(local_set))
-        rows = self.context.shared.get(key)
-        if rows is None:
-            indices, scales = rows_of(parts, torch.float32)
-            listed = indices.tolist()
-            rows = _Rows(indices, scales, count=len(listed), in_order=listed == list(range(len(listed))))
-            self.context.shared[key] = rows
-        return rows
 
     def _update(
         self, local_set: LoadedLocalSet, group: EntryGroup, hidden: torch.Tensor, rows: _Rows
@@ -310,21 +323,10 @@ class _SiteOp(GroupOp[BoundLocalSet]):
         if rows.scales is not None:
             update = update * rows.scales.to(hidden.dtype)
         if local_set.observe is not None:
-            self._collect(local_set, best.reshape(r, t), rows.rows)
+            _collect(self.context, self.members, local_set, best.reshape(r, t), rows.rows)
         for i, row in self.context.traced_rows(rows.rows):
             self._trace(local_set, group, group.entries.triggers(hidden[i, -1:])[0], row)
         return update
-
-    def _collect(self, local_set: LoadedLocalSet, best: torch.Tensor, rows: torch.Tensor) -> None:
-        """Keeps a site's strongest triggers; the set's statistics are made once, after the forward."""
-        key = ("local-stats", id(local_set))
-        collected = self.context.shared.get(key)
-        if collected is None:
-            members = [m for m in self.members if m.set is local_set]
-            collected = _TriggerCollector(self.context, local_set, rows, members)
-            self.context.shared[key] = collected
-            self.context.finishers.append((collected, collected.finish))
-        collected.bests.append(best)
 
     def _trace(self, local_set: LoadedLocalSet, group: EntryGroup, f: torch.Tensor, row: int) -> None:
         """Records the entries that acted on the row's last position (the one that picks the token)."""
@@ -336,6 +338,106 @@ class _SiteOp(GroupOp[BoundLocalSet]):
                 self.context.record(row, TraceRecord(local_set.name, "local", self.key.layer, label, value))
 
 
+def _set_rows(
+    context: MemoryContext, local_set: LoadedLocalSet, parts: list[tuple[BoundLocalSet, torch.Tensor]]
+) -> _Rows:
+    """The set's rows and scales, worked out at its first site and reused at the others (every
+    op of the set sees its rows in this order)."""
+    key = ("local-rows", id(local_set))
+    rows = context.shared.get(key)
+    if rows is None:
+        indices, scales = rows_of(parts, torch.float32)
+        listed = indices.tolist()
+        rows = _Rows(indices, scales, count=len(listed), in_order=listed == list(range(len(listed))))
+        context.shared[key] = rows
+    return rows
+
+
+def _collect(
+    context: MemoryContext,
+    members: list[BoundLocalSet],
+    local_set: LoadedLocalSet,
+    best: torch.Tensor,
+    rows: torch.Tensor,
+) -> None:
+    """Keeps a site's strongest triggers (R, T'), for the last T' positions of the forward; the
+    set's statistics are made once, after the forward."""
+    key = ("local-stats", id(local_set))
+    collected = context.shared.get(key)
+    if collected is None:
+        collected = _TriggerCollector(context, local_set, rows, [m for m in members if m.set is local_set])
+        context.shared[key] = collected
+        context.finishers.append((collected, collected.finish))
+    real = context.real_positions(rows)
+    if real is not None:
+        real = real[:, real.shape[1] - best.shape[1] :]
+    collected.bests.append(best[real] if real is not None else best.reshape(-1))
+
+
+class _DetectorOp(GroupOp[BoundLocalSet]):
+    """The subject detectors of every set with gates at one (layer, site): they change nothing,
+    and leave, for the answers at the head, which subjects each position has seen."""
+
+    def op(self, hidden: torch.Tensor) -> torch.Tensor:
+        for parts in self.by_memory():
+            local_set = parts[0][0].set
+            gates = local_set.gates
+            assert gates is not None
+            rows = _set_rows(self.context, local_set, parts)
+            listed = rows.rows.tolist()
+            state_key = ("local-seen", id(local_set))
+            states = self.context.row_states
+            before = None
+            if states is not None:
+                empty = torch.zeros(len(gates.subjects), dtype=torch.bool, device=hidden.device)
+                before = torch.stack([states[row].get(state_key, empty) for row in listed])
+            seen, f = gates.seen(hidden[rows.rows], self.context.real_positions(rows.rows), before)
+            self.context.shared[state_key] = seen
+            if states is not None:
+                for i, row in enumerate(listed):
+                    states[row][state_key] = seen[i, -1].clone()
+            for i, row in self.context.traced_rows(rows.rows):
+                strongest = f[i].max(0).values
+                for s in (strongest >= SEEN_AT).nonzero()[:, 0].tolist():
+                    label = f"{gates.subjects[s]} (subject seen, {self.key.site.value})"
+                    self.context.record(
+                        row, TraceRecord(local_set.name, "local", self.key.layer, label, float(strongest[s]))
+                    )
+        return hidden
+
+
+class _AnswerOp(GroupOp[BoundLocalSet]):
+    """The answers of every set with gates, at the LM head's input."""
+
+    def op(self, hidden: torch.Tensor) -> torch.Tensor:
+        out = hidden
+        for parts in self.by_memory():
+            local_set = parts[0][0].set
+            gates = local_set.gates
+            assert gates is not None
+            rows = _set_rows(self.context, local_set, parts)
+            seen = self.context.shared.get(("local-seen", id(local_set)))
+            if seen is None:  # the detectors' layer did not run (a partial forward): nothing seen
+                continue
+            k = hidden.shape[1]
+            answered = gates.answer(hidden[rows.rows], seen[:, seen.shape[1] - k :])
+            if answered.update is not None:
+                update = answered.update
+                if rows.scales is not None:
+                    update = update * rows.scales.to(hidden.dtype)
+                out = out.index_add(0, rows.rows, update)
+            if local_set.observe is not None:
+                _collect(self.context, self.members, local_set, answered.best, rows.rows)
+            for i, row in self.context.traced_rows(rows.rows):
+                value, index = float(answered.best[i, -1]), int(answered.chosen[i, -1])
+                if index >= 0 and value >= NEGLIGIBLE:
+                    label = f"{gates.answers[index]} (answer, head)"
+                    self.context.record(
+                        row, TraceRecord(local_set.name, "local", self.key.layer, label, value)
+                    )
+        return out
+
+
 @dataclass(eq=False)
 class _TriggerCollector:
     """One set's strongest triggers at each of its sites in one forward: a few ops for all of them."""
@@ -344,7 +446,7 @@ class _TriggerCollector:
     local_set: LoadedLocalSet
     rows: torch.Tensor
     members: list[BoundLocalSet]  # the requests' views of the set: a failure is blamed on them
-    bests: list[torch.Tensor] = field(default_factory=list)  # (R, T) per site
+    bests: list[torch.Tensor] = field(default_factory=list)  # per site, its real positions' triggers
 
     @property
     def name(self) -> str:
@@ -354,10 +456,7 @@ class _TriggerCollector:
         observer = self.local_set.observe
         if observer is None or not self.bests:
             return
-        stacked = torch.stack(self.bests)  # (sites, R, T)
-        real = self.context.real_positions(self.rows)
-        values = stacked[:, real] if real is not None else stacked.reshape(len(self.bests), -1)
-        values = values.detach().float()
+        values = torch.cat(self.bests).detach().float()
         observer(
             TriggerStats(
                 set=self.name,

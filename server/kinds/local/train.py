@@ -38,6 +38,14 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from memserve.errors import FailedPrecondition, InvalidArgument
 from memserve.kinds.local.config import Fact, LocalConfig, check_spec, fact_from_dict, settings_over
+from memserve.kinds.local.gated import (
+    FactGate,
+    GatedFactTrainer,
+    gate_tensors,
+    in_memory_set,
+    next_tokens_with,
+    previous_gates,
+)
 from memserve.kinds.local.module import group_tensors
 from memserve.kinds.local.prompts import GENERIC_NEIGHBOURS, FactPrompts, split_prompts
 from memserve.kinds.local.runner import Cell, Entry, Runner, _distance, _threshold
@@ -66,6 +74,7 @@ class FactResult:
     entries: list[Entry] = field(default_factory=list)
     steps: list[dict[str, Any]] = field(default_factory=list)
     subject: dict[str, Any] | None = None  # the subject entry's search, with the `subject` method
+    gate: FactGate | None = None  # with the `gated` method
 
     def details(self, tokenizer: PreTrainedTokenizerBase) -> dict[str, Any]:
         return {
@@ -73,7 +82,7 @@ class FactResult:
             "prompt": self.fact.prompt,
             "target": self.fact.target,
             "target_tokens": [tokenizer.decode([t]) for t in self.target_tokens],
-            "entries": [e.label for e in self.entries],
+            "entries": [e.label for e in self.entries] + (self.gate.labels() if self.gate else []),
             "train_positives": self.prompts.train_positives,
             "train_negatives": self.prompts.train_negatives,
             "heldout_positives": self.prompts.heldout_positives,
@@ -423,18 +432,29 @@ def train_set(spec: dict[str, Any], context: TrainContext) -> Trained:
     replaced = {f.id for f in new_facts}
     kept_facts = [f for f in old_facts if f["id"] not in replaced]
     kept_entries = [e for e in old_entries if e.label.split("#")[0] not in replaced]
+    old_gates, old_cell = previous_gates(current)
+    kept_gates = [g for g in old_gates if g.fact_id not in replaced]
     started = time.monotonic()
     steps = len(new_facts) + 1
     try:
         trainer = FactTrainer(model, tokenizer, hooks, config)
         subject_trainer = None
+        gated_trainer = None
+        layer = config.subject_layer if config.subject_layer >= 0 else int(hooks.num_layers * 0.27)
+        if config.method in ("subject", "gated") and layer >= hooks.num_layers:
+            raise InvalidArgument(
+                f"config.subject_layer: layer {layer} does not exist (the model has {hooks.num_layers})"
+            )
+        cell = (layer, "mlp_down" if "mlp_down" in config.sites else config.sites[0])
         if config.method == "subject":
-            layer = config.subject_layer if config.subject_layer >= 0 else int(hooks.num_layers * 0.27)
-            if layer >= hooks.num_layers:
-                raise InvalidArgument(
-                    f"config.subject_layer: layer {layer} does not exist (the model has {hooks.num_layers})"
-                )
             subject_trainer = SubjectFactTrainer(trainer, layer)
+        elif config.method == "gated":
+            if old_cell is not None and old_cell != cell:
+                raise FailedPrecondition(
+                    f"the set's subject detectors are at layer {old_cell[0]} ({old_cell[1]}); "
+                    f"this job asks for layer {cell[0]} ({cell[1]})"
+                )
+            gated_trainer = GatedFactTrainer(model, tokenizer, hooks, config, cell)
         rng = random.Random(config.seed)
         all_prompts = [f["prompt"] for f in kept_facts] + [f.prompt for f in new_facts]
         subjects = [f["subject"]["text"] for f in kept_facts if isinstance(f.get("subject"), dict)]
@@ -443,34 +463,43 @@ def train_set(spec: dict[str, Any], context: TrainContext) -> Trained:
         def train_one(fact: Fact, prompts: FactPrompts) -> FactResult:
             others = [p for p in all_prompts if p != fact.prompt]
             others = rng.sample(others, min(OTHER_FACT_NEIGHBOURS, len(others)))
-            if subject_trainer is None:
+            if subject_trainer is None and gated_trainer is None:
                 return trainer.train(fact, prompts, others)
             own = find_subject(fact.prompt, fact.subject).text.lower()
             other_subjects = [s for s in subjects if s.lower() != own]
-            return subject_trainer.train(fact, prompts, others, other_subjects, rng)
+            if subject_trainer is not None:
+                return subject_trainer.train(fact, prompts, others, other_subjects, rng)
+            assert gated_trainer is not None
+            targets = trainer.target_tokens(fact.prompt, fact.target)
+            gate, found = gated_trainer.train(fact, prompts, targets, others, other_subjects, rng)
+            return FactResult(fact, prompts, targets, subject=found, gate=gate)
 
-        split_config = replace(config, generated_prompts=0) if subject_trainer else config
+        split_config = replace(config, generated_prompts=0) if subject_trainer or gated_trainer else config
         results: list[FactResult] = []
         for i, fact in enumerate(new_facts):
             context.report(i, steps, message=f"fact {fact.id}")
             results.append(train_one(fact, split_prompts(fact, split_config, rng)))
+        gates = kept_gates + [r.gate for r in results if r.gate is not None]
         context.report(len(new_facts), steps, message="re-checking every fact against the others")
-        recheck = _recheck(trainer, kept_facts, kept_entries, results)
+        if gates:
+            entries = kept_entries + [e for r in results for e in r.entries]
+            details, tensors = _described(entries, gates, cell if gated_trainer else old_cell or cell)
+            checked = in_memory_set("training", asdict(config), details, tensors, hooks, model)
+            recheck = _gated_recheck(trainer, kept_facts, results, checked, hooks)
+        else:
+            recheck = _recheck(trainer, kept_facts, kept_entries, results)  # may add entries
+            entries = kept_entries + [e for r in results for e in r.entries]
+            details, tensors = _described(entries, [], cell)
         context.report(steps, steps, message="done")
     finally:
         hooks.remove()
-    entries = kept_entries + [e for r in results for e in r.entries]
     facts = kept_facts + [r.details(tokenizer) for r in results]
-    groups = _groups(entries)
-    tensors = group_tensors(groups)
-    details = {
-        "groups": [{"layer": g["layer"], "site": g["site"], "entries": g["labels"]} for g in groups],
-        "facts": facts,
-    }
+    details["facts"] = facts
     token_steps = [s for r in results for s in r.steps if s.get("entry")]
     metrics = {
         "facts": len(facts),
-        "entries": len(entries),
+        "entries": len(entries) + sum(1 + len(g.answers) for g in gates),
+        "gated_facts": len(gates),
         "new_facts": len(results),
         "new_entries": sum(len(r.entries) for r in results),
         "edits_found": sum(bool(s.get("edit_found")) for s in token_steps),
@@ -516,8 +545,43 @@ def _recheck(
     return {"checked": len(everyone), "failing": failing, "repaired": repaired, "still_failing": still}
 
 
+def _described(
+    entries: list[Entry], gates: list[FactGate], cell: tuple[int, str]
+) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """The artifact's details (but its facts) and tensors of a set's entries and gates."""
+    groups = _groups(entries)
+    tensors = group_tensors(groups)
+    details: dict[str, Any] = {
+        "groups": [{"layer": g["layer"], "site": g["site"], "entries": g["labels"]} for g in groups]
+    }
+    if gates:
+        details["gates"], gated = gate_tensors(gates, cell)
+        tensors.update(gated)
+    return details, tensors
+
+
+def _gated_recheck(
+    trainer: FactTrainer,
+    kept_facts: list[dict[str, Any]],
+    results: list[FactResult],
+    local_set: Any,
+    hooks: MemoryHooks,
+) -> dict[str, Any]:
+    """Every fact's own prompt run with the whole set through the serving ops, teacher-forced:
+    the facts that do not give their target are reported (a gated answer of another fact can
+    only win on a prompt that mentions that fact's subject too)."""
+    everyone = [(f["id"], f["prompt"], f.get("target", "")) for f in kept_facts]
+    everyone += [(r.fact.id, r.fact.prompt, r.fact.target) for r in results]
+    model = trainer.runner.model
+    failing = _failing(trainer, everyone, (), lambda rows: next_tokens_with(model, hooks, local_set, rows))
+    return {"checked": len(everyone), "failing": failing, "repaired": [], "still_failing": failing}
+
+
 def _failing(
-    trainer: FactTrainer, facts: list[tuple[str, str, str]], entries: tuple[Entry, ...]
+    trainer: FactTrainer,
+    facts: list[tuple[str, str, str]],
+    entries: tuple[Entry, ...],
+    next_tokens: Any = None,
 ) -> list[str]:
     """The ids of the facts whose own prompt does not go on with every target token, teacher-forced."""
     rows, owners, wanted = [], [], []
@@ -529,5 +593,8 @@ def _failing(
             rows.append(prompt_ids + tokens[:k])
             owners.append(fact_id)
             wanted.append(token)
-    produced = trainer.runner.next_tokens(rows, [entries] * len(rows)) if rows else []
+    if next_tokens is None:
+        produced = trainer.runner.next_tokens(rows, [entries] * len(rows)) if rows else []
+    else:
+        produced = next_tokens(rows) if rows else []
     return list(dict.fromkeys(o for o, p, w in zip(owners, produced, wanted, strict=True) if p != w))

@@ -93,9 +93,15 @@ class ValueTrainer:
         return torch.stack(mentions).mean(0), mentions
 
     def value(
-        self, rows: Sequence[Located], targets: list[int], relations: Sequence[Located], width: int
+        self,
+        rows: Sequence[Located],
+        targets: list[int],
+        relations: Sequence[Located],
+        width: int,
+        max_norm: float | None = None,
     ) -> ValueResult:
-        """Δ that makes `targets` follow every row, keeping the relations' outputs.
+        """Δ that makes `targets` follow every row, keeping the relations' outputs; its norm kept
+        at most `max_norm` when given (ROME clamps its value so).
 
         Rows and relations go in one batch; the layers before the entry's run once (their output
         does not depend on Δ), each step runs the rest."""
@@ -138,6 +144,9 @@ class ValueTrainer:
             # Only Δ's gradient: the model's own parameters stay out of the graph's work.
             (delta.grad,) = torch.autograd.grad(loss, [delta])
             optimiser.step()
+            if max_norm is not None:
+                with torch.no_grad():
+                    delta.mul_(min(1.0, max_norm / max(float(delta.norm()), 1e-12)))
             if step % CHECK_EVERY == 0 and bool((token_nll < -math.log(CONFIDENT)).all()):
                 break
         return ValueResult(delta.detach().float().clone(), step, float(nll.detach()), float(kl.detach()))

@@ -1,0 +1,208 @@
+"""The `gated` method's trainer: per fact, a subject detector (values.py's key and boundary) and
+answers at the LM head's input (answers.py), stored as a set's gates (gates.py)."""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from memserve.kinds.local.answers import Answer, AnswerTrainer
+from memserve.kinds.local.config import Fact
+from memserve.kinds.local.gates import GATE_TENSORS
+from memserve.kinds.local.module import LoadedLocalSet
+from memserve.kinds.local.prompts import GENERIC_NEIGHBOURS, FactPrompts
+from memserve.kinds.local.subject import find_subject, subject_prompts
+from memserve.kinds.local.values import ValueTrainer, locate
+from memserve.memory.hooks import MemoryContext, MemoryHooks
+from memserve.memory.kind import LoadTarget, MemoryRefSpec
+from memserve.memory_store.artifact import Artifact, MemoryMeta
+from memserve.padding import pad_rows
+
+
+@dataclass
+class FactGate:
+    """One fact's subject detector and answers."""
+
+    fact_id: str
+    key: torch.Tensor  # (D_site,)
+    bound: float
+    hardness: float
+    answers: list[Answer] = field(default_factory=list)
+
+    def labels(self) -> list[str]:
+        """The names of its detector and answers, as traces and the set's details give them."""
+        return [self.fact_id, *(f"{self.fact_id}#{a.token_index}.{j}" for j, a in enumerate(self.answers))]
+
+
+class GatedFactTrainer:
+    """Makes the gates of facts at the detector cell `cell` (see the module's docstring)."""
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        hooks: MemoryHooks,
+        config: Any,
+        cell: tuple[int, str],
+    ) -> None:
+        self.tokenizer, self.config, self.cell = tokenizer, config, cell
+        self.detectors = ValueTrainer(model, tokenizer, hooks, config, cell)
+        self.answers = AnswerTrainer(model, config)
+
+    def train(
+        self,
+        fact: Fact,
+        prompts: FactPrompts,
+        targets: list[int],
+        other_prompts: Sequence[str],
+        other_subjects: Sequence[str],
+        rng: random.Random,
+    ) -> tuple[FactGate, dict[str, Any]]:
+        """The fact's gate and what was found (the job's details)."""
+        config, tokenizer = self.config, self.tokenizer
+        subject = find_subject(fact.prompt, fact.subject)
+        made = subject_prompts(fact.prompt, subject.text, config.generated_prompts, rng, list(other_subjects))
+        at = lambda texts: [locate(tokenizer, t, subject.text) for t in texts]  # noqa: E731
+        mentioning = lambda located: [x for x in located if x.subject_positions]  # noqa: E731
+        started = time.monotonic()
+        rows = mentioning(at(dict.fromkeys([*made.train, *prompts.train_positives])))
+        contexts = mentioning(at(made.contexts))
+        key, required = self.detectors.key(rows)
+        _, wanted = self.detectors.key(contexts) if contexts else (None, [])
+        negatives = at([*made.neighbours, *prompts.train_negatives, *other_prompts, *GENERIC_NEIGHBOURS])
+        threshold, inside, outside = self.detectors.boundary(key, required, wanted, negatives)
+        detector = self.detectors.entry(key, torch.zeros(1), threshold, fact.id)
+        # Answers: the rows' own distributions, kept away from the subject's other relations (the
+        # given negatives that mention it too).
+        others = mentioning(at(dict.fromkeys([*made.relations, *made.contexts, *prompts.train_negatives])))
+        answers, searches = self.answers.answers([r.ids for r in rows], [o.ids for o in others], targets)
+        gate = FactGate(fact.id, key.float(), detector.bound, detector.hardness, answers)
+        details = {
+            "text": subject.text,
+            "found_by": subject.found_by,
+            "detector": f"layer {self.cell[0]} {self.cell[1]}",
+            "bound": round(detector.bound, 5),
+            "mentions_inside": f"{inside}/{len(required) + len(wanted)}",
+            "negatives_outside": f"{outside}/{len(negatives)}",
+            "answers": [
+                {
+                    "token": tokenizer.decode([s.token]),
+                    "rows_inside": f"{s.rows_inside}/{s.rows}",
+                    "nearest_other_relation": round(s.nearest_other, 4),
+                    "value_steps": s.value_steps,
+                    "target_prob_at_half": round(s.target_prob_at_half, 3),
+                }
+                for s in searches
+            ],
+            "seconds": round(time.monotonic() - started, 2),
+            # Every sentence the gate was tuned on: the evaluation leaves these out.
+            "prompts": {
+                "rows": made.train,
+                "relations": made.relations,
+                "contexts": made.contexts,
+                "neighbours": made.neighbours,
+            },
+        }
+        return gate, details
+
+
+def gate_tensors(
+    gates: Sequence[FactGate], cell: tuple[int, str]
+) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """A set's gates as its artifact keeps them: (details["gates"], tensors under "gates.")."""
+    labels, owners, answers = [], [], []
+    for i, gate in enumerate(gates):
+        labels += gate.labels()[1:]
+        owners += [i] * len(gate.answers)
+        answers += gate.answers
+    tensors = {
+        "subject_keys": torch.stack([g.key.float() for g in gates]),
+        "subject_bounds": torch.tensor([g.bound for g in gates]),
+        "subject_hardness": torch.tensor([g.hardness for g in gates]),
+        "answer_subjects": torch.tensor(owners, dtype=torch.long),
+        "answer_ids": torch.stack([a.ids for a in answers]).long(),
+        "answer_reference": torch.stack([a.reference.float() for a in answers]),
+        "answer_bounds": torch.tensor([a.bound for a in answers]),
+        "answer_hardness": torch.tensor([a.hardness for a in answers]),
+        "answer_values": torch.stack([a.value.float() for a in answers]),
+    }
+    assert set(tensors) == set(GATE_TENSORS)
+    described = {
+        "detector": {"layer": cell[0], "site": cell[1]},
+        "subjects": [g.fact_id for g in gates],
+        "answers": labels,
+    }
+    return described, {f"gates.{k}": v.detach().cpu().contiguous() for k, v in tensors.items()}
+
+
+def previous_gates(artifact: Artifact | None) -> tuple[list[FactGate], tuple[int, str] | None]:
+    """The gates of a set's current version (to train a new version over them) and their cell."""
+    if artifact is None or not artifact.meta.details.get("gates"):
+        return [], None
+    described = artifact.meta.details["gates"]
+    t = {k[len("gates.") :]: v for k, v in artifact.tensors.items() if k.startswith("gates.")}
+    gates = [
+        FactGate(
+            str(name), t["subject_keys"][i], float(t["subject_bounds"][i]), float(t["subject_hardness"][i])
+        )
+        for i, name in enumerate(described["subjects"])
+    ]
+    for j, label in enumerate(described["answers"]):
+        token_index = int(str(label).rsplit("#", 1)[1].split(".")[0])
+        gates[int(t["answer_subjects"][j])].answers.append(
+            Answer(
+                token_index,
+                t["answer_ids"][j],
+                t["answer_reference"][j],
+                float(t["answer_bounds"][j]),
+                float(t["answer_hardness"][j]),
+                t["answer_values"][j],
+            )
+        )
+    detector = described["detector"]
+    return gates, (int(detector["layer"]), str(detector["site"]))
+
+
+def in_memory_set(
+    name: str,
+    hyperparameters: dict[str, Any],
+    details: dict[str, Any],
+    tensors: dict[str, torch.Tensor],
+    hooks: MemoryHooks,
+    model: PreTrainedModel,
+) -> LoadedLocalSet:
+    """A set being trained, loaded as the server would load it (to check it with the serving ops)."""
+    meta = MemoryMeta(
+        kind="local", name=name, base_model="", hyperparameters=hyperparameters, details=details
+    )
+    parameter = next(model.parameters())
+    config = model.config
+    target = LoadTarget(parameter.device, parameter.dtype, hooks, hooks.num_layers, config.hidden_size)
+    return LoadedLocalSet(Artifact(meta, tensors), target)
+
+
+@torch.no_grad()
+def next_tokens_with(
+    model: PreTrainedModel, hooks: MemoryHooks, local_set: LoadedLocalSet, sequences: Sequence[list[int]]
+) -> list[int]:
+    """The greedy next token after each sequence with the set attached, through the serving ops."""
+    bound = local_set.bind(MemoryRefSpec(name=local_set.name, kind="local"))
+    device = next(model.parameters()).device
+    out: list[int] = []
+    for start in range(0, len(sequences), 16):
+        batch = list(sequences[start : start + 16])
+        ids, mask = pad_rows(batch, 0, left=False, device=device)
+        context = MemoryContext(mask=mask)
+        bound.add_ops(context, torch.arange(len(batch), device=device))
+        with hooks.using(context):
+            logits = model(input_ids=ids, attention_mask=mask).logits
+        context.finish()
+        last = mask.sum(-1) - 1
+        out += logits[torch.arange(len(batch), device=device), last].argmax(-1).tolist()
+    return out

@@ -1,0 +1,245 @@
+"""Gated answers: the `gated` method's entries, which act only where a fact is asked.
+
+A fact's memory is two bounded triggers and one value (docs/design.md, "gated answers"):
+
+1. **Subject detector** at (layer, site) of the subject's last token, as the `subject` method
+   keys it: f_s = exp(−(x²/b_s²)^h_s) with the euclidean distance. It changes nothing; a
+   position "has seen the subject" once f_s ≥ ½ at it or at any earlier position of the
+   sequence. The engine keeps that per request (MemoryContext.row_states), so a decode step
+   knows what the prompt mentioned, as the KV cache knows what attention needs.
+2. **Answer** at the input of the LM head, for each target token: where the subject has been
+   seen, the distance is the Jensen–Shannon divergence between the model's own next-token
+   distribution there and the one it had on the fact's prompt (the reference's top K tokens
+   and the rest of the mass, K + 1 bins): a rewording asks for the same kind of answer
+   ("…in the city of" and "the city where … stands is" both expect a city), while another
+   relation of the same subject ("…was built in the year") expects another kind. The trigger
+   is f = exp(−(x²/b²)^h), and the best-triggered answer adds f·v to the head's input.
+
+A gate costs nothing at positions where no subject was seen: the head's answers are only
+compared where a subject is, and then only that subject's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from memserve.errors import InvalidArgument
+from memserve.memory.hooks import Site
+
+# A subject counts as seen at a position where its detector's trigger is at least this.
+SEEN_AT = 0.5
+# Tensors of a set's gates in its artifact, under "gates.".
+GATE_TENSORS = (
+    "subject_keys",
+    "subject_bounds",
+    "subject_hardness",
+    "answer_subjects",
+    "answer_ids",
+    "answer_reference",
+    "answer_bounds",
+    "answer_hardness",
+    "answer_values",
+)
+
+
+def fingerprint(logprobs: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A next-token distribution's fingerprint: its top K token ids (N, K) and the probabilities
+    of those and of the rest (N, K + 1), from log-probabilities (N, V)."""
+    values, ids = logprobs.float().topk(top_k, dim=-1)
+    return ids, _with_rest(values.exp())
+
+
+def fingerprint_distance(logprobs: torch.Tensor, ids: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """Jensen–Shannon divergence (nats, in [0, ln 2]) between distributions (N, V) and reference
+    fingerprints (ids (N, K), probabilities (N, K + 1)), on the reference's K + 1 bins."""
+    probs = logprobs.float().gather(-1, ids).exp()
+    return _js(_with_rest(probs), reference)
+
+
+def triggers(x: torch.Tensor, bounds: torch.Tensor, hardness: torch.Tensor) -> torch.Tensor:
+    """f = exp(−(x²/b²)^h), elementwise."""
+    return (x * x / (bounds * bounds)).pow(hardness).neg().exp()
+
+
+@dataclass(frozen=True)
+class Answered:
+    """The head's update for one set's rows, and what acted (for metrics and traces)."""
+
+    update: torch.Tensor | None  # (R, k, D) in the hidden dtype; None when nothing acted
+    best: torch.Tensor  # (R, k) the strongest answer trigger per position, fp32
+    chosen: torch.Tensor  # (R, k) its answer index (−1: none)
+
+
+class Gates:
+    """A set's subject detectors and answers on the model's device."""
+
+    def __init__(
+        self,
+        name: str,
+        described: dict[str, Any],
+        tensors: dict[str, torch.Tensor],
+        head: torch.nn.Module | None,
+        num_layers: int,
+        site_width: int,
+        device: torch.device,
+        dtype: torch.dtype,
+    ) -> None:
+        where = f"local memory set {name!r}"
+        if set(tensors) != set(GATE_TENSORS):
+            raise InvalidArgument(f"{where}: its gates need tensors {GATE_TENSORS}")
+        if head is None or not hasattr(head, "weight"):
+            raise InvalidArgument(f"{where} has gated answers; this model has no LM head")
+        self.layer = int(described["detector"]["layer"])
+        self.site = Site(str(described["detector"]["site"]))
+        self.subjects = [str(s) for s in described["subjects"]]
+        self.answers = [str(a) for a in described["answers"]]
+        if not 0 <= self.layer < num_layers or self.site not in (Site.ATTN_OUT, Site.MLP_DOWN):
+            raise InvalidArgument(f"{where}: its subject detectors are at a site this model lacks")
+        t = {k: v.to(device) for k, v in tensors.items()}
+        keys = t["subject_keys"].float()
+        subjects, answers = len(self.subjects), len(self.answers)
+        width = head.weight.shape[1]
+        shapes_ok = (
+            keys.shape == (subjects, site_width)
+            and t["subject_bounds"].shape == t["subject_hardness"].shape == (subjects,)
+            and t["answer_subjects"].shape
+            == t["answer_bounds"].shape
+            == t["answer_hardness"].shape
+            == (answers,)
+            and t["answer_ids"].ndim == 2
+            and t["answer_ids"].shape[0] == answers
+            and t["answer_reference"].shape == (answers, t["answer_ids"].shape[1] + 1)
+            and t["answer_values"].shape == (answers, width)
+        )
+        if not shapes_ok or subjects == 0 or answers == 0:
+            raise InvalidArgument(f"{where}: its gates are inconsistent with each other or this model")
+        floats = [t[k].float() for k in GATE_TENSORS if k not in ("answer_subjects", "answer_ids")]
+        if not all(bool(v.isfinite().all()) for v in floats):
+            raise InvalidArgument(f"{where}: its gates have values that are not finite")
+        if not all(
+            bool((t[k] > 0).all())
+            for k in ("subject_bounds", "subject_hardness", "answer_bounds", "answer_hardness")
+        ):
+            raise InvalidArgument(f"{where}: its gates have a bound or a hardness <= 0")
+        self.answer_subjects = t["answer_subjects"].long()
+        self.answer_ids = t["answer_ids"].long()
+        vocabulary = head.weight.shape[0]
+        if bool((self.answer_subjects < 0).any() | (self.answer_subjects >= subjects).any()) or bool(
+            (self.answer_ids < 0).any() | (self.answer_ids >= vocabulary).any()
+        ):
+            raise InvalidArgument(f"{where}: its answers name subjects or tokens that do not exist")
+        # Detectors: x²/b² = ‖a − k‖²/(‖k‖²·b²), one addmm and a rank-one term, as module.Entries.
+        self.subject_bounds, self.subject_hardness = (
+            t["subject_bounds"].float(),
+            t["subject_hardness"].float(),
+        )
+        norms_sq = (keys * keys).sum(-1)
+        if not bool((norms_sq > 0).all()):
+            raise InvalidArgument(f"{where}: its gates have a key of norm 0")
+        scale = 1 / (norms_sq * self.subject_bounds**2)
+        self.keys_t = (keys * (-2 * scale)[:, None]).T.contiguous()
+        self.norm_scale, self.inv_bounds_sq = scale, 1 / self.subject_bounds**2
+        self.answer_reference = t["answer_reference"].float()
+        self.answer_bounds, self.answer_hardness = t["answer_bounds"].float(), t["answer_hardness"].float()
+        self.values = t["answer_values"].to(dtype)
+        self.head = head
+        self.head_layer = num_layers - 1
+        self.nbytes = sum(
+            v.nbytes
+            for v in (
+                self.keys_t,
+                self.norm_scale,
+                self.inv_bounds_sq,
+                self.subject_hardness,
+                self.answer_subjects,
+                self.answer_ids,
+                self.answer_reference,
+                self.answer_bounds,
+                self.answer_hardness,
+                self.values,
+            )
+        )
+
+    def __len__(self) -> int:
+        return len(self.subjects) + len(self.answers)
+
+    def subject_triggers(self, activations: torch.Tensor) -> torch.Tensor:
+        """f_s of every detector at every position: (N, D) → (N, subjects) fp32."""
+        a = activations.float()
+        squares = (a * a).sum(-1, keepdim=True)
+        scaled = (
+            torch.addmm(self.inv_bounds_sq, a, self.keys_t).addcmul_(squares, self.norm_scale).clamp_(min=0)
+        )
+        return scaled.pow_(self.subject_hardness).neg_().exp_()
+
+    def seen(
+        self, hidden: torch.Tensor, real: torch.Tensor | None, before: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """For a forward's (R, T, D) detector-site activations: which subjects each position has
+        seen, itself or earlier, (R, T, subjects) bool; and the detectors' triggers (R, T, subjects).
+        `real` (R, T) leaves padding out; `before` (R, subjects) is what earlier forwards saw."""
+        r, t, d = hidden.shape
+        f = self.subject_triggers(hidden.reshape(r * t, d)).reshape(r, t, -1)
+        hit = f >= SEEN_AT
+        if real is not None:
+            hit &= real[..., None]
+            f = f * real[..., None]
+        seen = hit.to(torch.uint8).cummax(dim=1).values.bool()
+        if before is not None:
+            seen |= before[:, None, :]
+        return seen, f
+
+    def answer(self, hidden: torch.Tensor, seen: torch.Tensor) -> Answered:
+        """The head's update for (R, k, D) inputs whose positions have seen the subjects `seen`
+        (R, k, subjects): the best-triggered answer among those of the subjects seen."""
+        r, k, d = hidden.shape
+        active = seen[..., self.answer_subjects]  # (R, k, answers)
+        best = torch.zeros(r * k, device=hidden.device)
+        chosen = torch.full((r * k,), -1, device=hidden.device, dtype=torch.long)
+        if not bool(active.any()):
+            return Answered(None, best.reshape(r, k), chosen.reshape(r, k))
+        rows, columns, answers = active.nonzero(as_tuple=True)
+        flat = rows * k + columns
+        positions, which = flat.unique(return_inverse=True)
+        inputs = hidden.reshape(r * k, d)[positions]
+        weight = self.head.weight
+        bias = getattr(self.head, "bias", None)
+        logprobs = F.linear(inputs.to(weight.dtype), weight, bias).float().log_softmax(-1)  # (P, V)
+        ids = self.answer_ids[answers]
+        x = _distance_at(logprobs, which, ids, self.answer_reference[answers])
+        f = triggers(x, self.answer_bounds[answers], self.answer_hardness[answers])
+        best.scatter_reduce_(0, flat, f, reduce="amax")
+        winners = f >= best[flat]
+        chosen[flat[winners]] = answers[winners]
+        acting = best >= 1e-4
+        if not bool(acting.any()):
+            return Answered(None, best.reshape(r, k), chosen.reshape(r, k))
+        update = torch.zeros(r * k, d, device=hidden.device, dtype=hidden.dtype)
+        index = acting.nonzero()[:, 0]
+        update[index] = self.values[chosen[index]] * best[index, None].to(hidden.dtype)
+        return Answered(update.reshape(r, k, d), best.reshape(r, k), chosen.reshape(r, k))
+
+
+def _distance_at(
+    logprobs: torch.Tensor, which: torch.Tensor, ids: torch.Tensor, reference: torch.Tensor
+) -> torch.Tensor:
+    """fingerprint_distance for pairs (position `which`, answer) without copying a row of V per pair."""
+    return _js(_with_rest(logprobs[which[:, None], ids].exp()), reference)
+
+
+def _with_rest(probs: torch.Tensor) -> torch.Tensor:
+    """(N, K) probabilities of K tokens → (N, K + 1) with the rest of the mass last."""
+    return torch.cat([probs, (1 - probs.sum(-1, keepdim=True)).clamp(min=0)], -1)
+
+
+def _js(probs: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    middle = ((probs + reference) / 2).clamp(min=1e-12).log()
+
+    def divergence(p: torch.Tensor) -> torch.Tensor:
+        return (p * (p.clamp(min=1e-12).log() - middle)).sum(-1)
+
+    return (0.5 * divergence(probs) + 0.5 * divergence(reference)).clamp(min=0)
