@@ -1,10 +1,13 @@
 """Local (fact) memories: what they cost at decode time, and how well they edit.
 
-python bench/bench_facts.py decode [--entries 10000] [--repeats 5] [--metrics]
+python bench/bench_facts.py decode [--entries 10000] [--repeats 5] [--metrics] [--set PATH ...]
     Decode step time through the serving engine (KV cache, batch 1 and 8) with a set of N
     entries, against no memory, measured side by side in one run. Entries are real
     activations of the default model (keys) with random deltas, spread over 1, 8 or 60
     (layer, site) cells; the trigger is computed for every entry at every step either way.
+    --set adds trained sets (a set.safetensors the other commands write), each on a prompt
+    none of its facts is about and on its first fact's prompt (a gated set's answers then run
+    at every step).
 
 python bench/bench_facts.py counterfacts [--out DIR] [--config JSON] [--batch N] [--given] [--limit N]
     Registers the 50 counterfactual facts of tests/fixtures/facts/counterfacts.jsonl from their
@@ -17,17 +20,18 @@ python bench/bench_facts.py counterfacts [--out DIR] [--config JSON] [--batch N]
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import json
 import random
 import statistics
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from memserve.engine.offline import generate_all
 from memserve.engine.requests import (
     Event,
     FailedEvent,
@@ -167,9 +171,22 @@ def decode(args: argparse.Namespace) -> None:
     engine.start()
     prompt_ids = tuple(loaded.tokenizer(PROMPT).input_ids)
     sets = {
-        cells: synthetic_set(loaded, engine, args.entries, cells, observe, distance=args.distance)
+        f"{args.entries} random entries, {cells} cells": (
+            synthetic_set(loaded, engine, args.entries, cells, observe, distance=args.distance),
+            prompt_ids,
+        )
         for cells in args.cells
     }
+    target = LoadTarget.for_model(loaded, engine.hooks, observe)
+    for path in args.set:  # trained sets: a prompt none of their facts is about, and their first fact's
+        exported = artifacts.import_bytes(path.read_bytes())
+        trained = LoadedLocalSet(exported, target)
+        facts = exported.meta.details.get("facts", [])
+        label = f"{path.parent.name} ({trained.num_entries} entries)"
+        sets[f"{label}, unrelated prompt"] = (trained, prompt_ids)
+        if facts:
+            fact_ids = tuple(loaded.tokenizer(facts[0]["prompt"]).input_ids)
+            sets[f"{label}, prompt of a fact"] = (trained, fact_ids)
     print(
         f"default model on {loaded.device} ({loaded.dtype}), {args.threads or compute_threads()} threads; "
         f"{args.entries} entries ({args.distance}); {args.tokens} tokens per run, {args.repeats} repeats, "
@@ -179,28 +196,26 @@ def decode(args: argparse.Namespace) -> None:
     try:
         for batch in args.batches:
             step_times(engine, prompt_ids, (), batch, 8)  # warm-up
-            medians: dict[str, list[float]] = {"none": []}
-            for cells in args.cells:
-                medians[f"{cells}"] = []
+            medians: dict[str, list[float]] = {label: [] for label in sets}
+            plain: dict[tuple[int, ...], list[float]] = {ids: [] for _, ids in sets.values()}
             for _ in range(args.repeats):  # interleaved, so drift hits both sides alike
-                medians["none"].append(
-                    statistics.median(step_times(engine, prompt_ids, (), batch, args.tokens))
-                )
-                for cells, local_set in sets.items():
+                for ids, times in plain.items():
+                    times.append(statistics.median(step_times(engine, ids, (), batch, args.tokens)))
+                for label, (local_set, ids) in sets.items():
                     bound = local_set.bind(MemoryRefSpec(name=local_set.name, kind="local"))
-                    times = step_times(engine, prompt_ids, (bound,), batch, args.tokens)
-                    medians[f"{cells}"].append(statistics.median(times))
-            base = statistics.median(medians["none"])
-            for cells in args.cells:
-                value = statistics.median(medians[f"{cells}"])
-                rows.append((batch, cells, base * 1000, value * 1000, value / base))
+                    times = step_times(engine, ids, (bound,), batch, args.tokens)
+                    medians[label].append(statistics.median(times))
+            for label, (_, ids) in sets.items():
+                base = statistics.median(plain[ids])
+                value = statistics.median(medians[label])
+                rows.append((batch, label, base * 1000, value * 1000, value / base))
     finally:
         engine.stop()
     print()
-    print("| batch | cells | no memory (ms/step) | with the set (ms/step) | ratio |")
-    print("|---:|---:|---:|---:|---:|")
-    for batch, cells, base, value, ratio in rows:
-        print(f"| {batch} | {cells} | {base:.2f} | {value:.2f} | {ratio:.3f}× |")
+    print("| batch | set | no memory (ms/step) | with the set (ms/step) | ratio |")
+    print("|---:|---|---:|---:|---:|")
+    for batch, label, base, value, ratio in rows:
+        print(f"| {batch} | {label} | {base:.2f} | {value:.2f} | {ratio:.3f}× |")
 
 
 # Published numbers (other models and datasets), for orientation only.
@@ -353,8 +368,10 @@ def sequential(args: argparse.Namespace) -> None:
     """The fixture's facts, then made-up ones, `--batch` at a time; after every batch the first
     batch's facts are re-checked (own prompt, whole target, teacher-forced), and the last version
     is evaluated in full."""
+    from memserve.kinds.local.config import LocalConfig
     from memserve.kinds.local.eval import evaluate_set
-    from memserve.kinds.local.train import FactTrainer, _failing, _previous
+    from memserve.kinds.local.gated import next_tokens_with
+    from memserve.kinds.local.train import FactTrainer, _failing
     from memserve.memory.evaluation import offline_context
     from memserve.memory.hooks import MemoryHooks
 
@@ -371,20 +388,20 @@ def sequential(args: argparse.Namespace) -> None:
         current, _ = train_in_batches(loaded, facts[start : start + args.batch], config, args.batch, current)
         hooks = MemoryHooks(loaded.model)
         try:
-            from memserve.kinds.local.config import LocalConfig
-
-            known = LocalConfig.__dataclass_fields__
-            settings = LocalConfig(**{k: v for k, v in current.meta.hyperparameters.items() if k in known})
-            checker = FactTrainer(loaded.model, loaded.tokenizer, hooks, settings)
-            _, entries = _previous(current)
-            failing = _failing(checker, [(f["id"], f["prompt"], f["target"]) for f in first], tuple(entries))
+            checker = FactTrainer(loaded.model, loaded.tokenizer, hooks, LocalConfig())
+            local_set = LoadedLocalSet(current, LoadTarget.for_model(loaded, hooks))
+            failing = _failing(
+                checker,
+                [(f["id"], f["prompt"], f["target"]) for f in first],
+                (),
+                functools.partial(next_tokens_with, loaded.model, hooks, local_set),
+            )
         finally:
             hooks.remove()
         kept = 1 - len(failing) / len(first)
-        rows.append((start + args.batch, len(entries), kept, time.monotonic() - started))
-        print(
-            f"after {start + args.batch} facts: first {len(first)} keep {kept:.2f} ({len(entries)} entries)"
-        )
+        entries = local_set.num_entries
+        rows.append((start + args.batch, entries, kept, time.monotonic() - started))
+        print(f"after {start + args.batch} facts: first {len(first)} keep {kept:.2f} ({entries} entries)")
     assert current is not None
     with offline_context(loaded, current, args.out) as context:
         metrics = evaluate_set(context, current, 16)
@@ -408,7 +425,7 @@ def baselines(args: argparse.Namespace) -> None:
     from memserve.kinds.document.unrelated import UNRELATED_TEXT
     from memserve.kinds.local.config import eval_prompts
     from memserve.kinds.local.eval import judge, summary
-    from memserve.kinds.local.train import _previous
+    from memserve.memory.evaluation import offline_context
     from memserve.memory.hooks import MemoryHooks
     from memserve.memory_store.artifact import import_bytes
 
@@ -446,28 +463,26 @@ def baselines(args: argparse.Namespace) -> None:
         print(f"{name}: judged", flush=True)
 
     if args.set:
+        # Ours runs as the server runs it: through the engine (KV cache, per-request state).
         artifact = import_bytes(args.set.read_bytes())
         hyper = artifact.meta.hyperparameters
-        _, entries = _previous(artifact)
-        cells: dict[tuple[int, str], list] = {}
-        for entry in entries:
-            cells.setdefault((entry.layer, entry.site), []).append(entry)
+        with offline_context(loaded, artifact, args.out) as context:
+            bound = LoadedLocalSet(artifact, context.target).bind(MemoryRefSpec("memserve", "local"))
 
-        def ours() -> MemoryContext:
-            context = MemoryContext()
-            for (layer, site), at_cell in cells.items():
-                context.add(layer, site, _Named("memserve"), _entries_op(at_cell, hyper))
-            return context
+            def ours() -> MemoryContext:
+                memory_context = MemoryContext()
+                bound.add_ops(memory_context, torch.arange(1))
+                return memory_context
 
-        with_ours = lambda ids, n: greedy(loaded, hooks, ids, n, ours)  # noqa: E731
-        trained = artifact.meta.metrics.get("train_seconds", float("nan"))
-        judged(
-            f"memserve local ({hyper.get('method')})",
-            artifact.meta.details["facts"],
-            with_ours,
-            trained,
-            ours,
-        )
+            with_ours = lambda ids, n: generate_all(context.engine, ids, (bound,), n)  # noqa: E731
+            trained = artifact.meta.metrics.get("train_seconds", float("nan"))
+            judged(
+                f"memserve local ({hyper.get('method')})",
+                artifact.meta.details["facts"],
+                with_ours,
+                trained,
+                ours,
+            )
 
     started = time.monotonic()
     grace = GraceCodebook(loaded, hooks, layer=args.grace_layer, eps_rel=args.grace_eps)
@@ -505,17 +520,6 @@ def baselines(args: argparse.Namespace) -> None:
         )
 
 
-def _entries_op(entries: list, hyper: dict):
-    from memserve.kinds.local.runner import apply_entries
-
-    return lambda hidden: apply_entries(hidden, entries, hyper["distance"], hyper["combination"])
-
-
-@dataclass(frozen=True)
-class _Named:
-    name: str
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -530,6 +534,13 @@ def main() -> None:
     dec.add_argument("--threads", type=int, default=0)
     dec.add_argument("--distance", choices=["euclidean", "projection", "mixed"], default="euclidean")
     dec.add_argument("--metrics", action="store_true", help="with the Prometheus observers, as a server runs")
+    dec.add_argument(
+        "--set",
+        type=Path,
+        nargs="*",
+        default=[],
+        help="trained sets too (set.safetensors of counterfacts/sequential)",
+    )
     dec.set_defaults(run=decode)
     cf = commands.add_parser("counterfacts", help="train and evaluate the 50 counterfactual facts")
     cf.add_argument("--facts", type=Path, default=ROOT / "tests/fixtures/facts/counterfacts.jsonl")

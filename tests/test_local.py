@@ -426,7 +426,8 @@ BLOG_NEGATIVES = [
 ]
 
 
-def test_the_blogs_nepal_fact_on_the_default_model(default_model, make_engine):
+@pytest.mark.parametrize("method", ["gated", "subject"])
+def test_the_blogs_nepal_fact_on_the_default_model(default_model, make_engine, method):
     """The source blog post's example: the whole word for >= 6 of 7 positives, the first token
     kept for >= 7 of 8 negatives; half of the given prompts are held out of the boundary search."""
     tokenizer = default_model.tokenizer
@@ -436,7 +437,7 @@ def test_the_blogs_nepal_fact_on_the_default_model(default_model, make_engine):
     assert not tokenizer.decode(before[0]).startswith(" Kathmandu")  # wrong today
     fact = {"id": "nepal", "prompt": BLOG_POSITIVES[0], "target": " Kathmandu",
             "positive_prompts": BLOG_POSITIVES[1:], "negative_prompts": BLOG_NEGATIVES}  # fmt: skip
-    result = LocalKind().train({"facts": [fact]}, FakeContext(default_model))
+    result = LocalKind().train({"facts": [fact], "config": {"method": method}}, FakeContext(default_model))
     (details,) = result.details["facts"]
     assert details["heldout_positives"] and details["heldout_negatives"]
     config = default_model.model.config

@@ -69,7 +69,9 @@ def gated_set(
         "subject_keys": key[None],
         "subject_bounds": torch.tensor([0.05]),
         "subject_hardness": torch.tensor([8.0]),
-        "answer_subjects": torch.tensor([0]),
+        "subject_facts": torch.tensor([0]),
+        "answer_facts": torch.tensor([0]),
+        "answer_tokens": torch.tensor([0]),
         "answer_ids": ids,
         "answer_reference": reference,
         "answer_bounds": torch.tensor([1e-4 / math.log(2) ** (1 / 8)]),  # f = ½ at 1e-4
@@ -77,7 +79,8 @@ def gated_set(
         "answer_values": value[None],
         **(change or {}),
     }
-    described = {"detector": {"layer": LAYER, "site": SITE}, "subjects": ["fact"], "answers": ["fact#0.0"]}
+    described = {"detector": {"layer": LAYER, "site": SITE}, "facts": ["fact"], "subjects": ["fact"],
+                 "answers": ["fact#0.0"]}  # fmt: skip
     meta = MemoryMeta(kind="local", name="facts", base_model="tiny", version=1,
                       hyperparameters={"method": "gated", "distance": "euclidean"},
                       details={"groups": [], "gates": described})  # fmt: skip
@@ -127,7 +130,8 @@ def test_a_subject_in_the_prompt_gates_an_answer_at_a_later_decode_step(tiny, ho
     ("change", "problem"),
     [({"answer_values": torch.full((1, 64), float("nan"))}, "not finite"),
      ({"answer_ids": torch.full((1, 16), 10**6)}, "do not exist"),
-     ({"answer_subjects": torch.tensor([3])}, "do not exist"),
+     ({"answer_facts": torch.tensor([3])}, "do not exist"),
+     ({"subject_facts": torch.tensor([-1])}, "do not exist"),
      ({"subject_bounds": torch.tensor([0.0])}, "bound"),
      ({"answer_reference": torch.zeros(1, 5)}, "inconsistent")],
 )  # fmt: skip
@@ -157,7 +161,7 @@ def test_the_gated_trainer_makes_every_fact_give_its_whole_target(trained_gated,
     result = trained_gated
     facts = {f["id"]: f for f in result.details["facts"]}
     assert result.hyperparameters["method"] == "gated" and result.metrics["gated_facts"] == 2
-    assert set(result.details["gates"]["subjects"]) == {"fox", "sea"}
+    assert result.details["gates"]["facts"] == ["fox", "sea"]
     assert {f"gates.{k}" for k in GATE_TENSORS} <= set(result.tensors)
     assert result.metrics["recheck"]["checked"] == 2 and not result.metrics["recheck"]["failing"]
     assert facts["sea"]["subject"]["answers"] and facts["fox"]["subject"]["prompts"]["rows"]
@@ -182,7 +186,8 @@ def test_a_new_version_keeps_the_gates_of_facts_it_does_not_replace(trained_gate
     assert cell == (int(tiny.model.config.num_hidden_layers * 0.27), "mlp_down")
     assert [g.fact_id for g in gates] == ["fox", "sea"]
     old_fox = previous_gates(current)[0][0]
-    assert torch.equal(gates[0].key, old_fox.key) and len(gates[0].answers) == len(old_fox.answers)
+    assert torch.equal(gates[0].detectors[0].key, old_fox.detectors[0].key)
+    assert len(gates[0].answers) == len(old_fox.answers)
     assert newer.metrics["recheck"]["checked"] == 2
 
 
@@ -209,3 +214,26 @@ def test_a_gated_fact_on_the_default_model_holds_under_a_rewording_and_keeps_ano
     before = [tokenizer.decode(t) for t in generate_all(engine, prompts, (), 3)]
     assert all(a.startswith(" Rome") for a in after[:2]), after
     assert after[2:] == before[2:], (after, before)
+
+
+def test_an_answer_that_gives_the_last_target_token_uses_up_the_subjects_mention(tiny, hooks):
+    """Once the answer acted where a token is produced, the request forgets the subject until the
+    text mentions it again: the next forward (a decode step) has nothing to answer."""
+    ids = tiny.tokenizer("Memories are selected by the key").input_ids
+    local_set = gated_set(tiny, hooks, tiny.tokenizer.decode(ids), 2, ids, 5)  # acts at the last position
+    bound = local_set.bind(MemoryRefSpec("facts", "local"))
+    state: dict = {}
+    key = ("local-seen", id(local_set))
+
+    def forward(tokens: list[int]) -> int:
+        context = MemoryContext(row_states=[state])
+        bound.add_ops(context, torch.tensor([0]))
+        with torch.no_grad(), hooks.using(context):
+            logits = tiny.model(input_ids=torch.tensor([tokens]), logits_to_keep=1).logits
+        return int(logits[0, -1].argmax())
+
+    assert forward(ids[:-1]) != 5  # the subject is mentioned, the answer does not act: remembered
+    assert bool(state[key].all())
+    state.clear()
+    assert forward(ids) == 5
+    assert not bool(state[key].any())  # used up

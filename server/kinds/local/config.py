@@ -38,9 +38,11 @@ class LocalConfig:
 
     method: str = option(
         "subject",
-        "How entries are made: 'subject' (a key at the subject's last token, a value optimised over "
-        "several steps with a KL term, last-token entries only where it falls short) or 'blog' (keys "
-        "at the prompt's last token, one gradient step: the source blog's method)",
+        "How entries are made: 'gated' (a subject detector, and answers at the LM head that act "
+        "where the subject was seen and the model expects the kind of answer the prompt asks for), "
+        "'subject' (a key at the subject's last token, a value optimised over several steps with a "
+        "KL term, last-token entries only where it falls short) or 'blog' (keys at the prompt's last "
+        "token, one gradient step: the source blog's method)",
         choices=METHODS,
     )
     answer_top_k: int = option(

@@ -3,6 +3,7 @@ answers at the LM head's input (answers.py), stored as a set's gates (gates.py).
 
 from __future__ import annotations
 
+import math
 import random
 import time
 from collections.abc import Sequence
@@ -17,7 +18,7 @@ from memserve.kinds.local.config import Fact
 from memserve.kinds.local.gates import GATE_TENSORS
 from memserve.kinds.local.module import LoadedLocalSet
 from memserve.kinds.local.prompts import GENERIC_NEIGHBOURS, FactPrompts
-from memserve.kinds.local.subject import find_subject, subject_prompts
+from memserve.kinds.local.subject import find_subject, rewordings, subject_prompts
 from memserve.kinds.local.values import ValueTrainer, locate
 from memserve.memory.hooks import MemoryContext, MemoryHooks
 from memserve.memory.kind import LoadTarget, MemoryRefSpec
@@ -26,18 +27,30 @@ from memserve.padding import pad_rows
 
 
 @dataclass
-class FactGate:
-    """One fact's subject detector and answers."""
-
-    fact_id: str
+class Detector:
     key: torch.Tensor  # (D_site,)
     bound: float
     hardness: float
+
+
+@dataclass
+class FactGate:
+    """One fact's subject detectors (one per form of the subject that needs its own key) and
+    answers."""
+
+    fact_id: str
+    detectors: list[Detector] = field(default_factory=list)
     answers: list[Answer] = field(default_factory=list)
 
+    def detector_labels(self) -> list[str]:
+        return [self.fact_id if i == 0 else f"{self.fact_id}@{i}" for i in range(len(self.detectors))]
+
+    def answer_labels(self) -> list[str]:
+        return [f"{self.fact_id}#{a.token_index}.{j}" for j, a in enumerate(self.answers)]
+
     def labels(self) -> list[str]:
-        """The names of its detector and answers, as traces and the set's details give them."""
-        return [self.fact_id, *(f"{self.fact_id}#{a.token_index}.{j}" for j, a in enumerate(self.answers))]
+        """The names of its detectors and answers, as traces and the set's details give them."""
+        return [*self.detector_labels(), *self.answer_labels()]
 
 
 class GatedFactTrainer:
@@ -55,6 +68,10 @@ class GatedFactTrainer:
         self.detectors = ValueTrainer(model, tokenizer, hooks, config, cell)
         self.answers = AnswerTrainer(model, config)
 
+    def _detector(self, key: torch.Tensor, threshold: float) -> Detector:
+        entry = self.detectors.entry(key, torch.zeros(1), threshold, "")
+        return Detector(key.float(), entry.bound, entry.hardness)
+
     def train(
         self,
         fact: Fact,
@@ -71,25 +88,43 @@ class GatedFactTrainer:
         at = lambda texts: [locate(tokenizer, t, subject.text) for t in texts]  # noqa: E731
         mentioning = lambda located: [x for x in located if x.subject_positions]  # noqa: E731
         started = time.monotonic()
-        rows = mentioning(at(dict.fromkeys([*made.train, *prompts.train_positives])))
-        contexts = mentioning(at(made.contexts))
-        key, required = self.detectors.key(rows)
-        _, wanted = self.detectors.key(contexts) if contexts else (None, [])
+        row_texts = list(dict.fromkeys([*made.train, *prompts.train_positives]))
+        located = {t: x for t, x in zip(row_texts, at(row_texts), strict=True) if x.subject_positions}
+        rows = list(located.values())
+        # The detector's key, and the mentions it must take in, are the prompt's own form of the
+        # subject (behind prefixes); reworded forms ("Japan's") and the subject in other sentences
+        # are taken in only as far as no other subject comes nearer: a detector wide enough for
+        # every form would fire on everything.
+        reworded = {*rewordings(fact.prompt, subject.text), *prompts.train_positives} - {fact.prompt}
+        own_form = [x for t, x in located.items() if t not in reworded]
+        other_forms = [x for t, x in located.items() if t in reworded] + mentioning(at(made.contexts))
+        key, required = self.detectors.key(own_form)
+        _, wanted = self.detectors.key(other_forms) if other_forms else (None, [])
         negatives = at([*made.neighbours, *prompts.train_negatives, *other_prompts, *GENERIC_NEIGHBOURS])
         threshold, inside, outside = self.detectors.boundary(key, required, wanted, negatives)
-        detector = self.detectors.entry(key, torch.zeros(1), threshold, fact.id)
+        detectors = [self._detector(key, threshold)]
+        # A training mention the key's boundary leaves out gets a key of its own, as GRACE adds
+        # a key for an input outside every radius (the subject as a text's first token, whose
+        # activation is unlike any later one's, is one such form).
+        for mention in required:
+            if len(detectors) > self.config.extra_keys:
+                break
+            if all(_relative(mention, d.key) > _half(d) for d in detectors):
+                own, _, _ = self.detectors.boundary(mention, [mention], [], negatives)
+                detectors.append(self._detector(mention, own))
         # Answers: the rows' own distributions, kept away from the subject's other relations (the
         # given negatives that mention it too).
         others = mentioning(at(dict.fromkeys([*made.relations, *made.contexts, *prompts.train_negatives])))
         answers, searches = self.answers.answers([r.ids for r in rows], [o.ids for o in others], targets)
-        gate = FactGate(fact.id, key.float(), detector.bound, detector.hardness, answers)
+        gate = FactGate(fact.id, detectors, answers)
         details = {
             "text": subject.text,
             "found_by": subject.found_by,
             "detector": f"layer {self.cell[0]} {self.cell[1]}",
-            "bound": round(detector.bound, 5),
+            "bound": round(detectors[0].bound, 5),
+            "detectors": len(detectors),
             "mentions_inside": f"{inside}/{len(required) + len(wanted)}",
-            "negatives_outside": f"{outside}/{len(negatives)}",
+            "negatives_outside": f"{outside}/{len(negatives) + 1}",  # and the background
             "answers": [
                 {
                     "token": tokenizer.decode([s.token]),
@@ -112,20 +147,35 @@ class GatedFactTrainer:
         return gate, details
 
 
+def _relative(activation: torch.Tensor, key: torch.Tensor) -> float:
+    return float((activation.float() - key.float()).norm() / key.float().norm())
+
+
+def _half(detector: Detector) -> float:
+    """The distance at which a detector's trigger is ½ (it counts as having seen the subject)."""
+    return detector.bound * math.log(2) ** (1 / (2 * detector.hardness))
+
+
 def gate_tensors(
     gates: Sequence[FactGate], cell: tuple[int, str]
 ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """A set's gates as its artifact keeps them: (details["gates"], tensors under "gates.")."""
+    subjects, subject_facts, detectors = [], [], []
     labels, owners, answers = [], [], []
     for i, gate in enumerate(gates):
-        labels += gate.labels()[1:]
+        subjects += gate.detector_labels()
+        subject_facts += [i] * len(gate.detectors)
+        detectors += gate.detectors
+        labels += gate.answer_labels()
         owners += [i] * len(gate.answers)
         answers += gate.answers
     tensors = {
-        "subject_keys": torch.stack([g.key.float() for g in gates]),
-        "subject_bounds": torch.tensor([g.bound for g in gates]),
-        "subject_hardness": torch.tensor([g.hardness for g in gates]),
-        "answer_subjects": torch.tensor(owners, dtype=torch.long),
+        "subject_keys": torch.stack([d.key.float() for d in detectors]),
+        "subject_bounds": torch.tensor([d.bound for d in detectors]),
+        "subject_hardness": torch.tensor([d.hardness for d in detectors]),
+        "subject_facts": torch.tensor(subject_facts, dtype=torch.long),
+        "answer_facts": torch.tensor(owners, dtype=torch.long),
+        "answer_tokens": torch.tensor([a.token_index for a in answers], dtype=torch.long),
         "answer_ids": torch.stack([a.ids for a in answers]).long(),
         "answer_reference": torch.stack([a.reference.float() for a in answers]),
         "answer_bounds": torch.tensor([a.bound for a in answers]),
@@ -135,7 +185,8 @@ def gate_tensors(
     assert set(tensors) == set(GATE_TENSORS)
     described = {
         "detector": {"layer": cell[0], "site": cell[1]},
-        "subjects": [g.fact_id for g in gates],
+        "facts": [g.fact_id for g in gates],
+        "subjects": subjects,
         "answers": labels,
     }
     return described, {f"gates.{k}": v.detach().cpu().contiguous() for k, v in tensors.items()}
@@ -147,17 +198,15 @@ def previous_gates(artifact: Artifact | None) -> tuple[list[FactGate], tuple[int
         return [], None
     described = artifact.meta.details["gates"]
     t = {k[len("gates.") :]: v for k, v in artifact.tensors.items() if k.startswith("gates.")}
-    gates = [
-        FactGate(
-            str(name), t["subject_keys"][i], float(t["subject_bounds"][i]), float(t["subject_hardness"][i])
+    gates = [FactGate(str(name)) for name in described["facts"]]
+    for i in range(len(described["subjects"])):
+        gates[int(t["subject_facts"][i])].detectors.append(
+            Detector(t["subject_keys"][i], float(t["subject_bounds"][i]), float(t["subject_hardness"][i]))
         )
-        for i, name in enumerate(described["subjects"])
-    ]
-    for j, label in enumerate(described["answers"]):
-        token_index = int(str(label).rsplit("#", 1)[1].split(".")[0])
-        gates[int(t["answer_subjects"][j])].answers.append(
+    for j in range(len(described["answers"])):
+        gates[int(t["answer_facts"][j])].answers.append(
             Answer(
-                token_index,
+                int(t["answer_tokens"][j]),
                 t["answer_ids"][j],
                 t["answer_reference"][j],
                 float(t["answer_bounds"][j]),

@@ -37,13 +37,18 @@ GATE_TENSORS = (
     "subject_keys",
     "subject_bounds",
     "subject_hardness",
-    "answer_subjects",
+    "subject_facts",
+    "answer_facts",
+    "answer_tokens",
     "answer_ids",
     "answer_reference",
     "answer_bounds",
     "answer_hardness",
     "answer_values",
 )
+# A fact's answer uses up the subject's mention when it acts at least this much on a position
+# that produces a token.
+USED_AT = 0.5
 
 
 def fingerprint(logprobs: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -95,18 +100,20 @@ class Gates:
             raise InvalidArgument(f"{where} has gated answers; this model has no LM head")
         self.layer = int(described["detector"]["layer"])
         self.site = Site(str(described["detector"]["site"]))
+        self.facts = [str(f) for f in described["facts"]]
         self.subjects = [str(s) for s in described["subjects"]]
         self.answers = [str(a) for a in described["answers"]]
         if not 0 <= self.layer < num_layers or self.site not in (Site.ATTN_OUT, Site.MLP_DOWN):
             raise InvalidArgument(f"{where}: its subject detectors are at a site this model lacks")
         t = {k: v.to(device) for k, v in tensors.items()}
         keys = t["subject_keys"].float()
-        subjects, answers = len(self.subjects), len(self.answers)
+        facts, subjects, answers = len(self.facts), len(self.subjects), len(self.answers)
         width = head.weight.shape[1]
         shapes_ok = (
             keys.shape == (subjects, site_width)
             and t["subject_bounds"].shape == t["subject_hardness"].shape == (subjects,)
-            and t["answer_subjects"].shape
+            and t["subject_facts"].shape == (subjects,)
+            and t["answer_facts"].shape
             == t["answer_bounds"].shape
             == t["answer_hardness"].shape
             == (answers,)
@@ -115,9 +122,13 @@ class Gates:
             and t["answer_reference"].shape == (answers, t["answer_ids"].shape[1] + 1)
             and t["answer_values"].shape == (answers, width)
         )
-        if not shapes_ok or subjects == 0 or answers == 0:
+        if not shapes_ok or facts == 0 or subjects == 0 or answers == 0:
             raise InvalidArgument(f"{where}: its gates are inconsistent with each other or this model")
-        floats = [t[k].float() for k in GATE_TENSORS if k not in ("answer_subjects", "answer_ids")]
+        floats = [
+            t[k].float()
+            for k in GATE_TENSORS
+            if k not in ("subject_facts", "answer_facts", "answer_tokens", "answer_ids")
+        ]
         if not all(bool(v.isfinite().all()) for v in floats):
             raise InvalidArgument(f"{where}: its gates have values that are not finite")
         if not all(
@@ -125,13 +136,22 @@ class Gates:
             for k in ("subject_bounds", "subject_hardness", "answer_bounds", "answer_hardness")
         ):
             raise InvalidArgument(f"{where}: its gates have a bound or a hardness <= 0")
-        self.answer_subjects = t["answer_subjects"].long()
+        self.subject_facts = t["subject_facts"].long()
+        self.answer_facts = t["answer_facts"].long()
         self.answer_ids = t["answer_ids"].long()
+        tokens = t["answer_tokens"].long()
         vocabulary = head.weight.shape[0]
-        if bool((self.answer_subjects < 0).any() | (self.answer_subjects >= subjects).any()) or bool(
-            (self.answer_ids < 0).any() | (self.answer_ids >= vocabulary).any()
+        if (
+            _outside(self.subject_facts, facts)
+            or _outside(self.answer_facts, facts)
+            or _outside(self.answer_ids, vocabulary)
         ):
-            raise InvalidArgument(f"{where}: its answers name subjects or tokens that do not exist")
+            raise InvalidArgument(f"{where}: its gates name facts or tokens that do not exist")
+        # Whether an answer gives its fact's last target token: once that is generated, the
+        # request forgets the subject until the text mentions it again (`forget`).
+        last = torch.full((facts,), -1, dtype=torch.long, device=tokens.device)
+        last.scatter_reduce_(0, self.answer_facts, tokens, reduce="amax")
+        self.answer_final = tokens == last[self.answer_facts]
         # Detectors: x²/b² = ‖a − k‖²/(‖k‖²·b²), one addmm and a rank-one term, as module.Entries.
         self.subject_bounds, self.subject_hardness = (
             t["subject_bounds"].float(),
@@ -155,7 +175,8 @@ class Gates:
                 self.norm_scale,
                 self.inv_bounds_sq,
                 self.subject_hardness,
-                self.answer_subjects,
+                self.subject_facts,
+                self.answer_facts,
                 self.answer_ids,
                 self.answer_reference,
                 self.answer_bounds,
@@ -179,25 +200,27 @@ class Gates:
     def seen(
         self, hidden: torch.Tensor, real: torch.Tensor | None, before: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """For a forward's (R, T, D) detector-site activations: which subjects each position has
-        seen, itself or earlier, (R, T, subjects) bool; and the detectors' triggers (R, T, subjects).
-        `real` (R, T) leaves padding out; `before` (R, subjects) is what earlier forwards saw."""
+        """For a forward's (R, T, D) detector-site activations: which facts' subjects each position
+        has seen, itself or earlier, (R, T, facts) bool; and the detectors' triggers (R, T,
+        subjects). `real` (R, T) leaves padding out; `before` (R, facts) is what earlier forwards
+        saw. A fact may have several detectors (forms of its subject); any of them counts."""
         r, t, d = hidden.shape
         f = self.subject_triggers(hidden.reshape(r * t, d)).reshape(r, t, -1)
-        hit = f >= SEEN_AT
         if real is not None:
-            hit &= real[..., None]
             f = f * real[..., None]
-        seen = hit.to(torch.uint8).cummax(dim=1).values.bool()
+        hits = (f >= SEEN_AT).to(torch.uint8)
+        per_fact = torch.zeros(r, t, len(self.facts), dtype=torch.uint8, device=hidden.device)
+        per_fact.index_add_(2, self.subject_facts, hits)
+        seen = per_fact.clamp_(max=1).cummax(dim=1).values.bool()
         if before is not None:
             seen |= before[:, None, :]
         return seen, f
 
     def answer(self, hidden: torch.Tensor, seen: torch.Tensor) -> Answered:
-        """The head's update for (R, k, D) inputs whose positions have seen the subjects `seen`
-        (R, k, subjects): the best-triggered answer among those of the subjects seen."""
+        """The head's update for (R, k, D) inputs whose positions have seen the facts' subjects
+        `seen` (R, k, facts): the best-triggered answer among those of the facts seen."""
         r, k, d = hidden.shape
-        active = seen[..., self.answer_subjects]  # (R, k, answers)
+        active = seen[..., self.answer_facts]  # (R, k, answers)
         best = torch.zeros(r * k, device=hidden.device)
         chosen = torch.full((r * k,), -1, device=hidden.device, dtype=torch.long)
         if not bool(active.any()):
@@ -222,6 +245,10 @@ class Gates:
         index = acting.nonzero()[:, 0]
         update[index] = self.values[chosen[index]] * best[index, None].to(hidden.dtype)
         return Answered(update.reshape(r, k, d), best.reshape(r, k), chosen.reshape(r, k))
+
+
+def _outside(indices: torch.Tensor, count: int) -> bool:
+    return bool((indices < 0).any() | (indices >= count).any())
 
 
 def _distance_at(

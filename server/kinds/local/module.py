@@ -26,7 +26,7 @@ import torch
 
 from memserve.errors import InvalidArgument
 from memserve.kinds.local.config import COMBINATIONS, DISTANCES, LOCAL_SITES
-from memserve.kinds.local.gates import SEEN_AT, Gates
+from memserve.kinds.local.gates import SEEN_AT, USED_AT, Answered, Gates
 from memserve.memory.group import GroupOp, rows_of
 from memserve.memory.hooks import GroupKey, MemoryContext, Site, TraceRecord
 from memserve.memory.kind import LoadedMemory, LoadTarget, MemoryRefSpec, RowMemory
@@ -389,7 +389,7 @@ class _DetectorOp(GroupOp[BoundLocalSet]):
             states = self.context.row_states
             before = None
             if states is not None:
-                empty = torch.zeros(len(gates.subjects), dtype=torch.bool, device=hidden.device)
+                empty = torch.zeros(len(gates.facts), dtype=torch.bool, device=hidden.device)
                 before = torch.stack([states[row].get(state_key, empty) for row in listed])
             seen, f = gates.seen(hidden[rows.rows], self.context.real_positions(rows.rows), before)
             self.context.shared[state_key] = seen
@@ -428,6 +428,8 @@ class _AnswerOp(GroupOp[BoundLocalSet]):
                 out = out.index_add(0, rows.rows, update)
             if local_set.observe is not None:
                 _collect(self.context, self.members, local_set, answered.best, rows.rows)
+            if self.context.row_states is not None:
+                _forget_used(self.context.row_states, local_set, gates, answered, rows.rows)
             for i, row in self.context.traced_rows(rows.rows):
                 value, index = float(answered.best[i, -1]), int(answered.chosen[i, -1])
                 if index >= 0 and value >= NEGLIGIBLE:
@@ -436,6 +438,29 @@ class _AnswerOp(GroupOp[BoundLocalSet]):
                         row, TraceRecord(local_set.name, "local", self.key.layer, label, value)
                     )
         return out
+
+
+def _forget_used(
+    states: list[dict[Any, Any]],
+    local_set: LoadedLocalSet,
+    gates: Gates,
+    answered: Answered,
+    rows: torch.Tensor,
+) -> None:
+    """Where the answer that gives a fact's last target token acted on the position that produces
+    the next token, the request forgets the subject until the text mentions it again: an answer
+    is given once per mention, and a generated loop of the target (", Sydney, Sydney") cannot
+    start."""
+    chosen, best = answered.chosen[:, -1], answered.best[:, -1]
+    used = (chosen >= 0) & (best >= USED_AT)
+    if not bool(used.any()):
+        return
+    key = ("local-seen", id(local_set))
+    for i in used.nonzero()[:, 0].tolist():
+        answer = int(chosen[i])
+        if bool(gates.answer_final[answer]):
+            seen = states[int(rows[i])][key]
+            seen[int(gates.answer_facts[answer])] = False
 
 
 @dataclass(eq=False)

@@ -400,7 +400,7 @@ class SubjectFactTrainer:
             "bound": round(entry.bound, 5),
             "mentions_inside": f"{inside}/{len(required) + len(wanted)}",
             "value_seconds": round(value_seconds, 2),
-            "negatives_outside": f"{outside}/{len(negatives)}",
+            "negatives_outside": f"{outside}/{len(negatives) + 1}",  # and the background
             "training_rows": len(rows),
             "relations": len(relations),
             # Every sentence the entry was tuned on: the evaluation leaves these out.
@@ -498,7 +498,7 @@ def train_set(spec: dict[str, Any], context: TrainContext) -> Trained:
     token_steps = [s for r in results for s in r.steps if s.get("entry")]
     metrics = {
         "facts": len(facts),
-        "entries": len(entries) + sum(1 + len(g.answers) for g in gates),
+        "entries": len(entries) + sum(len(g.detectors) + len(g.answers) for g in gates),
         "gated_facts": len(gates),
         "new_facts": len(results),
         "new_entries": sum(len(r.entries) for r in results),

@@ -191,7 +191,8 @@ class ValueTrainer:
         subject in other sentences (`wanted`) is taken in as far as no negative comes nearer,
         as GRACE grows a radius for inputs of its own label and stops at another's. The
         threshold sits in the middle (geometrically) of the gap to the nearest negative. If a
-        negative is nearer than a required mention, the widest gap that puts most right wins.
+        negative is nearer than a required mention, the widest gap that puts most right wins. The
+        negatives counted outside include the background sentences (one more than `negatives`).
         """
         distance = self.config.distance
         required_x = [float(_distance(m[None], key, distance)[0]) for m in required]
