@@ -302,7 +302,7 @@ def as_artifact(
 @pytest.fixture(scope="module")
 def trained(tiny):
     context = FakeContext(tiny)
-    return LocalKind().train(facts_spec(), context), context
+    return LocalKind().train(facts_spec(method="subject"), context), context
 
 
 def test_training_makes_the_model_produce_every_target_token(trained, tiny, make_engine):

@@ -37,7 +37,7 @@ class LocalConfig:
     """Training options of a local memory set (LocalTrainingConfig in the API)."""
 
     method: str = option(
-        "subject",
+        "gated",
         "How entries are made: 'gated' (a subject detector, and answers at the LM head that act "
         "where the subject was seen and the model expects the kind of answer the prompt asks for), "
         "'subject' (a key at the subject's last token, a value optimised over several steps with a "
@@ -62,7 +62,7 @@ class LocalConfig:
         4.0, "Gated answers: hardness h of the answers' trigger", low=0.5, high=20
     )
     subject_layer: int = option(
-        -1, "Layer of the subject entries; -1: 27 % of the way in (8 of 30)", low=-1, high=4095
+        -1, "Layer of the subject entries and detectors; -1: 27 % of the way in (8 of 30)", low=-1, high=4095
     )
     value_steps: int = option(24, "Most optimisation steps of a subject entry's value", low=1, high=500)
     value_lr: float = option(0.5, "Learning rate of the value's optimisation (Adam)", low=1e-4, high=100)
