@@ -403,6 +403,8 @@ def sequential(args: argparse.Namespace) -> None:
         rows.append((start + args.batch, entries, kept, time.monotonic() - started))
         print(f"after {start + args.batch} facts: first {len(first)} keep {kept:.2f} ({entries} entries)")
     assert current is not None
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "set.safetensors").write_bytes(artifacts.export_bytes(current))  # for `decode --set`
     with offline_context(loaded, current, args.out) as context:
         metrics = evaluate_set(context, current, 16)
     print()
@@ -527,7 +529,7 @@ def main() -> None:
     commands = parser.add_subparsers(dest="command", required=True)
     dec = commands.add_parser("decode", help="decode step time with N entries vs none")
     dec.add_argument("--entries", type=int, default=10_000)
-    dec.add_argument("--cells", type=int, nargs="+", default=[1, 8, 60])
+    dec.add_argument("--cells", type=int, nargs="*", default=[1, 8, 60], help="none: trained sets only")
     dec.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     dec.add_argument("--tokens", type=int, default=48)
     dec.add_argument("--repeats", type=int, default=5)

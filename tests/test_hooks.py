@@ -74,7 +74,7 @@ def test_the_attention_site_sees_the_concatenated_heads_and_the_mlp_site_the_act
     assert seen[Site.ATTN_OUT] == hidden  # heads × head_dim, before W_out
     assert seen[Site.MLP_DOWN] > hidden  # the MLP's inner width, after the activation
     assert seen[Site.RESIDUAL] == hidden
-    assert seen[Site.HEAD] == hidden  # the LM head's input, after the final norm
+    assert seen[Site.HEAD] == tiny_model.config.vocab_size  # the LM head's output, the logits
 
 
 def test_no_site_carries_a_hook_until_a_memory_uses_it(tiny_model):

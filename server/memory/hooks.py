@@ -6,9 +6,9 @@ Three sites per decoder layer (docs/design.md):
   (local memories, "before W_out");
 - ``mlp_down``: the input of the MLP's down projection, after the activation
   (local memories);
-and one after the last: ``head``, the input of the LM head (the final norm's output) at
-the positions whose logits are computed (a local set's gated answers). It is addressed
-as (last layer, ``head``).
+and one after the last: ``head``, the LM head's output (the logits) at the positions
+whose logits are computed (a local set's gated answers). It is addressed as (last layer,
+``head``).
 
 A site's hook is installed once, the first time a memory uses the site, and
 stays. Each forward pass reads a ``MemoryContext`` that says which batch rows use
@@ -250,7 +250,7 @@ class MemoryHooks:
                 raise ValueError(
                     f"the head site is at the last layer ({len(self.sites) - 1}) of a model with an LM head"
                 )
-            handle = self.head.register_forward_pre_hook(self._input_hook(layer, site))
+            handle = self.head.register_forward_hook(self._head_hook(layer))
         elif site is Site.RESIDUAL:
             handle = sites.block.register_forward_hook(self._block_hook(layer))
         else:
@@ -294,6 +294,15 @@ class MemoryHooks:
             if isinstance(output, tuple):
                 return (_apply(context, layer, Site.RESIDUAL, output[0]), *output[1:])
             return _apply(context, layer, Site.RESIDUAL, output)
+
+        return hook
+
+    def _head_hook(self, layer: int) -> Callable[..., Any]:
+        def hook(module: nn.Module, args: Any, output: torch.Tensor) -> Any:
+            context = getattr(self._local, "context", None)
+            if context is None or (layer, Site.HEAD) not in context.ops:
+                return None
+            return _apply(context, layer, Site.HEAD, output)
 
         return hook
 

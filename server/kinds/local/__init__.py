@@ -1,4 +1,4 @@
-"""The `local` kind: bounded key/delta entries that fire only near the activations they were made for.
+"""The `local` kind: facts as bounded entries that fire only near the activations they were made for.
 
 Importing it registers the kind and costs little: `module` (serving) is imported when a memory
 of the kind is loaded, `train` when a job runs; `config` has no torch in it, for the CLI.

@@ -46,7 +46,13 @@ class FactGate:
         return [self.fact_id if i == 0 else f"{self.fact_id}@{i}" for i in range(len(self.detectors))]
 
     def answer_labels(self) -> list[str]:
-        return [f"{self.fact_id}#{a.token_index}.{j}" for j, a in enumerate(self.answers)]
+        """`fact#token.row`: the answer for target token `token` from training row `row`."""
+        labels, rows = [], {}
+        for answer in self.answers:
+            row = rows.get(answer.token_index, 0)
+            rows[answer.token_index] = row + 1
+            labels.append(f"{self.fact_id}#{answer.token_index}.{row}")
+        return labels
 
     def labels(self) -> list[str]:
         """The names of its detectors and answers, as traces and the set's details give them."""

@@ -46,6 +46,8 @@ GATE_TENSORS = (
     "answer_hardness",
     "answer_values",
 )
+# Below this trigger an answer changes nothing worth computing.
+ACTS_AT = 1e-4
 # A fact's answer uses up the subject's mention when it acts at least this much on a position
 # that produces a token.
 USED_AT = 0.5
@@ -216,35 +218,35 @@ class Gates:
             seen |= before[:, None, :]
         return seen, f
 
-    def answer(self, hidden: torch.Tensor, seen: torch.Tensor) -> Answered:
-        """The head's update for (R, k, D) inputs whose positions have seen the facts' subjects
-        `seen` (R, k, facts): the best-triggered answer among those of the facts seen."""
-        r, k, d = hidden.shape
+    def answer(self, logits: torch.Tensor, seen: torch.Tensor) -> Answered:
+        """The update of (R, k, V) logits whose positions have seen the facts' subjects `seen`
+        (R, k, facts): the best-triggered answer among those of the facts seen adds f·(W v), which
+        is what f·v added to the head's input gives. The model's own logits are the distribution
+        compared, so the head runs once; W v is computed only where an answer acts."""
+        r, k, vocabulary = logits.shape
         active = seen[..., self.answer_facts]  # (R, k, answers)
-        best = torch.zeros(r * k, device=hidden.device)
-        chosen = torch.full((r * k,), -1, device=hidden.device, dtype=torch.long)
+        best = torch.zeros(r * k, device=logits.device)
+        chosen = torch.full((r * k,), -1, device=logits.device, dtype=torch.long)
         if not bool(active.any()):
             return Answered(None, best.reshape(r, k), chosen.reshape(r, k))
         rows, columns, answers = active.nonzero(as_tuple=True)
         flat = rows * k + columns
         positions, which = flat.unique(return_inverse=True)
-        inputs = hidden.reshape(r * k, d)[positions]
-        weight = self.head.weight
-        bias = getattr(self.head, "bias", None)
-        logprobs = F.linear(inputs.to(weight.dtype), weight, bias).float().log_softmax(-1)  # (P, V)
-        ids = self.answer_ids[answers]
-        x = _distance_at(logprobs, which, ids, self.answer_reference[answers])
+        logprobs = logits.reshape(r * k, vocabulary)[positions].float().log_softmax(-1)  # (P, V)
+        x = _distance_at(logprobs, which, self.answer_ids[answers], self.answer_reference[answers])
         f = triggers(x, self.answer_bounds[answers], self.answer_hardness[answers])
         best.scatter_reduce_(0, flat, f, reduce="amax")
         winners = f >= best[flat]
         chosen[flat[winners]] = answers[winners]
-        acting = best >= 1e-4
+        acting = best >= ACTS_AT
         if not bool(acting.any()):
             return Answered(None, best.reshape(r, k), chosen.reshape(r, k))
-        update = torch.zeros(r * k, d, device=hidden.device, dtype=hidden.dtype)
         index = acting.nonzero()[:, 0]
-        update[index] = self.values[chosen[index]] * best[index, None].to(hidden.dtype)
-        return Answered(update.reshape(r, k, d), best.reshape(r, k), chosen.reshape(r, k))
+        weight = self.head.weight
+        shifts = F.linear(self.values[chosen[index]].to(weight.dtype), weight)  # (n, V): W v
+        update = torch.zeros(r * k, vocabulary, device=logits.device, dtype=logits.dtype)
+        update[index] = (shifts.float() * best[index, None]).to(logits.dtype)
+        return Answered(update.reshape(r, k, vocabulary), best.reshape(r, k), chosen.reshape(r, k))
 
 
 def _outside(indices: torch.Tensor, count: int) -> bool:

@@ -15,6 +15,10 @@ with the keys and the delta is added as far as the trigger lets it:
 Sites read nothing but their own input, so entries work the same with the KV cache:
 a decode step checks its one new position. Every request that uses a set shares one op
 per (layer, site) and forward pass, whatever the batch.
+
+A set may also hold gates (the `gated` method, gates.py): subject detectors at one site and
+answers at the LM head (its logits). Their ops are `_DetectorOp` and `_AnswerOp`; what a request's
+earlier forwards saw (its subjects) is kept in the engine's per-request state.
 """
 
 from __future__ import annotations
@@ -407,7 +411,7 @@ class _DetectorOp(GroupOp[BoundLocalSet]):
 
 
 class _AnswerOp(GroupOp[BoundLocalSet]):
-    """The answers of every set with gates, at the LM head's input."""
+    """The answers of every set with gates, at the LM head (its logits)."""
 
     def op(self, hidden: torch.Tensor) -> torch.Tensor:
         out = hidden
