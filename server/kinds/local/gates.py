@@ -7,13 +7,15 @@ A fact's memory is two bounded triggers and one value (docs/design.md, "gated an
    position "has seen the subject" once f_s ≥ ½ at it or at any earlier position of the
    sequence. The engine keeps that per request (MemoryContext.row_states), so a decode step
    knows what the prompt mentioned, as the KV cache knows what attention needs.
-2. **Answer** at the input of the LM head, for each target token: where the subject has been
+2. **Answer** at the LM head, for each target token: where the subject has been
    seen, the distance is the Jensen–Shannon divergence between the model's own next-token
    distribution there and the one it had on the fact's prompt (the reference's top K tokens
    and the rest of the mass, K + 1 bins): a rewording asks for the same kind of answer
    ("…in the city of" and "the city where … stands is" both expect a city), while another
    relation of the same subject ("…was built in the year") expects another kind. The trigger
-   is f = exp(−(x²/b²)^h), and the best-triggered answer adds f·v to the head's input.
+   is f = exp(−(x²/b²)^h), and the best-triggered answer adds f·v to the head's input, applied
+   to the logits as f·W v: the model's own logits give the distribution compared, so the head
+   runs once, and W v is computed only where an answer acts.
 
 A gate costs nothing at positions where no subject was seen: the head's answers are only
 compared where a subject is, and then only that subject's.
@@ -76,7 +78,7 @@ def triggers(x: torch.Tensor, bounds: torch.Tensor, hardness: torch.Tensor) -> t
 class Answered:
     """The head's update for one set's rows, and what acted (for metrics and traces)."""
 
-    update: torch.Tensor | None  # (R, k, D) in the hidden dtype; None when nothing acted
+    update: torch.Tensor | None  # (R, k, V) of the logits, in their dtype; None when nothing acted
     best: torch.Tensor  # (R, k) the strongest answer trigger per position, fp32
     chosen: torch.Tensor  # (R, k) its answer index (−1: none)
 
