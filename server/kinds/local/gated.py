@@ -18,6 +18,7 @@ from memserve.kinds.local.config import Fact
 from memserve.kinds.local.gates import GATE_TENSORS
 from memserve.kinds.local.module import LoadedLocalSet
 from memserve.kinds.local.prompts import GENERIC_NEIGHBOURS, FactPrompts
+from memserve.kinds.local.runner import _distance
 from memserve.kinds.local.subject import find_subject, rewordings, subject_prompts
 from memserve.kinds.local.values import ValueTrainer, locate
 from memserve.memory.hooks import MemoryContext, MemoryHooks
@@ -115,7 +116,7 @@ class GatedFactTrainer:
         for mention in required:
             if len(detectors) > self.config.extra_keys:
                 break
-            if all(_relative(mention, d.key) > _half(d) for d in detectors):
+            if all(float(_distance(mention[None], d.key, "euclidean")[0]) > _half(d) for d in detectors):
                 own, _, _ = self.detectors.boundary(mention, [mention], [], negatives)
                 detectors.append(self._detector(mention, own))
         # Answers: the rows' own distributions, kept away from the subject's other relations (the
@@ -151,10 +152,6 @@ class GatedFactTrainer:
             },
         }
         return gate, details
-
-
-def _relative(activation: torch.Tensor, key: torch.Tensor) -> float:
-    return float((activation.float() - key.float()).norm() / key.float().norm())
 
 
 def _half(detector: Detector) -> float:

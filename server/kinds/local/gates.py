@@ -156,29 +156,22 @@ class Gates:
         last = torch.full((facts,), -1, dtype=torch.long, device=tokens.device)
         last.scatter_reduce_(0, self.answer_facts, tokens, reduce="amax")
         self.answer_final = tokens == last[self.answer_facts]
-        # Detectors: x²/b² = ‖a − k‖²/(‖k‖²·b²), one addmm and a rank-one term, as module.Entries.
-        self.subject_bounds, self.subject_hardness = (
-            t["subject_bounds"].float(),
-            t["subject_hardness"].float(),
-        )
-        norms_sq = (keys * keys).sum(-1)
-        if not bool((norms_sq > 0).all()):
+        if not bool(((keys * keys).sum(-1) > 0).all()):
             raise InvalidArgument(f"{where}: its gates have a key of norm 0")
-        scale = 1 / (norms_sq * self.subject_bounds**2)
-        self.keys_t = (keys * (-2 * scale)[:, None]).T.contiguous()
-        self.norm_scale, self.inv_bounds_sq = scale, 1 / self.subject_bounds**2
+        # The detectors are entries with the euclidean distance and nothing to add: the serving
+        # entries' fast form of the trigger computes them (module.py imports this one, hence here).
+        from memserve.kinds.local.module import Entries
+
+        nothing = torch.zeros(subjects, 1, device=keys.device)
+        self.detectors = Entries(keys, t["subject_bounds"], t["subject_hardness"], nothing, "euclidean")
         self.answer_reference = t["answer_reference"].float()
         self.answer_bounds, self.answer_hardness = t["answer_bounds"].float(), t["answer_hardness"].float()
         self.values = t["answer_values"].to(dtype)
         self.head = head
         self.head_layer = num_layers - 1
-        self.nbytes = sum(
+        self.nbytes = self.detectors.nbytes + sum(
             v.nbytes
             for v in (
-                self.keys_t,
-                self.norm_scale,
-                self.inv_bounds_sq,
-                self.subject_hardness,
                 self.subject_facts,
                 self.answer_facts,
                 self.answer_ids,
@@ -194,12 +187,7 @@ class Gates:
 
     def subject_triggers(self, activations: torch.Tensor) -> torch.Tensor:
         """f_s of every detector at every position: (N, D) → (N, subjects) fp32."""
-        a = activations.float()
-        squares = (a * a).sum(-1, keepdim=True)
-        scaled = (
-            torch.addmm(self.inv_bounds_sq, a, self.keys_t).addcmul_(squares, self.norm_scale).clamp_(min=0)
-        )
-        return scaled.pow_(self.subject_hardness).neg_().exp_()
+        return self.detectors.triggers(activations)
 
     def seen(
         self, hidden: torch.Tensor, real: torch.Tensor | None, before: torch.Tensor | None

@@ -239,7 +239,9 @@ class LoadedLocalSet(LoadedMemory):
         self.gates: Gates | None = None
         described = meta.details.get("gates")
         if described:
-            if not isinstance(described, dict) or not {"detector", "subjects", "answers"} <= set(described):
+            if not isinstance(described, dict) or not {"detector", "facts", "subjects", "answers"} <= set(
+                described
+            ):
                 raise InvalidArgument(f"local memory set {meta.name!r}: its gates are not described")
             tensors = {k[len("gates.") :]: v for k, v in artifact.tensors.items() if k.startswith("gates.")}
             detector = described["detector"]
