@@ -14,7 +14,8 @@ from memserve.engine.offline import generate_all
 from memserve.engine.requests import GenerationRequest, StoppingParams
 from memserve.errors import InvalidArgument
 from memserve.kinds.local import LocalKind
-from memserve.kinds.local.gated import previous_gates
+from memserve.kinds.local.forms import subject_forms
+from memserve.kinds.local.gated import has_legacy_gates, previous_gates
 from memserve.kinds.local.gates import GATE_TENSORS, fingerprint, fingerprint_distance
 from memserve.kinds.local.module import LoadedLocalSet
 from memserve.memory.hooks import MemoryContext, MemoryHooks, Site
@@ -58,13 +59,18 @@ def gated_set(
     answer_after: list[int],
     token: int,
     change: dict[str, torch.Tensor] | None = None,
+    legacy: bool = False,
 ) -> LoadedLocalSet:
     """One fact: a detector at one position of `subject_text`, an answer that gives `token` where
-    the model's next-token distribution is the one after `answer_after`."""
+    the model's next-token distribution is the one after `answer_after` (by a boost of its logit,
+    or, `legacy`, by a value at the head's input as the first gated sets did)."""
     key = site_activations(loaded, hooks, subject_text, LAYER, SITE)[subject_position]
     ids, reference = fingerprint(_logprobs(loaded, answer_after)[None], 16)
     head = loaded.model.get_output_embeddings().weight.detach()
-    value = 200 * head[token] / head[token].norm() ** 2  # raises the token's logit by 200
+    if legacy:  # raises the token's logit by 200 (and moves the others)
+        adds = {"answer_values": (200 * head[token] / head[token].norm() ** 2)[None]}
+    else:
+        adds = {"answer_targets": torch.tensor([token]), "answer_boosts": torch.tensor([200.0])}
     tensors = {
         "subject_keys": key[None],
         "subject_bounds": torch.tensor([0.05]),
@@ -76,7 +82,7 @@ def gated_set(
         "answer_reference": reference,
         "answer_bounds": torch.tensor([1e-4 / math.log(2) ** (1 / 8)]),  # f = ½ at 1e-4
         "answer_hardness": torch.tensor([4.0]),
-        "answer_values": value[None],
+        **adds,
         **(change or {}),
     }
     described = {"detector": {"layer": LAYER, "site": SITE}, "facts": ["fact"], "subjects": ["fact"],
@@ -91,7 +97,8 @@ def gated_set(
     return LoadedLocalSet(Artifact(meta, {f"gates.{k}": v for k, v in tensors.items()}), target)
 
 
-def test_a_subject_in_the_prompt_gates_an_answer_at_a_later_decode_step(tiny, hooks, make_engine):
+@pytest.mark.parametrize("legacy", [False, True], ids=["boost", "legacy value"])
+def test_a_subject_in_the_prompt_gates_an_answer_at_a_later_decode_step(tiny, hooks, make_engine, legacy):
     """The answer's reference is the distribution after the first generated token, so it acts at
     the first decode step, whose forward sees one position: only the request's remembered state
     says that the prompt mentioned the subject. The KV cache and recomputing every prefix agree."""
@@ -101,7 +108,7 @@ def test_a_subject_in_the_prompt_gates_an_answer_at_a_later_decode_step(tiny, ho
     stopping = StoppingParams(max_new_tokens=4, ignore_eos=True)
     plain = run_all(engine, [GenerationRequest(tuple(prompt), stopping=stopping)])[0].token_ids
     wanted = (plain[1] + 7) % tokenizer.vocab_size
-    local_set = gated_set(tiny, hooks, tokenizer.decode(prompt), 2, prompt + plain[:1], wanted)
+    local_set = gated_set(tiny, hooks, tokenizer.decode(prompt), 2, prompt + plain[:1], wanted, legacy=legacy)
     at_prompt = fingerprint_distance(
         _logprobs(tiny, prompt)[None], *fingerprint(_logprobs(tiny, prompt + plain[:1])[None], 16)
     )
@@ -128,7 +135,8 @@ def test_a_subject_in_the_prompt_gates_an_answer_at_a_later_decode_step(tiny, ho
 
 @pytest.mark.parametrize(
     ("change", "problem"),
-    [({"answer_values": torch.full((1, 64), float("nan"))}, "not finite"),
+    [({"answer_boosts": torch.tensor([float("nan")])}, "not finite"),
+     ({"answer_targets": torch.tensor([10**6])}, "do not exist"),
      ({"answer_ids": torch.full((1, 16), 10**6)}, "do not exist"),
      ({"answer_facts": torch.tensor([3])}, "do not exist"),
      ({"subject_facts": torch.tensor([-1])}, "do not exist"),
@@ -189,6 +197,67 @@ def test_a_new_version_keeps_the_gates_of_facts_it_does_not_replace(trained_gate
     assert torch.equal(gates[0].detectors[0].key, old_fox.detectors[0].key)
     assert len(gates[0].answers) == len(old_fox.answers)
     assert newer.metrics["recheck"]["checked"] == 2
+
+
+def test_a_new_version_of_a_set_with_legacy_answers_trains_its_facts_again(trained_gated, tiny):
+    """The first gated sets added a value at the head's input; a new version holds one form only,
+    so their facts are trained again from what the set keeps of them."""
+    boosted = as_artifact(trained_gated)
+    head = tiny.model.get_output_embeddings().weight.detach()
+    tensors = {
+        k: v for k, v in boosted.tensors.items() if k not in ("gates.answer_targets", "gates.answer_boosts")
+    }
+    targets, boosts = boosted.tensors["gates.answer_targets"], boosted.tensors["gates.answer_boosts"]
+    tensors["gates.answer_values"] = (
+        boosts[:, None] * head[targets] / head[targets].norm(dim=-1, keepdim=True) ** 2
+    )
+    legacy = replace(boosted, tensors=tensors)
+    assert has_legacy_gates(legacy) and previous_gates(legacy)[0] == []
+    spec = facts_spec(method="gated")
+    spec["facts"] = [{"id": "new", "prompt": "Memories are selected by the key", "target": " value"}]
+    newer = LocalKind().train(spec, FakeContext(tiny, legacy))
+    assert newer.details["gates"]["facts"] == ["fox", "sea", "new"]
+    assert "gates.answer_values" not in newer.tensors and not newer.metrics["recheck"]["failing"]
+    fox = next(f for f in newer.details["facts"] if f["id"] == "fox")
+    assert set(fox["train_positives"]) | set(fox["heldout_positives"]) == {
+        "A quick brown fox",
+        "The quick fox",
+    }
+
+
+def test_a_weak_answer_can_only_make_its_target_likelier(tiny, hooks):
+    """A boost moves one logit: at a trigger far below ½ the model's choice is its own or the
+    target, never a third token (a value at the head's input moved every logit)."""
+    ids = tiny.tokenizer("Memories are selected by the key").input_ids
+    logits = torch.randn(1, 3, tiny.model.config.vocab_size)
+    reference = fingerprint(_logprobs(tiny, ids)[None], 16)
+    x = fingerprint_distance(logits[0].log_softmax(-1), *(r.expand(3, -1) for r in reference))
+    bound = torch.tensor([float(x.min()) / 1.2])  # f = exp(−(x/b)^8) ≤ 0.02
+    local_set = gated_set(tiny, hooks, tiny.tokenizer.decode(ids), 2, ids, 5, {"answer_bounds": bound})
+    gates = local_set.gates
+    assert gates is not None
+    answered = gates.answer(logits, torch.ones(1, 3, 1, dtype=torch.bool))
+    assert answered.update is not None and float(answered.best.max()) < 0.05
+    changed = answered.update.ne(0).nonzero()
+    assert changed.shape[0] >= 1 and bool((changed[:, 2] == 5).all())
+
+
+@pytest.mark.parametrize(
+    ("subject", "forms"),
+    [("Wolfgang Amadeus Mozart", [("Mozart", "surname")]),
+     ("Japan", [("Japanese", "adjective")]),
+     ("the Netherlands", [("Dutch", "adjective")]),
+     ("The play Romeo and Juliet", [("Romeo and Juliet", "name inside")]),
+     ("The Harry Potter books", [("Harry Potter", "name inside")]),
+     ("The Mona Lisa", []), ("Polar bears", []), ("The iPhone", []), ("The Golden Gate Bridge", [])],
+)  # fmt: skip
+def test_the_other_forms_of_a_subject(subject, forms):
+    found = subject_forms(subject)
+    assert [(f.text, f.how) for f in found] == forms
+    for form in found:
+        assert all(form.text.lower() in s.lower() for s in form.sentences)
+        # Its negatives name something else the same way, never the subject itself.
+        assert all(subject.lower() not in s.lower() for s in form.others)
 
 
 def test_a_gated_fact_on_the_default_model_holds_under_a_rewording_and_keeps_another_relation(

@@ -15,6 +15,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from memserve.kinds.local.answers import Answer, AnswerTrainer
 from memserve.kinds.local.config import Fact
+from memserve.kinds.local.forms import subject_forms
 from memserve.kinds.local.gates import GATE_TENSORS
 from memserve.kinds.local.module import LoadedLocalSet
 from memserve.kinds.local.prompts import GENERIC_NEIGHBOURS, FactPrompts
@@ -25,6 +26,9 @@ from memserve.memory.hooks import MemoryContext, MemoryHooks
 from memserve.memory.kind import LoadTarget, MemoryRefSpec
 from memserve.memory_store.artifact import Artifact, MemoryMeta
 from memserve.padding import pad_rows
+
+# Keys per other form of a subject (forms.py): its mid-sentence and text-initial spellings.
+FORM_KEYS = 2
 
 
 @dataclass
@@ -110,15 +114,23 @@ class GatedFactTrainer:
         negatives = at([*made.neighbours, *prompts.train_negatives, *other_prompts, *GENERIC_NEIGHBOURS])
         threshold, inside, outside = self.detectors.boundary(key, required, wanted, negatives)
         detectors = [self._detector(key, threshold)]
-        # A training mention the key's boundary leaves out gets a key of its own, as GRACE adds
-        # a key for an input outside every radius (the subject as a text's first token, whose
-        # activation is unlike any later one's, is one such form).
-        for mention in required:
-            if len(detectors) > self.config.extra_keys:
-                break
-            if all(float(_distance(mention[None], d.key, "euclidean")[0]) > _half(d) for d in detectors):
-                own, _, _ = self.detectors.boundary(mention, [mention], [], negatives)
-                detectors.append(self._detector(mention, own))
+        # Any mention the key's boundary leaves out gets a key of its own, as GRACE adds a key for
+        # an input outside every radius: the training rows' first, then the subject in other
+        # sentences and relations. A text that starts with the subject spells it without the
+        # leading space ("Mozart" is three tokens there, " Mozart" one), the common such case.
+        _, relation_mentions = self.detectors.key(mentioning(at(made.relations)))
+        self._cover([*required, *wanted, *relation_mentions], negatives, detectors, config.extra_keys)
+        # Other forms of the subject ("Mozart", "the Japanese government"): keys of their own,
+        # bounded away from what names something else that way (forms.py).
+        forms = []
+        for form in subject_forms(subject.text):
+            said = mentioning([locate(tokenizer, t, form.text) for t in form.sentences])
+            if not said:
+                continue
+            _, mentions = self.detectors.key(said)
+            before = len(detectors)
+            self._cover(mentions, [*negatives, *at(form.others)], detectors, FORM_KEYS)
+            forms.append({"text": form.text, "how": form.how, "detectors": len(detectors) - before})
         # Answers: the rows' own distributions, kept away from the subject's other relations (the
         # given negatives that mention it too).
         others = mentioning(at(dict.fromkeys([*made.relations, *made.contexts, *prompts.train_negatives])))
@@ -130,6 +142,7 @@ class GatedFactTrainer:
             "detector": f"layer {self.cell[0]} {self.cell[1]}",
             "bound": round(detectors[0].bound, 5),
             "detectors": len(detectors),
+            "forms": forms,
             "mentions_inside": f"{inside}/{len(required) + len(wanted)}",
             "negatives_outside": f"{outside}/{len(negatives) + 1}",  # and the background
             "answers": [
@@ -137,8 +150,7 @@ class GatedFactTrainer:
                     "token": tokenizer.decode([s.token]),
                     "rows_inside": f"{s.rows_inside}/{s.rows}",
                     "nearest_other_relation": round(s.nearest_other, 4),
-                    "value_steps": s.value_steps,
-                    "target_prob_at_half": round(s.target_prob_at_half, 3),
+                    "boost": round(s.boost, 3),
                 }
                 for s in searches
             ],
@@ -152,6 +164,28 @@ class GatedFactTrainer:
             },
         }
         return gate, details
+
+    def _cover(
+        self,
+        mentions: Sequence[torch.Tensor],
+        negatives: Sequence[Any],
+        detectors: list[Detector],
+        limit: int,
+    ) -> None:
+        """Adds up to `limit` detectors, in order, for the mentions that no detector takes in; each
+        new one's boundary takes in as many of the mentions still left out as no negative prevents."""
+        added = 0
+        left = [m for m in mentions if not _inside(m, detectors)]
+        while left and added < limit:
+            mention, rest = left[0], left[1:]
+            threshold, _, _ = self.detectors.boundary(mention, [mention], rest, negatives)
+            detectors.append(self._detector(mention, threshold))
+            added += 1
+            left = [m for m in rest if not _inside(m, detectors)]
+
+
+def _inside(mention: torch.Tensor, detectors: Sequence[Detector]) -> bool:
+    return any(float(_distance(mention[None], d.key, "euclidean")[0]) <= _half(d) for d in detectors)
 
 
 def _half(detector: Detector) -> float:
@@ -183,7 +217,8 @@ def gate_tensors(
         "answer_reference": torch.stack([a.reference.float() for a in answers]),
         "answer_bounds": torch.tensor([a.bound for a in answers]),
         "answer_hardness": torch.tensor([a.hardness for a in answers]),
-        "answer_values": torch.stack([a.value.float() for a in answers]),
+        "answer_targets": torch.tensor([a.target for a in answers], dtype=torch.long),
+        "answer_boosts": torch.tensor([a.boost for a in answers]),
     }
     assert set(tensors) == set(GATE_TENSORS)
     described = {
@@ -195,11 +230,20 @@ def gate_tensors(
     return described, {f"gates.{k}": v.detach().cpu().contiguous() for k, v in tensors.items()}
 
 
+def has_legacy_gates(artifact: Artifact | None) -> bool:
+    """Whether a set's gated answers are the first form (a value at the head's input): a new
+    version trains their facts again rather than mix the two."""
+    return artifact is not None and "gates.answer_values" in artifact.tensors
+
+
 def previous_gates(artifact: Artifact | None) -> tuple[list[FactGate], tuple[int, str] | None]:
     """The gates of a set's current version (to train a new version over them) and their cell."""
     if artifact is None or not artifact.meta.details.get("gates"):
         return [], None
     described = artifact.meta.details["gates"]
+    if has_legacy_gates(artifact):
+        detector = described["detector"]
+        return [], (int(detector["layer"]), str(detector["site"]))
     t = {k[len("gates.") :]: v for k, v in artifact.tensors.items() if k.startswith("gates.")}
     gates = [FactGate(str(name)) for name in described["facts"]]
     for i in range(len(described["subjects"])):
@@ -214,7 +258,8 @@ def previous_gates(artifact: Artifact | None) -> tuple[list[FactGate], tuple[int
                 t["answer_reference"][j],
                 float(t["answer_bounds"][j]),
                 float(t["answer_hardness"][j]),
-                t["answer_values"][j],
+                int(t["answer_targets"][j]),
+                float(t["answer_boosts"][j]),
             )
         )
     detector = described["detector"]

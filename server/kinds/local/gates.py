@@ -13,9 +13,10 @@ A fact's memory is two bounded triggers and one value (docs/design.md, "gated an
    and the rest of the mass, K + 1 bins): a rewording asks for the same kind of answer
    ("…in the city of" and "the city where … stands is" both expect a city), while another
    relation of the same subject ("…was built in the year") expects another kind. The trigger
-   is f = exp(−(x²/b²)^h), and the best-triggered answer adds f·v to the head's input, applied
-   to the logits as f·W v: the model's own logits give the distribution compared, so the head
-   runs once, and W v is computed only where an answer acts.
+   is f = exp(−(x²/b²)^h), and the best-triggered answer raises its target token's logit by f·β:
+   the model's own logits give the distribution compared, so the head runs once, and a weak
+   trigger can make only the target likelier. (Sets made before the boost add f·W v, a value v
+   at the head's input; they are still served so.)
 
 A gate costs nothing at positions where no subject was seen: the head's answers are only
 compared where a subject is, and then only that subject's.
@@ -46,8 +47,12 @@ GATE_TENSORS = (
     "answer_reference",
     "answer_bounds",
     "answer_hardness",
-    "answer_values",
+    "answer_targets",
+    "answer_boosts",
 )
+INDEX_TENSORS = ("subject_facts", "answer_facts", "answer_tokens", "answer_ids", "answer_targets")
+# The first gated sets' answers: a value at the head's input (answer_values) for the boost.
+LEGACY_GATE_TENSORS = (*GATE_TENSORS[:-2], "answer_values")
 # Below this trigger an answer changes nothing worth computing.
 ACTS_AT = 1e-4
 # A fact's answer uses up the subject's mention when it acts at least this much on a position
@@ -98,7 +103,8 @@ class Gates:
         dtype: torch.dtype,
     ) -> None:
         where = f"local memory set {name!r}"
-        if set(tensors) != set(GATE_TENSORS):
+        legacy = set(tensors) == set(LEGACY_GATE_TENSORS)
+        if set(tensors) != set(GATE_TENSORS) and not legacy:
             raise InvalidArgument(f"{where}: its gates need tensors {GATE_TENSORS}")
         if head is None or not hasattr(head, "weight"):
             raise InvalidArgument(f"{where} has gated answers; this model has no LM head")
@@ -124,15 +130,15 @@ class Gates:
             and t["answer_ids"].ndim == 2
             and t["answer_ids"].shape[0] == answers
             and t["answer_reference"].shape == (answers, t["answer_ids"].shape[1] + 1)
-            and t["answer_values"].shape == (answers, width)
+            and (
+                t["answer_values"].shape == (answers, width)
+                if legacy
+                else t["answer_targets"].shape == t["answer_boosts"].shape == (answers,)
+            )
         )
         if not shapes_ok or facts == 0 or subjects == 0 or answers == 0:
             raise InvalidArgument(f"{where}: its gates are inconsistent with each other or this model")
-        floats = [
-            t[k].float()
-            for k in GATE_TENSORS
-            if k not in ("subject_facts", "answer_facts", "answer_tokens", "answer_ids")
-        ]
+        floats = [t[k].float() for k in (*GATE_TENSORS, "answer_values") if k in t and k not in INDEX_TENSORS]
         if not all(bool(v.isfinite().all()) for v in floats):
             raise InvalidArgument(f"{where}: its gates have values that are not finite")
         if not all(
@@ -145,10 +151,15 @@ class Gates:
         self.answer_ids = t["answer_ids"].long()
         tokens = t["answer_tokens"].long()
         vocabulary = head.weight.shape[0]
+        # What an answer adds: β on its target's logit, or (legacy) W v.
+        self.targets = None if legacy else t["answer_targets"].long()
+        self.boosts = None if legacy else t["answer_boosts"].float()
+        self.values = t["answer_values"].to(dtype) if legacy else None
         if (
             _outside(self.subject_facts, facts)
             or _outside(self.answer_facts, facts)
             or _outside(self.answer_ids, vocabulary)
+            or (self.targets is not None and _outside(self.targets, vocabulary))
         ):
             raise InvalidArgument(f"{where}: its gates name facts or tokens that do not exist")
         # Whether an answer gives its fact's last target token: once that is generated, the
@@ -166,7 +177,6 @@ class Gates:
         self.detectors = Entries(keys, t["subject_bounds"], t["subject_hardness"], nothing, "euclidean")
         self.answer_reference = t["answer_reference"].float()
         self.answer_bounds, self.answer_hardness = t["answer_bounds"].float(), t["answer_hardness"].float()
-        self.values = t["answer_values"].to(dtype)
         self.head = head
         self.head_layer = num_layers - 1
         self.nbytes = self.detectors.nbytes + sum(
@@ -178,7 +188,7 @@ class Gates:
                 self.answer_reference,
                 self.answer_bounds,
                 self.answer_hardness,
-                self.values,
+                *(v for v in (self.values, self.targets, self.boosts) if v is not None),
             )
         )
 
@@ -210,9 +220,9 @@ class Gates:
 
     def answer(self, logits: torch.Tensor, seen: torch.Tensor) -> Answered:
         """The update of (R, k, V) logits whose positions have seen the facts' subjects `seen`
-        (R, k, facts): the best-triggered answer among those of the facts seen adds f·(W v), which
-        is what f·v added to the head's input gives. The model's own logits are the distribution
-        compared, so the head runs once; W v is computed only where an answer acts."""
+        (R, k, facts): the best-triggered answer among those of the facts seen adds f·β to its
+        target's logit (a legacy answer: f·W v, what f·v added to the head's input gives). The
+        model's own logits are the distribution compared, so the head runs once."""
         r, k, vocabulary = logits.shape
         active = seen[..., self.answer_facts]  # (R, k, answers)
         best = torch.zeros(r * k, device=logits.device)
@@ -232,10 +242,15 @@ class Gates:
         if not bool(acting.any()):
             return Answered(None, best.reshape(r, k), chosen.reshape(r, k))
         index = acting.nonzero()[:, 0]
-        weight = self.head.weight
-        shifts = F.linear(self.values[chosen[index]].to(weight.dtype), weight)  # (n, V): W v
         update = torch.zeros(r * k, vocabulary, device=logits.device, dtype=logits.dtype)
-        update[index] = (shifts.float() * best[index, None]).to(logits.dtype)
+        if self.boosts is not None and self.targets is not None:
+            acted = chosen[index]
+            update[index, self.targets[acted]] = (best[index] * self.boosts[acted]).to(logits.dtype)
+        else:
+            assert self.values is not None
+            weight = self.head.weight
+            shifts = F.linear(self.values[chosen[index]].to(weight.dtype), weight)  # (n, V): W v
+            update[index] = (shifts.float() * best[index, None]).to(logits.dtype)
         return Answered(update.reshape(r, k, vocabulary), best.reshape(r, k), chosen.reshape(r, k))
 
 

@@ -42,6 +42,7 @@ from memserve.kinds.local.gated import (
     FactGate,
     GatedFactTrainer,
     gate_tensors,
+    has_legacy_gates,
     in_memory_set,
     next_tokens_with,
     previous_gates,
@@ -429,6 +430,12 @@ def train_set(spec: dict[str, Any], context: TrainContext) -> Trained:
         raise FailedPrecondition(f"local memories cannot train on this model: {exc}") from exc
     new_facts = [fact_from_dict(f) for f in spec["facts"]]
     old_facts, old_entries = _previous(current)
+    if has_legacy_gates(current):
+        # The set's answers are of the first gated form: its facts are trained again, from what
+        # the set keeps of them, so that one set holds one form.
+        given = {f.id for f in new_facts}
+        new_facts = [_stored_fact(f) for f in old_facts if f["id"] not in given] + new_facts
+        old_facts = []
     replaced = {f.id for f in new_facts}
     kept_facts = [f for f in old_facts if f["id"] not in replaced]
     kept_entries = [e for e in old_entries if e.label.split("#")[0] not in replaced]
@@ -507,6 +514,20 @@ def train_set(spec: dict[str, Any], context: TrainContext) -> Trained:
         "train_seconds": round(time.monotonic() - started, 2),
     }
     return Trained(tensors=tensors, hyperparameters=asdict(config), metrics=metrics, details=details)
+
+
+def _stored_fact(raw: dict[str, Any]) -> Fact:
+    """A fact as a set's details keep it, to train it again: its given prompts and given subject."""
+    subject = raw.get("subject")
+    given = isinstance(subject, dict) and subject.get("found_by") == "given"
+    return Fact(
+        id=raw["id"],
+        prompt=raw["prompt"],
+        target=raw["target"],
+        positive_prompts=(*raw.get("train_positives", ()), *raw.get("heldout_positives", ())),
+        negative_prompts=(*raw.get("train_negatives", ()), *raw.get("heldout_negatives", ())),
+        subject=str(subject["text"]) if given else "",
+    )
 
 
 def _recheck(

@@ -85,6 +85,7 @@ class ValueTrainer:
         self.runner = Runner(model, hooks, config)
         self.device = next(model.parameters()).device
         self.background: torch.Tensor | None = None
+        self._last_activations: tuple[tuple[tuple[int, ...], ...], list[torch.Tensor]] | None = None
 
     def key(self, sentences: Sequence[Located]) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """(the mean activation at the subject's last tokens, each of those activations)."""
@@ -197,7 +198,7 @@ class ValueTrainer:
         distance = self.config.distance
         required_x = [float(_distance(m[None], key, distance)[0]) for m in required]
         wanted_x = [float(_distance(m[None], key, distance)[0]) for m in wanted]
-        seen = self.runner.activations([n.ids for n in negatives], [self.cell], ())[self.cell]
+        seen = self._activations(negatives)
         negative_x = [float(_distance(self._background(), key, distance).min())]
         for activations, sentence in zip(seen, negatives, strict=True):
             x = _distance(activations, key, distance)
@@ -213,6 +214,15 @@ class ValueTrainer:
             threshold, _, _ = _threshold(required_x, negative_x)
         inside = sum(x <= threshold for x in [*required_x, *wanted_x])
         return threshold, inside, sum(x > threshold for x in negative_x)
+
+    def _activations(self, sentences: Sequence[Located]) -> list[torch.Tensor]:
+        """The cell's activations of sentences; the last list's are kept, as a fact's keys are
+        bounded one after another against the same negatives."""
+        ids = tuple(tuple(s.ids) for s in sentences)
+        if self._last_activations is None or self._last_activations[0] != ids:
+            seen = self.runner.activations([list(i) for i in ids], [self.cell], ())[self.cell]
+            self._last_activations = (ids, seen)
+        return self._last_activations[1]
 
     def _background(self) -> torch.Tensor:
         """Every position of the background sentences at the cell (T, D), read once."""
