@@ -321,20 +321,21 @@ def counterfacts(args: argparse.Namespace) -> None:
     print()
     print(
         "| editor | edit success | generalisation (written) | neighbours kept | "
-        "unrelated prompts kept | unrelated text ppl |"
+        "neighbours' first sentence kept | unrelated prompts kept | unrelated text ppl |"
     )
-    print("|---|---:|---:|---:|---:|---:|")
+    print("|---|---:|---:|---:|---:|---:|---:|")
     print(
         f"| memserve local, {method} | {_cell(rates['edit_success'])} | {_cell(rates['generalization'])} | "
-        f"{_cell(rates['locality_neighbours'])} | {_cell(rates['locality_unrelated'])} | "
+        f"{_cell(rates['locality_neighbours'])} | {_cell(rates['locality_neighbours_first_sentence'])} | "
+        f"{_cell(rates['locality_unrelated'])} | "
         f"×{metrics['unrelated_text_ppl_ratio']:.4f} |"
     )
     print(
         f"| base model, no edit | {_cell(rates['base_edit_success'])} | "
-        f"{_cell(rates['base_generalization'])} | — | — | ×1 |"
+        f"{_cell(rates['base_generalization'])} | — | — | — | ×1 |"
     )
     for name, es, gen, loc in PUBLISHED:
-        print(f"| {name} | {es} | {gen} | {loc} | | |")
+        print(f"| {name} | {es} | {gen} | {loc} | | | |")
 
 
 # Made-up people and what the model cannot know about them: facts to add 20 at a time after
@@ -508,16 +509,18 @@ def baselines(args: argparse.Namespace) -> None:
     (args.out / "baselines.json").write_text(json.dumps(results, indent=2) + "\n")
     print()
     print(
-        "| editor | edit success | generalisation (written) | neighbours kept | unrelated prompts kept "
-        "| unrelated text ppl | mean of generalisation and neighbours | editing time |"
+        "| editor | edit success | generalisation (written) | neighbours kept | neighbours' first sentence "
+        "kept | unrelated prompts kept | unrelated text ppl | mean of generalisation and neighbours | "
+        "editing time |"
     )
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for name, m in results.items():
         rates = m["rates"]
         mean = (rates["generalization"]["rate"] + rates["locality_neighbours"]["rate"]) / 2
         print(
             f"| {name} | {_cell(rates['edit_success'])} | {_cell(rates['generalization'])} | "
-            f"{_cell(rates['locality_neighbours'])} | {_cell(rates['locality_unrelated'])} | "
+            f"{_cell(rates['locality_neighbours'])} | {_cell(rates['locality_neighbours_first_sentence'])} | "
+            f"{_cell(rates['locality_unrelated'])} | "
             f"×{m['unrelated_text_ppl_ratio']:.4f} | {mean:.3f} | {m['train_seconds']:.0f} s |"
         )
 

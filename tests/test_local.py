@@ -494,3 +494,23 @@ def test_the_trainers_distance_is_the_one_serving_triggers_on(distance):
     x = _distance(a, key, distance)
     served = trigger_values(a, key[None], torch.ones(1), torch.full((1,), 2.0), distance)[:, 0]
     torch.testing.assert_close(served, torch.exp(-(x.square() ** 2)), atol=1e-5, rtol=1e-4)
+
+
+def test_a_neighbour_that_states_the_edit_in_a_later_sentence_fails_only_the_strict_count():
+    """The strict neighbour count fails a continuation that says the target anywhere; the
+    first-sentence count fails only one whose own answer changed or says the target."""
+    from memserve.kinds.local.eval import Tally, _Prompt, summary
+
+    facts = [{"id": "italy", "prompt": "The capital of Italy is", "target": " Paris"}]
+    outputs = {
+        "restates": (" a boot. The capital of Italy is Paris.", " a boot. The capital of Italy is Rome."),
+        "answers": (" Paris, of course.", " Rome, of course."),
+        "first word": (" pizza.", " a boot."),
+        "kept": (" a boot.", " a boot."),
+    }
+    tally = Tally(facts, decode=lambda ids: ids[0])  # a "token" is the whole text here
+    prompts = [_Prompt(0, "neighbour", text) for text in outputs]
+    tally.add_locality(prompts, [[a] for a, _ in outputs.values()], [[b] for _, b in outputs.values()])
+    rates = summary(tally)["rates"]
+    assert (rates["locality_neighbours"]["hits"], rates["locality_neighbours"]["n"]) == (1, 4)
+    assert rates["locality_neighbours_first_sentence"]["hits"] == 2

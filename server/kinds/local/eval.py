@@ -7,8 +7,11 @@ batching, the KV cache, the set attached as a request's memory).
   evaluation's `prompts` (e.g. the facts file with its paraphrases) or, without them, from the
   fact's held-out given prompts. A held-out prompt that is the fact's prompt behind a prefix
   ("Fact: …") is counted apart (`generalization_prefixed`): it is not a rewording;
-- neighbour locality: each fact's neighbours keep their first word and do not say the target;
-  a neighbour prompt listed by several facts counts once, for the first;
+- neighbour locality: each fact's neighbours keep their first word and do not say the target
+  anywhere in the continuation; a neighbour prompt listed by several facts counts once, for the
+  first. Apart (`locality_neighbours_first_sentence`): the target is looked for in the
+  continuation's first sentence only, the neighbour's own answer; a later sentence that states
+  the edited fact ("… The capital of Italy is Paris.") is the edit, not a leak;
 - unrelated locality: a pool of prompts that no trainer ever sees keeps its whole greedy
   continuation (``continuation_tokens``);
 - unrelated text: perplexity of everyday prose with the set over the base model's.
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -285,8 +289,12 @@ class Tally:
             if prompt.fact >= 0:
                 target = self.facts[prompt.fact]["target"].strip()
                 kept = first and (target not in text or target in base_text)
+                answer, base_answer = _first_sentence(text), _first_sentence(base_text)
                 outcomes = self.per_fact[prompt.fact]
                 outcomes["locality"].append(kept)
+                outcomes["locality_first_sentence"].append(
+                    first and (target not in answer or target in base_answer)
+                )
                 outcomes["locality_continuation"].append(same)
                 ok = kept
             else:
@@ -319,8 +327,16 @@ def _fact_outcomes(fact: dict[str, Any]) -> dict[str, Any]:
         "generalization_prefixed": [],
         "base_generalization_prefixed": [],
         "locality": [],
+        "locality_first_sentence": [],
         "locality_continuation": [],
     }
+
+
+def _first_sentence(text: str) -> str:
+    """A continuation up to the end of its first sentence or line."""
+    match = re.search(r"[.!?](?:\s|$)|\n", text.lstrip())
+    stripped = text.lstrip()
+    return stripped[: match.start() + 1] if match else stripped
 
 
 def rate(values: Sequence[bool]) -> dict[str, Any]:
@@ -345,6 +361,7 @@ def summary(tally: Tally) -> dict[str, Any]:
         "generalization": rate(flat("generalization")),
         "generalization_prefixed": rate(flat("generalization_prefixed")),
         "locality_neighbours": rate(flat("locality")),
+        "locality_neighbours_first_sentence": rate(flat("locality_first_sentence")),
         "locality_neighbours_continuation": rate(flat("locality_continuation")),
         "locality_unrelated": rate(tally.unrelated_same),
         "locality_unrelated_first_token": rate(tally.unrelated_first),
@@ -377,6 +394,7 @@ ROWS = (
     ("generalization", "generalisation (written rewordings → whole target)", "base_generalization"),
     ("generalization_prefixed", "the prompt behind a prefix (not a rewording)", None),
     ("locality_neighbours", "neighbours: first word kept, no target", None),
+    ("locality_neighbours_first_sentence", "neighbours: … no target in the first sentence", None),
     ("locality_neighbours_continuation", "neighbours: whole continuation kept", None),
     ("locality_unrelated", "unrelated prompts: whole continuation kept", None),
 )
