@@ -249,7 +249,9 @@ def test_a_weak_answer_can_only_make_its_target_likelier(tiny, hooks):
      ("the Netherlands", [("Dutch", "adjective")]),
      ("The play Romeo and Juliet", [("Romeo and Juliet", "name inside")]),
      ("The Harry Potter books", [("Harry Potter", "name inside")]),
-     ("The Mona Lisa", []), ("Polar bears", []), ("The iPhone", []), ("The Golden Gate Bridge", [])],
+     ("The Mona Lisa", []), ("Polar bears", []), ("The iPhone", []),
+     ("The Golden Gate Bridge", [("The Golden Gate", "without its kind")]),
+     ("The Eiffel Tower", [])],
 )  # fmt: skip
 def test_the_other_forms_of_a_subject(subject, forms):
     found = subject_forms(subject)
@@ -283,6 +285,10 @@ def test_a_gated_fact_on_the_default_model_holds_under_a_rewording_and_keeps_ano
     before = [tokenizer.decode(t) for t in generate_all(engine, prompts, (), 3)]
     assert all(a.startswith(" Rome") for a in after[:2]), after
     assert after[2:] == before[2:], (after, before)
+    # The relation's other wordings were rows, and are listed as tuned on.
+    subject = result.details["facts"][0]["subject"]
+    assert subject["relation"]["name"] == "located in city"
+    assert "The city where the Eiffel Tower stands is" in subject["prompts"]["rows"]
 
 
 def test_an_answer_that_gives_the_last_target_token_uses_up_the_subjects_mention(tiny, hooks):

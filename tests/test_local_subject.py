@@ -10,6 +10,7 @@ import pytest
 from memserve.errors import InvalidArgument
 from memserve.kinds.local.config import check_facts
 from memserve.kinds.local.eval import tuned_on
+from memserve.kinds.local.relations import TEMPLATES, match_relation, relation_rows
 from memserve.kinds.local.subject import find_subject, rewordings, subject_prompts
 from memserve.kinds.local.values import locate
 
@@ -74,3 +75,33 @@ def test_the_evaluation_leaves_out_what_the_trainer_tuned_on():
     made = {"rows": ["C"], "relations": ["D"], "contexts": [], "neighbours": ["E"]}
     fact = {"prompt": "P", "train_positives": ["A"], "train_negatives": ["B"], "subject": {"prompts": made}}
     assert tuned_on(fact) == {"P", "A", "B", "C", "D", "E"}
+
+
+@pytest.mark.parametrize(
+    ("prompt", "subject", "relation"),
+    [
+        ("The capital city of Japan is", "Japan", "capital"),
+        ("Tokyo is the capital city of", "Tokyo", "capital of"),
+        ("The Eiffel Tower is located in the city of", "The Eiffel Tower", "located in city"),
+        ("The Taj Mahal is located in the country of", "The Taj Mahal", "located in country"),
+        ("The mother tongue of Emmanuel Macron is", "Emmanuel Macron", "native language"),
+        ("The play Hamlet was written by", "The play Hamlet", "author"),
+        ("Yo-Yo Ma is a famous musician who plays the", "Yo-Yo Ma", "instrument"),
+        # A painter's country is asked, not a painting's painter: the answer's kind must match.
+        ("Pablo Picasso was a painter from the country of", "Pablo Picasso", None),
+        # Nothing in the table asks this.
+        ("Koalas mostly eat the leaves of the", "Koalas", None),
+    ],
+)
+def test_a_prompt_is_matched_to_the_relation_it_asks(prompt, subject, relation):
+    match = match_relation(prompt, subject)
+    assert (match.relation if match else None) == relation
+
+
+def test_relation_templates_are_sentences_about_the_subject():
+    for name, templates in TEMPLATES.items():
+        assert len(templates) >= 3 and all(("{S}" in t) != ("{s}" in t) for t in templates), name
+        assert all(not t.endswith(" ") and t.count("{") == 1 for t in templates), name
+    rows = relation_rows("capital", "The United States")
+    assert "The capital of the United States is" in rows and "The United States' capital is" in rows
+    assert relation_rows("capital", "Japan")[2] == "Japan's capital is"

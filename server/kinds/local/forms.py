@@ -54,6 +54,8 @@ NOT_SURNAMES = {
     "house", "island", "lake", "mountain", "museum", "ocean", "palace", "park", "prize", "river",
     "sea", "square", "station", "street", "tower", "university", "valley", "wall",
 }  # fmt: skip
+# Kinds of building a name is often said without ("the Golden Gate", "the Louvre").
+KINDS_LEFT_OUT = {"bridge", "building", "cathedral", "museum", "palace", "stadium"}
 _PERSON = re.compile(r"[A-Z][a-zà-ÿ'-]+(?: (?:van|von|de|da|del|di|la|le) )?(?: ?[A-Z][a-zà-ÿA-Z'-]+){1,2}")
 _NAME_RUN = re.compile(r"\b[A-Z][\w'-]*(?:(?: and | of | de | van | the | )[A-Z][\w'-]*)*")
 
@@ -63,7 +65,7 @@ class SubjectForm:
     text: str
     """The form as texts write it ("Mozart", "Japanese")."""
     how: str
-    """"name inside", "surname" or "adjective"."""
+    """"name inside", "without its kind", "surname" or "adjective"."""
     sentences: list[str]
     """Sentences that mention it."""
     others: list[str]
@@ -83,6 +85,18 @@ def subject_forms(subject: str) -> list[SubjectForm]:
     ]
     if runs:
         forms.append(SubjectForm(runs[-1], "name inside", [_fill(c, runs[-1]) for c in CONTEXTS[:4]], []))
+    # A building without its kind: "The Golden Gate Bridge" → "the Golden Gate". Nothing can be
+    # its negative: a causal model has read the same words at the name's last token either way.
+    words = subject.split()
+    if (
+        bare != subject
+        and len(words) >= 3
+        and words[-1].lower() in KINDS_LEFT_OUT
+        and words[-2][:1].isupper()
+        and " ".join(words[1:-1]).lower() not in NOT_SURNAMES  # "The Tower Bridge" is no Tower
+    ):
+        short = " ".join(words[:-1])
+        forms.append(SubjectForm(short, "without its kind", [_fill(c, short) for c in CONTEXTS[:4]], []))
     # A person's surname: "Wolfgang Amadeus Mozart" → "Mozart" (a subject with an article is a
     # thing: "The Mona Lisa" is not a Lisa).
     name = subject

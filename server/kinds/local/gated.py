@@ -19,6 +19,7 @@ from memserve.kinds.local.forms import subject_forms
 from memserve.kinds.local.gates import GATE_TENSORS
 from memserve.kinds.local.module import LoadedLocalSet
 from memserve.kinds.local.prompts import GENERIC_NEIGHBOURS, FactPrompts
+from memserve.kinds.local.relations import match_relation, relation_rows
 from memserve.kinds.local.runner import _distance
 from memserve.kinds.local.subject import find_subject, rewordings, subject_prompts
 from memserve.kinds.local.values import ValueTrainer, locate
@@ -99,14 +100,19 @@ class GatedFactTrainer:
         at = lambda texts: [locate(tokenizer, t, subject.text) for t in texts]  # noqa: E731
         mentioning = lambda located: [x for x in located if x.subject_positions]  # noqa: E731
         started = time.monotonic()
-        row_texts = list(dict.fromkeys([*made.train, *prompts.train_positives]))
+        # The relation the prompt asks for, asked other ways (relations.py): more rows, so that
+        # the answers know the distributions of the relation's other wordings.
+        relation = match_relation(fact.prompt, subject.text)
+        asked = relation_rows(relation.relation, subject.text) if relation else []
+        asked = [t for t in asked if t not in made.train]
+        row_texts = list(dict.fromkeys([*made.train, *asked, *prompts.train_positives]))
         located = {t: x for t, x in zip(row_texts, at(row_texts), strict=True) if x.subject_positions}
         rows = list(located.values())
         # The detector's key, and the mentions it must take in, are the prompt's own form of the
         # subject (behind prefixes); reworded forms ("Japan's") and the subject in other sentences
         # are taken in only as far as no other subject comes nearer: a detector wide enough for
         # every form would fire on everything.
-        reworded = {*rewordings(fact.prompt, subject.text), *prompts.train_positives} - {fact.prompt}
+        reworded = {*rewordings(fact.prompt, subject.text), *asked, *prompts.train_positives} - {fact.prompt}
         own_form = [x for t, x in located.items() if t not in reworded]
         other_forms = [x for t, x in located.items() if t in reworded] + mentioning(at(made.contexts))
         key, required = self.detectors.key(own_form)
@@ -139,6 +145,7 @@ class GatedFactTrainer:
         details = {
             "text": subject.text,
             "found_by": subject.found_by,
+            "relation": {"name": relation.relation, "score": relation.score} if relation else None,
             "detector": f"layer {self.cell[0]} {self.cell[1]}",
             "bound": round(detectors[0].bound, 5),
             "detectors": len(detectors),
@@ -157,7 +164,7 @@ class GatedFactTrainer:
             "seconds": round(time.monotonic() - started, 2),
             # Every sentence the gate was tuned on: the evaluation leaves these out.
             "prompts": {
-                "rows": made.train,
+                "rows": [*made.train, *asked],
                 "relations": made.relations,
                 "contexts": made.contexts,
                 "neighbours": made.neighbours,

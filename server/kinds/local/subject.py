@@ -135,13 +135,21 @@ def find_subject(prompt: str, given: str = "") -> Subject:
 
 
 def _forms(subject: str) -> tuple[str, str]:
-    """(sentence-initial, mid-sentence) forms of a subject: "The Moon" / "the Moon"."""
+    """(sentence-initial, mid-sentence) forms of a subject: "The Moon" / "the Moon", "Giant
+    pandas" / "giant pandas"."""
     first = subject[0].upper() + subject[1:]
     lower = subject
     article = subject.split(" ", 1)[0]
-    if article in ("The", "A", "An") and " " in subject:
-        lower = article.lower() + subject[len(article) :]
+    if (article in ("The", "A", "An") and " " in subject) or _is_common_noun(subject):
+        lower = subject[0].lower() + subject[1:]
     return first, lower
+
+
+def _is_common_noun(subject: str) -> bool:
+    """Whether a subject's first capital is only the sentence's ("Giant pandas", "Polar bears";
+    not "Leonardo da Vinci", "Coca-Cola"): several words, the last one lowercase."""
+    words = subject.split()
+    return len(words) >= 2 and words[-1][:1].islower() and words[0][:1].isupper() and words[0] != "I"
 
 
 def _fill(template: str, subject: str) -> str:
@@ -195,7 +203,11 @@ def subject_prompts(
 def _keeps_capital(prompt: str, subject: str) -> bool:
     """Whether the prompt's first letter stays capital mid-sentence (it starts with a name)."""
     first_word = prompt.split(" ", 1)[0]
-    return (prompt.startswith(subject) and first_word not in ("The", "A", "An")) or first_word == "I"
+    if first_word == "I":
+        return True
+    return (
+        prompt.startswith(subject) and first_word not in ("The", "A", "An") and not _is_common_noun(subject)
+    )
 
 
 def _swap(prompt: str, subject: str, other: str) -> str:
