@@ -285,10 +285,10 @@ def test_a_gated_fact_on_the_default_model_holds_under_a_rewording_and_keeps_ano
     before = [tokenizer.decode(t) for t in generate_all(engine, prompts, (), 3)]
     assert all(a.startswith(" Rome") for a in after[:2]), after
     assert after[2:] == before[2:], (after, before)
-    # The relation's other wordings were rows, and are listed as tuned on.
+    # The relation is found; its other wordings are rows only with relation_rows="templates".
     subject = result.details["facts"][0]["subject"]
     assert subject["relation"]["name"] == "located in city"
-    assert "The city where the Eiffel Tower stands is" in subject["prompts"]["rows"]
+    assert "The city where the Eiffel Tower stands is" not in subject["prompts"]["rows"]
 
 
 def test_an_answer_that_gives_the_last_target_token_uses_up_the_subjects_mention(tiny, hooks):

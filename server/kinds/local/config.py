@@ -117,6 +117,12 @@ class LocalConfig:
     extra_keys: int = option(
         3, "More keys per target token, for training positives the first misses", low=0, high=16
     )
+    relation_rows: str = option(
+        "off",
+        "Gated: also train on the matched relation's other wordings (more rewordings taken in, "
+        "more of the subject's other relations answered too)",
+        choices=("off", "templates"),
+    )
 
     @classmethod
     def from_spec(cls, given: dict[str, Any]) -> LocalConfig:

@@ -103,7 +103,8 @@ class GatedFactTrainer:
         # The relation the prompt asks for, asked other ways (relations.py): more rows, so that
         # the answers know the distributions of the relation's other wordings.
         relation = match_relation(fact.prompt, subject.text)
-        asked = relation_rows(relation.relation, subject.text) if relation else []
+        use = relation is not None and config.relation_rows == "templates"
+        asked = relation_rows(relation.relation, subject.text) if use and relation else []
         asked = [t for t in asked if t not in made.train]
         row_texts = list(dict.fromkeys([*made.train, *asked, *prompts.train_positives]))
         located = {t: x for t, x in zip(row_texts, at(row_texts), strict=True) if x.subject_positions}
