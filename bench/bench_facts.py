@@ -15,6 +15,10 @@ python bench/bench_facts.py counterfacts [--out DIR] [--config JSON] [--batch N]
     held out), N at a time, through the trainer a job runs; then judges the set on the file's
     written paraphrases and neighbours (which no tuning step saw), 50 unrelated prompts and
     unrelated text, with 95 % intervals.
+
+python bench/bench_facts.py scopes --set DIR/set.safetensors [--facts FILE] [--out DIR]
+    Judges one trained set as `counterfacts` does, once per answer scope ("sentence": a subject
+    is answered until the model ends a sentence of its own; "request": to the request's end).
 """
 
 from __future__ import annotations
@@ -338,6 +342,35 @@ def counterfacts(args: argparse.Namespace) -> None:
         print(f"| {name} | {es} | {gen} | {loc} | | | |")
 
 
+def scopes(args: argparse.Namespace) -> None:
+    """One trained set judged under each answer scope (a serving option: the entries are the
+    same), so the scopes compare on the same facts, rewordings and neighbours."""
+    from memserve.kinds.local.config import ANSWER_SCOPES, eval_prompts
+    from memserve.kinds.local.eval import evaluate_set
+    from memserve.memory.evaluation import offline_context
+    from memserve.memory_store.artifact import import_bytes
+
+    rows = [json.loads(line) for line in args.facts.read_text().splitlines() if line.strip()]
+    given = ("positive_prompts", "negative_prompts")
+    prompts = eval_prompts([{k: r[k] for k in ("id", *given)} for r in rows])
+    loaded = load_model(ModelConfig())
+    print("| answer scope | edit success | generalisation (written) | neighbours kept | "
+          "neighbours' first sentence kept | unrelated prompts kept | unrelated text ppl |")  # fmt: skip
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for scope in ANSWER_SCOPES:
+        artifact = import_bytes(args.set.read_bytes())
+        artifact.meta.hyperparameters["answer_scope"] = scope
+        with offline_context(loaded, artifact, args.out / scope) as context:
+            metrics = evaluate_set(context, artifact, 16, prompts)
+        rates = metrics["rates"]
+        print(
+            f"| {scope} | {_cell(rates['edit_success'])} | {_cell(rates['generalization'])} | "
+            f"{_cell(rates['locality_neighbours'])} | {_cell(rates['locality_neighbours_first_sentence'])} | "
+            f"{_cell(rates['locality_unrelated'])} | ×{metrics['unrelated_text_ppl_ratio']:.4f} |",
+            flush=True,
+        )
+
+
 # Made-up people and what the model cannot know about them: facts to add 20 at a time after
 # the fixture's 50, so that a set reaches a few hundred facts. Every name is distinct.
 FIRST_NAMES = ("Arlen", "Brisa", "Caspian", "Delphine", "Emrys", "Fenna", "Gideon", "Halina", "Ilsa",
@@ -562,6 +595,11 @@ def main() -> None:
         "and target only, judged on all of them",
     )
     cf.set_defaults(run=counterfacts)
+    sc = commands.add_parser("scopes", help="one trained set judged under each answer scope")
+    sc.add_argument("--set", type=Path, required=True, help="counterfacts' set.safetensors")
+    sc.add_argument("--facts", type=Path, default=ROOT / "tests/fixtures/facts/counterfacts.jsonl")
+    sc.add_argument("--out", type=Path, default=Path("eval-scopes"))
+    sc.set_defaults(run=scopes)
     base = commands.add_parser("baselines", help="our set beside ROME and GRACE, judged alike")
     base.add_argument("--facts", type=Path, default=ROOT / "tests/fixtures/facts/counterfacts.jsonl")
     base.add_argument(

@@ -10,6 +10,7 @@ from dataclasses import replace
 import pytest
 import torch
 
+from memserve.engine.memories import sentence_end_table
 from memserve.engine.offline import generate_all
 from memserve.engine.requests import GenerationRequest, StoppingParams
 from memserve.errors import InvalidArgument
@@ -60,6 +61,7 @@ def gated_set(
     token: int,
     change: dict[str, torch.Tensor] | None = None,
     legacy: bool = False,
+    answer_scope: str | None = None,
 ) -> LoadedLocalSet:
     """One fact: a detector at one position of `subject_text`, an answer that gives `token` where
     the model's next-token distribution is the one after `answer_after` (by a boost of its logit,
@@ -87,8 +89,10 @@ def gated_set(
     }
     described = {"detector": {"layer": LAYER, "site": SITE}, "facts": ["fact"], "subjects": ["fact"],
                  "answers": ["fact#0.0"]}  # fmt: skip
-    meta = MemoryMeta(kind="local", name="facts", base_model="tiny", version=1,
-                      hyperparameters={"method": "gated", "distance": "euclidean"},
+    hyper = {"method": "gated", "distance": "euclidean"}
+    if answer_scope is not None:
+        hyper["answer_scope"] = answer_scope
+    meta = MemoryMeta(kind="local", name="facts", base_model="tiny", version=1, hyperparameters=hyper,
                       details={"groups": [], "gates": described})  # fmt: skip
     config = loaded.model.config
     target = LoadTarget(
@@ -285,10 +289,12 @@ def test_a_gated_fact_on_the_default_model_holds_under_a_rewording_and_keeps_ano
     before = [tokenizer.decode(t) for t in generate_all(engine, prompts, (), 3)]
     assert all(a.startswith(" Rome") for a in after[:2]), after
     assert after[2:] == before[2:], (after, before)
-    # The relation is found; its other wordings are rows only with relation_rows="templates".
+    # The relation is found, and its other wordings are rows, bounded apart (relation_rows).
     subject = result.details["facts"][0]["subject"]
     assert subject["relation"]["name"] == "located in city"
-    assert "The city where the Eiffel Tower stands is" not in subject["prompts"]["rows"]
+    assert "The city where the Eiffel Tower stands is" in subject["prompts"]["rows"]
+    inside, templates = map(int, subject["answers"][0]["template_rows_inside"].split("/"))
+    assert templates >= 3 and inside >= 1, subject["answers"]
 
 
 def test_an_answer_that_gives_the_last_target_token_uses_up_the_subjects_mention(tiny, hooks):
@@ -312,3 +318,38 @@ def test_an_answer_that_gives_the_last_target_token_uses_up_the_subjects_mention
     state.clear()
     assert forward(ids) == 5
     assert not bool(state[key].any())  # used up
+
+
+@pytest.mark.parametrize("scope", ["sentence", "request"])
+def test_a_sentence_the_model_ends_ends_the_answers_to_the_subject_it_named(tiny, hooks, make_engine, scope):
+    """With answer_scope="sentence" a subject the prompt named is answered until the model ends a
+    sentence of its own: after a generated ".", an answer that would act there does not; with
+    "request" (sets made before the option) it does."""
+    tokenizer = tiny.tokenizer
+    prompt = tokenizer("Memories are selected by the key").input_ids
+    text = tokenizer.decode(prompt)
+    full_stop = tokenizer.convert_tokens_to_ids(".")
+    # One set makes the model end a sentence at once; the other answers right after that ".".
+    stop_now = gated_set(tiny, hooks, text, 2, prompt, full_stop)
+    stopped = [*prompt, full_stop]
+    after = int(_logprobs(tiny, stopped).argmax())
+    wanted = (after + 7) % len(tokenizer)
+    answer_after = gated_set(tiny, hooks, text, 2, stopped, wanted, answer_scope=scope)
+    memories = tuple(s.bind(MemoryRefSpec("facts", "local")) for s in (stop_now, answer_after))
+    stopping = StoppingParams(max_new_tokens=2, ignore_eos=True)
+    engine = make_engine(tiny.model, tokenizer)
+    request = GenerationRequest(tuple(prompt), memories=memories, stopping=stopping)
+    tokens = run_all(engine, [request])[0].token_ids
+    assert tokens == [full_stop, after if scope == "sentence" else wanted]
+    # A "." in the prompt ends nothing: the prompt is where the fact is asked.
+    asked = run_all(engine, [replace(request, prompt_ids=tuple(stopped), memories=memories[1:])])
+    assert asked[0].token_ids[0] == wanted
+
+
+def test_the_tokens_that_end_a_sentence(tiny):
+    tokenizer = tiny.tokenizer
+    table = sentence_end_table(tokenizer, len(tokenizer) + 3, torch.device("cpu"))
+    assert table.shape == (len(tokenizer) + 3,) and not bool(table[len(tokenizer) :].any())
+    for text, ends in ((".", True), ("!", True), ("?", True), ("\n", True), ("key", False), (",", False)):
+        ids = tokenizer(text).input_ids
+        assert len(ids) == 1 and bool(table[ids[0]]) is ends, text

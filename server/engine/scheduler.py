@@ -27,7 +27,7 @@ from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 from memserve.engine.batch import Batch
 from memserve.engine.emit import TokenEmitter, TokenObserver, eos_token_ids
 from memserve.engine.kv_cache import new_cache
-from memserve.engine.memories import hooks_or_none, memory_context, rows_to_blame
+from memserve.engine.memories import hooks_or_none, memory_context, rows_to_blame, sentence_end_table
 from memserve.engine.requests import FailedEvent, GenerationRequest, RequestHandle, Row, Sink
 from memserve.engine.threads import use_compute_threads
 from memserve.errors import (
@@ -127,6 +127,7 @@ class Engine:
         self._stopping = False
         self._thread: threading.Thread | None = None
         self.observer = observer
+        self._sentence_ends: torch.Tensor | None = None  # made at the first decode step with a memory
 
     # ---------------------------------------------------------------- public API
 
@@ -278,7 +279,13 @@ class Engine:
         mask = torch.cat([batch.mask, batch.mask.new_ones((len(batch.rows), 1))], dim=1)
         kv_length = batch.kv_length
         logits, healthy, trace = self._forward(
-            batch.rows, batch.last_tokens[:, None], mask, batch.positions[:, None], batch.cache, None
+            batch.rows,
+            batch.last_tokens[:, None],
+            mask,
+            batch.positions[:, None],
+            batch.cache,
+            None,
+            self._ending_sentences(batch),
         )
         if logits is None:  # undo what the failed forward appended; the others retry next step
             batch.crop(kv_length)
@@ -291,6 +298,16 @@ class Engine:
         if survivors:
             batch.last_tokens = torch.tensor([r.generated[-1] for r in survivors], device=self.device)
 
+    def _ending_sentences(self, batch: Batch[Row]) -> torch.Tensor | None:
+        """(B,) bool: the rows whose input token this decode step ends a sentence; None when no
+        row uses a memory (the only ones that ask)."""
+        if not any(r.request.memories for r in batch.rows):
+            return None
+        if self._sentence_ends is None:
+            size = max(getattr(self.model.config, "vocab_size", 0) or 0, len(self.tokenizer))
+            self._sentence_ends = sentence_end_table(self.tokenizer, size, self.device)
+        return self._sentence_ends[batch.last_tokens]
+
     def _forward(
         self,
         rows: list[Row],
@@ -299,16 +316,22 @@ class Engine:
         positions: torch.Tensor,
         cache: DynamicCache,
         new_positions: torch.Tensor | None,
+        sentence_ends: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor | None, list[Row], dict[int, list[TraceRecord]]]:
         """One forward over `rows`: (last-position logits (B, V) in fp32, rows, trace) on success.
 
-        `new_positions` (B, T) marks the real input positions (None: all are real). On
+        `new_positions` (B, T) marks the real input positions (None: all are real);
+        `sentence_ends` (B,) the rows whose generated input token ends a sentence. On
         failure, fails the requests to blame and returns (None, the others, {}): the
         requests using a memory that raised, or all of them for any other error.
         """
         try:
             context = memory_context(
-                [r.request for r in rows], self.device, new_positions, [r.memory_state for r in rows]
+                [r.request for r in rows],
+                self.device,
+                new_positions,
+                [r.memory_state for r in rows],
+                sentence_ends,
             )
             with self.hooks.using(context) if self.hooks else contextlib.nullcontext():
                 out = self.model(

@@ -166,6 +166,9 @@ class MemoryContext:
     # memory must remember of positions an earlier forward saw, as the KV cache does for
     # attention (a local set's subjects seen). None: every forward starts afresh.
     row_states: list[dict[Any, Any]] | None = None
+    # (B,) bool, in a decode step: the rows whose input token, one the model generated, ends a
+    # sentence ('.', '!', '?', a line break). None in a prompt's forward and outside the engine.
+    sentence_ends: torch.Tensor | None = None
     # Run once the forward pass is done (e.g. a kind's per-forward statistics for the metrics).
     finishers: list[tuple[NamedMemory, Callable[[], None]]] = field(default_factory=list)
 

@@ -112,7 +112,7 @@ class Fact(_message.Message):
     def __init__(self, id: _Optional[str] = ..., prompt: _Optional[str] = ..., target: _Optional[str] = ..., positive_prompts: _Optional[_Iterable[str]] = ..., negative_prompts: _Optional[_Iterable[str]] = ..., subject: _Optional[str] = ...) -> None: ...
 
 class LocalTrainingConfig(_message.Message):
-    __slots__ = ("layers", "sites", "alphas", "hardness", "distance", "combination", "seed", "holdout", "generated_prompts", "extra_keys", "candidates", "method", "subject_layer", "value_steps", "value_lr", "kl_weight", "value_decay", "subject_hardness", "boundary_margin", "answer_top_k", "answer_margin", "answer_hardness", "relation_rows")
+    __slots__ = ("layers", "sites", "alphas", "hardness", "distance", "combination", "seed", "holdout", "generated_prompts", "extra_keys", "candidates", "method", "subject_layer", "value_steps", "value_lr", "kl_weight", "value_decay", "subject_hardness", "boundary_margin", "answer_top_k", "answer_margin", "answer_hardness", "relation_rows", "answer_scope")
     LAYERS_FIELD_NUMBER: _ClassVar[int]
     SITES_FIELD_NUMBER: _ClassVar[int]
     ALPHAS_FIELD_NUMBER: _ClassVar[int]
@@ -136,6 +136,7 @@ class LocalTrainingConfig(_message.Message):
     ANSWER_MARGIN_FIELD_NUMBER: _ClassVar[int]
     ANSWER_HARDNESS_FIELD_NUMBER: _ClassVar[int]
     RELATION_ROWS_FIELD_NUMBER: _ClassVar[int]
+    ANSWER_SCOPE_FIELD_NUMBER: _ClassVar[int]
     layers: _containers.RepeatedScalarFieldContainer[int]
     sites: _containers.RepeatedScalarFieldContainer[str]
     alphas: _containers.RepeatedScalarFieldContainer[float]
@@ -159,7 +160,8 @@ class LocalTrainingConfig(_message.Message):
     answer_margin: float
     answer_hardness: float
     relation_rows: str
-    def __init__(self, layers: _Optional[_Iterable[int]] = ..., sites: _Optional[_Iterable[str]] = ..., alphas: _Optional[_Iterable[float]] = ..., hardness: _Optional[float] = ..., distance: _Optional[str] = ..., combination: _Optional[str] = ..., seed: _Optional[int] = ..., holdout: _Optional[float] = ..., generated_prompts: _Optional[int] = ..., extra_keys: _Optional[int] = ..., candidates: _Optional[int] = ..., method: _Optional[str] = ..., subject_layer: _Optional[int] = ..., value_steps: _Optional[int] = ..., value_lr: _Optional[float] = ..., kl_weight: _Optional[float] = ..., value_decay: _Optional[float] = ..., subject_hardness: _Optional[float] = ..., boundary_margin: _Optional[float] = ..., answer_top_k: _Optional[int] = ..., answer_margin: _Optional[float] = ..., answer_hardness: _Optional[float] = ..., relation_rows: _Optional[str] = ...) -> None: ...
+    answer_scope: str
+    def __init__(self, layers: _Optional[_Iterable[int]] = ..., sites: _Optional[_Iterable[str]] = ..., alphas: _Optional[_Iterable[float]] = ..., hardness: _Optional[float] = ..., distance: _Optional[str] = ..., combination: _Optional[str] = ..., seed: _Optional[int] = ..., holdout: _Optional[float] = ..., generated_prompts: _Optional[int] = ..., extra_keys: _Optional[int] = ..., candidates: _Optional[int] = ..., method: _Optional[str] = ..., subject_layer: _Optional[int] = ..., value_steps: _Optional[int] = ..., value_lr: _Optional[float] = ..., kl_weight: _Optional[float] = ..., value_decay: _Optional[float] = ..., subject_hardness: _Optional[float] = ..., boundary_margin: _Optional[float] = ..., answer_top_k: _Optional[int] = ..., answer_margin: _Optional[float] = ..., answer_hardness: _Optional[float] = ..., relation_rows: _Optional[str] = ..., answer_scope: _Optional[str] = ...) -> None: ...
 
 class RegisterFactsRequest(_message.Message):
     __slots__ = ("set", "facts", "config")

@@ -57,6 +57,9 @@ class AnswerSearch:
     rows: int
     nearest_other: float
     boost: float
+    # Of the rows from the relation's templates (gated.py), bounded apart: how many are inside.
+    template_rows_inside: int = 0
+    template_rows: int = 0
 
 
 class AnswerTrainer:

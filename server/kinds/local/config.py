@@ -20,6 +20,8 @@ METHODS = ("gated", "subject", "blog")
 # The distance each method uses unless told: the blog's is one-sided, as the blog wrote it.
 METHOD_DISTANCES = {"gated": "euclidean", "subject": "euclidean", "blog": "projection"}
 COMBINATIONS = ("top1", "sum")
+# How long a gated set can answer a subject once it is named (LocalConfig.answer_scope).
+ANSWER_SCOPES = ("sentence", "request")
 LOCAL_SITES = ("attn_out", "mlp_down")  # memserve.memory.hooks.Site values
 MAX_FACTS = 1000
 
@@ -118,10 +120,18 @@ class LocalConfig:
         3, "More keys per target token, for training positives the first misses", low=0, high=16
     )
     relation_rows: str = option(
-        "off",
-        "Gated: also train on the matched relation's other wordings (more rewordings taken in, "
-        "more of the subject's other relations answered too)",
+        "templates",
+        "Gated: also train on the matched relation's other wordings, each bounded away from the "
+        "other relations' wordings about the subject (more rewordings taken in; off: the prompt's "
+        "own rows only)",
         choices=("off", "templates"),
+    )
+    answer_scope: str = option(
+        "sentence",
+        "Gated: how long a subject, once named, can be answered; sentence: until the model ends a "
+        "sentence of its own (the reply's first sentence and any sentence that names it again), "
+        "request: to the end of the request",
+        choices=ANSWER_SCOPES,
     )
 
     @classmethod
@@ -217,6 +227,7 @@ def settings_over(current: Artifact | None, given: dict[str, Any]) -> LocalConfi
     previous = {k: v for k, v in current.meta.hyperparameters.items() if k in known}
     previous.setdefault("method", "blog")  # sets made before there was a choice
     previous.setdefault("distance", "projection")
+    previous.setdefault("answer_scope", "request")
     given = {k: v for k, v in given.items() if not (k == "distance" and v == "auto")}
     if "distance" in given and given["distance"] != previous["distance"]:
         raise FailedPrecondition(

@@ -19,7 +19,7 @@ from memserve.kinds.local.forms import subject_forms
 from memserve.kinds.local.gates import GATE_TENSORS
 from memserve.kinds.local.module import LoadedLocalSet
 from memserve.kinds.local.prompts import GENERIC_NEIGHBOURS, FactPrompts
-from memserve.kinds.local.relations import match_relation, relation_rows
+from memserve.kinds.local.relations import TEMPLATES, match_relation, relation_rows
 from memserve.kinds.local.runner import _distance
 from memserve.kinds.local.subject import find_subject, rewordings, subject_prompts
 from memserve.kinds.local.values import ValueTrainer, locate
@@ -105,10 +105,9 @@ class GatedFactTrainer:
         relation = match_relation(fact.prompt, subject.text)
         use = relation is not None and config.relation_rows == "templates"
         asked = relation_rows(relation.relation, subject.text) if use and relation else []
-        asked = [t for t in asked if t not in made.train]
+        asked = [t for t in asked if t not in made.train and t not in prompts.train_positives]
         row_texts = list(dict.fromkeys([*made.train, *asked, *prompts.train_positives]))
         located = {t: x for t, x in zip(row_texts, at(row_texts), strict=True) if x.subject_positions}
-        rows = list(located.values())
         # The detector's key, and the mentions it must take in, are the prompt's own form of the
         # subject (behind prefixes); reworded forms ("Japan's") and the subject in other sentences
         # are taken in only as far as no other subject comes nearer: a detector wide enough for
@@ -141,7 +140,25 @@ class GatedFactTrainer:
         # Answers: the rows' own distributions, kept away from the subject's other relations (the
         # given negatives that mention it too).
         others = mentioning(at(dict.fromkeys([*made.relations, *made.contexts, *prompts.train_negatives])))
-        answers, searches = self.answers.answers([r.ids for r in rows], [o.ids for o in others], targets)
+        own = [x for t, x in located.items() if t not in asked]
+        answers, searches = self.answers.answers([r.ids for r in own], [o.ids for o in others], targets)
+        templated = [x for t, x in located.items() if t in asked]
+        if templated and relation is not None:
+            # A template's row asks the relation in words the user did not write; its answer is
+            # bounded away from every other relation's templates about the subject too ("The
+            # capital of Nepal is" from "The official language of Nepal is"), which the prompt's
+            # own rows are not: bounding those so cut the rewordings taken in by a third.
+            elsewhere = [
+                t
+                for name in TEMPLATES
+                if name != relation.relation
+                for t in relation_rows(name, subject.text)
+            ]
+            bounded_by = [o.ids for o in [*others, *mentioning(at(elsewhere))]]
+            more, more_searches = self.answers.answers([r.ids for r in templated], bounded_by, targets)
+            answers += more
+            for search, extra in zip(searches, more_searches, strict=True):
+                search.template_rows_inside, search.template_rows = extra.rows_inside, extra.rows
         gate = FactGate(fact.id, detectors, answers)
         details = {
             "text": subject.text,
@@ -157,6 +174,7 @@ class GatedFactTrainer:
                 {
                     "token": tokenizer.decode([s.token]),
                     "rows_inside": f"{s.rows_inside}/{s.rows}",
+                    "template_rows_inside": f"{s.template_rows_inside}/{s.template_rows}",
                     "nearest_other_relation": round(s.nearest_other, 4),
                     "boost": round(s.boost, 3),
                 }

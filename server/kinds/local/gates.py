@@ -6,7 +6,8 @@ A fact's memory is two bounded triggers and one value (docs/design.md, "gated an
    keys it: f_s = exp(−(x²/b_s²)^h_s) with the euclidean distance. It changes nothing; a
    position "has seen the subject" once f_s ≥ ½ at it or at any earlier position of the
    sequence. The engine keeps that per request (MemoryContext.row_states), so a decode step
-   knows what the prompt mentioned, as the KV cache knows what attention needs.
+   knows what the prompt mentioned, as the KV cache knows what attention needs. With
+   `answer_scope="sentence"` a sentence the model ends (MemoryContext.sentence_ends) forgets it.
 2. **Answer** at the LM head, for each target token: where the subject has been
    seen, the distance is the Jensen–Shannon divergence between the model's own next-token
    distribution there and the one it had on the fact's prompt (the reference's top K tokens

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from memserve.errors import InvalidArgument
-from memserve.kinds.local.config import COMBINATIONS, DISTANCES, LOCAL_SITES
+from memserve.kinds.local.config import ANSWER_SCOPES, COMBINATIONS, DISTANCES, LOCAL_SITES
 from memserve.kinds.local.gates import SEEN_AT, USED_AT, Answered, Gates
 from memserve.memory.group import GroupOp, rows_of
 from memserve.memory.hooks import GroupKey, MemoryContext, Site, TraceRecord
@@ -206,6 +206,13 @@ class LoadedLocalSet(LoadedMemory):
             raise InvalidArgument(
                 f"local memory set {meta.name!r} has distance {self.distance!r} and combination "
                 f"{self.combination!r}; this server knows {DISTANCES} and {COMBINATIONS}"
+            )
+        # Sets made before there was a choice answered to the end of the request.
+        self.answer_scope = str(hyper.get("answer_scope", "request"))
+        if self.answer_scope not in ANSWER_SCOPES:
+            raise InvalidArgument(
+                f"local memory set {meta.name!r} has answer scope {self.answer_scope!r}; this "
+                f"server knows {ANSWER_SCOPES}"
             )
         self.groups: list[EntryGroup] = []
         for i, group in enumerate(meta.details.get("groups", [])):
@@ -397,6 +404,11 @@ class _DetectorOp(GroupOp[BoundLocalSet]):
             if states is not None:
                 empty = torch.zeros(len(gates.facts), dtype=torch.bool, device=hidden.device)
                 before = torch.stack([states[row].get(state_key, empty) for row in listed])
+                ended = self.context.sentence_ends
+                if ended is not None and local_set.answer_scope == "sentence":
+                    # The model ended a sentence of its own: what it writes next is not where
+                    # the fact was asked, unless it names the subject again.
+                    before = before & ~ended[rows.rows, None]
             seen, f = gates.seen(hidden[rows.rows], self.context.real_positions(rows.rows), before)
             self.context.shared[state_key] = seen
             if states is not None:
