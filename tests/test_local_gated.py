@@ -15,6 +15,8 @@ from memserve.engine.offline import generate_all
 from memserve.engine.requests import GenerationRequest, StoppingParams
 from memserve.errors import InvalidArgument
 from memserve.kinds.local import LocalKind
+from memserve.kinds.local.answers import AnswerTrainer
+from memserve.kinds.local.config import LocalConfig
 from memserve.kinds.local.forms import subject_forms
 from memserve.kinds.local.gated import has_legacy_gates, previous_gates
 from memserve.kinds.local.gates import GATE_TENSORS, fingerprint, fingerprint_distance
@@ -353,3 +355,14 @@ def test_the_tokens_that_end_a_sentence(tiny):
     for text, ends in ((".", True), ("!", True), ("?", True), ("\n", True), ("key", False), (",", False)):
         ids = tokenizer(text).input_ids
         assert len(ids) == 1 and bool(table[ids[0]]) is ends, text
+
+
+def test_the_log_probabilities_along_a_target_match_one_forward_per_token(tiny):
+    """One forward of each sequence + the target gives what a forward per target token gives."""
+    trainer = AnswerTrainer(tiny.model, LocalConfig())
+    sequences = [tiny.tokenizer(t).input_ids for t in ("Memories are selected by the key", "The key")]
+    targets = [5, 9, 13]
+    along = trainer.logprobs_along(sequences, targets)
+    for k in range(len(targets)):
+        each = trainer.logprobs([[*s, *targets[:k]] for s in sequences])
+        assert torch.allclose(along[k], each, atol=1e-4), k

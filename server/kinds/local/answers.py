@@ -81,6 +81,22 @@ class AnswerTrainer:
         logits = F.linear(inputs.to(weight.dtype), weight, getattr(self.head, "bias", None))
         return logits.float().log_softmax(-1)
 
+    @torch.no_grad()
+    def logprobs_along(self, sequences: Sequence[list[int]], targets: list[int]) -> list[torch.Tensor]:
+        """For each k, the (N, V) fp32 log-probabilities after each sequence + targets[:k]: one
+        forward of sequence + targets[:-1] gives them all (a causal model's position depends on
+        what precedes it only), instead of one forward per target token."""
+        ids, mask = pad_rows([[*s, *targets[:-1]] for s in sequences], 0, left=False, device=self.device)
+        hidden = self.model.base_model(input_ids=ids, attention_mask=mask).last_hidden_state
+        weight, rows = self.head.weight, torch.arange(len(sequences), device=self.device)
+        ends = torch.tensor([len(s) - 1 for s in sequences], device=self.device)
+        out = []
+        for k in range(len(targets)):
+            inputs = hidden[rows, ends + k].to(weight.dtype)
+            logits = F.linear(inputs, weight, getattr(self.head, "bias", None))
+            out.append(logits.float().log_softmax(-1))
+        return out
+
     def answers(
         self, rows: Sequence[list[int]], others: Sequence[list[int]], targets: list[int]
     ) -> tuple[list[Answer], list[AnswerSearch]]:
@@ -89,10 +105,9 @@ class AnswerTrainer:
         config = self.config
         answers: list[Answer] = []
         searches: list[AnswerSearch] = []
+        rows_along, others_along = self.logprobs_along(rows, targets), self.logprobs_along(others, targets)
         for k, token in enumerate(targets):
-            prefix = targets[:k]
-            logprobs = self.logprobs([r + prefix for r in rows])
-            other_logprobs = self.logprobs([o + prefix for o in others])
+            logprobs, other_logprobs = rows_along[k], others_along[k]
             ids, references = fingerprint(logprobs, config.answer_top_k)
             thresholds = []
             for i in range(len(rows)):
