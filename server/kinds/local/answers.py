@@ -71,17 +71,6 @@ class AnswerTrainer:
         self.device = next(model.parameters()).device
 
     @torch.no_grad()
-    def logprobs(self, sequences: Sequence[list[int]]) -> torch.Tensor:
-        """The model's next-token log-probabilities at each sequence's last token (N, V) fp32."""
-        ids, mask = pad_rows(sequences, 0, left=False, device=self.device)
-        hidden = self.model.base_model(input_ids=ids, attention_mask=mask).last_hidden_state
-        last = mask.sum(-1) - 1
-        inputs = hidden[torch.arange(len(sequences), device=self.device), last]
-        weight = self.head.weight
-        logits = F.linear(inputs.to(weight.dtype), weight, getattr(self.head, "bias", None))
-        return logits.float().log_softmax(-1)
-
-    @torch.no_grad()
     def logprobs_along(self, sequences: Sequence[list[int]], targets: list[int]) -> list[torch.Tensor]:
         """For each k, the (N, V) fp32 log-probabilities after each sequence + targets[:k]: one
         forward of sequence + targets[:-1] gives them all (a causal model's position depends on
