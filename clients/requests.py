@@ -39,8 +39,9 @@ ADAPTER_CONFIG_FIELDS = tuple(f.name for f in memory_pb2.AdapterTrainingConfig.D
 
 
 def build_request(
-    prompt: str,
+    prompt: str = "",
     *,
+    messages: Sequence[Mapping[str, str]] = (),
     memories: Sequence[MemorySpec] = (),
     max_new_tokens: int | None = None,
     temperature: float = 0.0,
@@ -59,6 +60,8 @@ def build_request(
 ) -> pb.GenerateRequest:
     """Options (None leaves a value to the server's default):
 
+    messages: a conversation instead of `prompt`, as {"role": "system" | "user" | "assistant",
+        "content": text} turns, sent through the model's chat template; the reply is the assistant's.
     memories: names, "name@version" pins, (name, version) pairs or references (`document_ref`,
         `docrep_ref`, `mix_ref`, `local_ref`, `adapter_ref`); applied adapter, documents, local set.
     max_new_tokens: most tokens to generate.  temperature: >= 0; 0 = greedy decoding.
@@ -72,6 +75,7 @@ def build_request(
     request_id: echoed in the result and in the server's logs.
     """
     request = pb.GenerateRequest(prompt=prompt, request_id=request_id, chat=chat)
+    request.messages.extend(pb.ChatMessage(role=m["role"], content=m["content"]) for m in messages)
     request.memories.extend(memory_ref(m) for m in memories)
     sampling = {"top_p": top_p, "repetition_penalty": repetition_penalty, "seed": seed}
     _set_present(request.sampling, temperature=temperature, top_k=top_k, **sampling)

@@ -52,7 +52,13 @@ COMPUTE_FLAGS = (
 )
 SERVE_FLAGS = (
     flag("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: all interfaces)"),
-    flag("--port", type=int, default=50051),
+    flag("--port", type=int, default=50051, help="the gRPC port"),
+    flag(
+        "--http-port",
+        type=int,
+        default=8000,
+        help="the HTTP port: OpenAI's completions and chat API, with memories; 0 = off",
+    ),
     flag("--metrics-port", type=int, default=9464, help="Prometheus /metrics port; 0 = off"),
     flag(
         "--metrics-max-memories",
@@ -184,6 +190,7 @@ def server_config(args: argparse.Namespace) -> Any:
     return ServerConfig(
         host=args.host,
         port=args.port,
+        http_port=args.http_port or None,
         metrics_port=args.metrics_port or None,
         metrics_max_memory_labels=args.metrics_max_memories,
         # A token file or a Kubernetes Secret made with --from-file usually ends with a newline.

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
+import socket
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from wsgiref.simple_server import WSGIServer
 
@@ -13,9 +16,12 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
+from uvicorn import Config as UvicornConfig
+from uvicorn import Server as UvicornServer
 
 from memserve.api.evaluation import EvaluationService
 from memserve.api.generation import GenerationService
+from memserve.api.http import Draining, build_app, wait_started
 from memserve.api.interceptor import ErrorInterceptor
 from memserve.api.jobs import JobService
 from memserve.api.memories import MemoryService
@@ -58,6 +64,9 @@ class ServerConfig:
     host: str = "127.0.0.1"
     """Address to listen on; 0.0.0.0 to accept connections from other machines."""
     port: int = 50051
+    http_port: int | None = None
+    """The HTTP (OpenAI-compatible) API's port; 0 = any free port (tests); None = no HTTP API.
+    `memserve serve` serves it on 8000."""
     metrics_port: int | None = 9464
     """Prometheus /metrics port; 0 = any free port (tests); None = no metrics endpoint."""
     auth_token: str | None = None
@@ -85,6 +94,7 @@ class RunningServer:
         port: int,
         runtime: StoreRuntime | None,
         metrics: WSGIServer | None = None,
+        http: HttpFront | None = None,
     ) -> None:
         self.server = server
         self.engine = engine
@@ -93,6 +103,8 @@ class RunningServer:
         self.runtime = runtime
         self.metrics = metrics
         self.metrics_port = metrics.server_port if metrics is not None else None
+        self.http = http
+        self.http_port = http.port if http is not None else None
 
     async def stop(self, grace: float) -> None:
         """Refuses new requests at once, gives in-flight ones `grace` seconds, then ends them.
@@ -101,6 +113,8 @@ class RunningServer:
         message saying the server shut down, before the transport closes.
         """
         await self.health.enter_graceful_shutdown()
+        if self.http is not None:
+            self.http.draining.on = True
         transport = asyncio.ensure_future(self.server.stop(grace + 5))
         loop = asyncio.get_running_loop()
         deadline = loop.time() + grace
@@ -108,6 +122,8 @@ class RunningServer:
             await asyncio.sleep(0.05)
         await asyncio.to_thread(self.engine.stop)
         await transport
+        if self.http is not None:
+            await self.http.stop()
         if self.runtime is not None:
             await asyncio.to_thread(self.runtime.close)
         if self.metrics is not None:
@@ -160,10 +176,16 @@ async def _start(
     health_servicer: health.aio.HealthServicer,
     started: float,
 ) -> RunningServer:
-    server = _grpc_server(config, loaded, engine, runtime, health_servicer)
-    # Bind both ports before anything starts, so a busy port is a clean error.
+    server, services = _grpc_server(config, loaded, engine, runtime, health_servicer)
+    # Bind every port before anything starts, so a busy port is a clean error.
     port = _listen(server, f"{config.host}:{config.port}")
-    metrics_server = _start_metrics(config, engine, runtime)
+    http_socket = None if config.http_port is None else _bind(config.host, config.http_port, "the HTTP API")
+    try:
+        metrics_server = _start_metrics(config, engine, runtime)
+    except BaseException:
+        if http_socket is not None:
+            http_socket.close()
+        raise
     if config.auth_token is None and config.host not in ("127.0.0.1", "localhost", "::1"):
         log.warning(
             "listening on %s without $MEMSERVE_TOKEN: anyone who reaches it can change memories",
@@ -171,16 +193,75 @@ async def _start(
         )
     engine.start()
     await server.start()
+    http = None
+    if http_socket is not None:
+        draining = Draining()
+        app = build_app(services["generation"], services, config.auth_token, lambda: engine.alive, draining)
+        http = await HttpFront.start(app, http_socket, draining, config.shutdown_grace_seconds)
     for name in ("", *SERVICE_NAMES):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     log.info(
-        "serving %s on %s:%d (ready %.1f s after start)",
+        "serving %s on %s:%d (gRPC)%s (ready %.1f s after start)",
         loaded.name,
         config.host,
         port,
+        "" if http is None else f" and {config.host}:{http.port} (HTTP)",
         time.perf_counter() - started,
     )
-    return RunningServer(server, engine, health_servicer, port, runtime, metrics_server)
+    return RunningServer(server, engine, health_servicer, port, runtime, metrics_server, http)
+
+
+class _EmbeddedUvicorn(UvicornServer):
+    """uvicorn inside our event loop: the server's own signal handlers drain both protocols."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+class HttpFront:
+    """The HTTP API, served by uvicorn on an already-bound socket."""
+
+    def __init__(
+        self, server: _EmbeddedUvicorn, task: asyncio.Task[None], port: int, draining: Draining
+    ) -> None:
+        self.server = server
+        self.task = task
+        self.port = port
+        self.draining = draining
+
+    @classmethod
+    async def start(cls, app: object, sock: socket.socket, draining: Draining, grace: float) -> HttpFront:
+        config = UvicornConfig(
+            app,
+            lifespan="off",
+            log_config=None,  # keep the server's logging
+            access_log=False,
+            ws="none",
+            timeout_graceful_shutdown=int(grace) + 1,
+        )
+        server = _EmbeddedUvicorn(config)
+        task = asyncio.ensure_future(server.serve(sockets=[sock]))
+        await wait_started(server, task)
+        return cls(server, task, sock.getsockname()[1], draining)
+
+    async def stop(self) -> None:
+        self.server.should_exit = True
+        await self.task
+
+
+def _bind(host: str, port: int, what: str) -> socket.socket:
+    """A listening socket on host:port (port 0: any free one); OSError naming `what` when taken."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        sock = socket.socket(family, kind, proto)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(128)
+    except OSError as exc:
+        raise OSError(f"cannot serve {what} on {host}:{port}: {exc.strerror or exc}") from exc
+    sock.setblocking(False)
+    return sock
 
 
 def _grpc_server(
@@ -189,9 +270,9 @@ def _grpc_server(
     engine: Engine,
     runtime: StoreRuntime | None,
     health_servicer: health.aio.HealthServicer,
-) -> grpc.aio.Server:
+) -> tuple[grpc.aio.Server, dict[str, object]]:
     """The gRPC server with its services (the memory and job services only with a store),
-    health and reflection; not yet listening."""
+    health and reflection, not yet listening; and the servicers by name, for the HTTP front."""
     server = grpc.aio.server(
         interceptors=[ErrorInterceptor(config.auth_token)],
         options=[
@@ -201,20 +282,22 @@ def _grpc_server(
             ("grpc.so_reuseport", 0),
         ],
     )
-    generation_pb2_grpc.add_GenerationServiceServicer_to_server(
-        GenerationService(engine, loaded, runtime), server
-    )
+    generation = GenerationService(engine, loaded, runtime)
+    services: dict[str, object] = {"generation": generation}
+    generation_pb2_grpc.add_GenerationServiceServicer_to_server(generation, server)
     evaluation_pb2_grpc.add_EvaluationServiceServicer_to_server(
         EvaluationService(engine, loaded, runtime), server
     )
     if runtime is not None:
-        memory_pb2_grpc.add_MemoryServiceServicer_to_server(MemoryService(runtime), server)
-        jobs_pb2_grpc.add_JobServiceServicer_to_server(JobService(runtime), server)
+        services["memories"] = MemoryService(runtime)
+        services["jobs"] = JobService(runtime)
+        memory_pb2_grpc.add_MemoryServiceServicer_to_server(services["memories"], server)
+        jobs_pb2_grpc.add_JobServiceServicer_to_server(services["jobs"], server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
     )
-    return server
+    return server, services
 
 
 def _listen(server: grpc.aio.Server, address: str) -> int:

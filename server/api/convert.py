@@ -14,6 +14,7 @@ from google.protobuf.message import Message
 from google.protobuf.struct_pb2 import Struct
 from google.protobuf.timestamp_pb2 import Timestamp
 from google.protobuf.unknown_fields import UnknownFieldSet
+from jinja2 import TemplateError
 from transformers import PreTrainedTokenizerBase
 
 from memserve.engine.requests import (
@@ -38,6 +39,8 @@ MAX_STOP_SEQUENCE_CHARS = 256
 MAX_TOP_LOGPROBS = 20
 MAX_REQUEST_ID_CHARS = 128
 MAX_CHARS_PER_TOKEN = 64
+MAX_CHAT_TURNS = 256
+CHAT_ROLES = ("system", "user", "assistant")
 
 FINISH_REASONS = {
     FinishReason.LENGTH: pb.FINISH_REASON_LENGTH,
@@ -73,14 +76,19 @@ def generation_request_from_pb(
     max_context_tokens: int,
     time_remaining: float | None,
 ) -> GenerationRequest:
-    if not request.prompt:
-        raise InvalidArgument("prompt is empty: send the text the model should continue")
+    if request.messages:
+        if request.prompt or request.chat:
+            raise InvalidArgument("send either prompt (with chat, for one user turn) or messages, not both")
+        _check_messages(request.messages)
+    elif not request.prompt:
+        raise InvalidArgument("prompt is empty: send the text the model should continue (or messages)")
     # A token rarely spans more than a few dozen characters: a longer prompt cannot fit,
     # and is refused before paying for its tokenisation.
     max_chars = max_context_tokens * MAX_CHARS_PER_TOKEN
-    if len(request.prompt) > max_chars:
+    chars = len(request.prompt) + sum(len(m.content) for m in request.messages)
+    if chars > max_chars:
         raise InvalidArgument(
-            f"the prompt has {len(request.prompt)} characters, more than the context of "
+            f"the prompt has {chars} characters, more than the context of "
             f"{max_context_tokens} tokens can hold: shorten the prompt"
         )
     if len(request.request_id) > MAX_REQUEST_ID_CHARS:
@@ -101,13 +109,34 @@ def generation_request_from_pb(
     )
 
 
+def _check_messages(messages: Any) -> None:
+    if len(messages) > MAX_CHAT_TURNS:
+        raise InvalidArgument(f"at most {MAX_CHAT_TURNS} messages, got {len(messages)}")
+    for i, message in enumerate(messages):
+        if message.role not in CHAT_ROLES:
+            raise InvalidArgument(
+                f"messages[{i}].role must be one of {', '.join(CHAT_ROLES)}, got {message.role!r:.40}"
+            )
+        if not message.content and message.role != "assistant":
+            raise InvalidArgument(f"messages[{i}] ({message.role}) has no content")
+    if all(m.role == "system" for m in messages):
+        raise InvalidArgument("messages hold only system turns: add the user's turn")
+
+
 def _prompt_ids(request: pb.GenerateRequest, tokenizer: PreTrainedTokenizerBase) -> list[int]:
-    if not request.chat:
+    if not request.chat and not request.messages:
         return tokenizer(request.prompt, add_special_tokens=True).input_ids
     if not tokenizer.chat_template:
-        raise InvalidArgument("this model has no chat template: send the prompt without `chat`")
-    messages = [{"role": "user", "content": request.prompt}]
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        raise InvalidArgument(
+            "this model has no chat template: send a plain prompt, without chat or messages"
+        )
+    messages = [{"role": m.role, "content": m.content} for m in request.messages] or [
+        {"role": "user", "content": request.prompt}
+    ]
+    try:
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    except TemplateError as exc:  # the template refuses this conversation (say, a system turn)
+        raise InvalidArgument(f"the model's chat template refuses these messages: {exc}") from exc
     # The template already holds any special tokens the model expects.
     return tokenizer(text, add_special_tokens=False).input_ids
 

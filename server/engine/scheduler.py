@@ -148,6 +148,11 @@ class Engine:
         return len(self._waiting)
 
     @property
+    def alive(self) -> bool:
+        """False once the engine thread has died: no request can be served."""
+        return self._dead is None
+
+    @property
     def running(self) -> int:
         return len(self._batch.rows)
 

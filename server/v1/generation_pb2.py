@@ -26,41 +26,43 @@ _sym_db = _symbol_database.Default()
 from memserve.v1 import memory_ref_pb2 as memserve_dot_v1_dot_memory__ref__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cmemserve/v1/generation.proto\x12\x0bmemserve.v1\x1a\x1cmemserve/v1/memory_ref.proto\"\xfd\x01\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12(\n\x08memories\x18\x02 \x03(\x0b\x32\x16.memserve.v1.MemoryRef\x12-\n\x08sampling\x18\x03 \x01(\x0b\x32\x1b.memserve.v1.SamplingParams\x12/\n\x08stopping\x18\x04 \x01(\x0b\x32\x1d.memserve.v1.StoppingCriteria\x12.\n\x08response\x18\x05 \x01(\x0b\x32\x1c.memserve.v1.ResponseOptions\x12\x12\n\nrequest_id\x18\x06 \x01(\t\x12\x0c\n\x04\x63hat\x18\x07 \x01(\x08\"\xa6\x01\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_k\x18\x02 \x01(\r\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x00\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x04 \x01(\x02H\x01\x88\x01\x01\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x02\x88\x01\x01\x42\x08\n\x06_top_pB\x15\n\x13_repetition_penaltyB\x07\n\x05_seed\"\x8d\x01\n\x10StoppingCriteria\x12\x1b\n\x0emax_new_tokens\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x16\n\x0estop_sequences\x18\x02 \x03(\t\x12\x1d\n\x15include_stop_sequence\x18\x03 \x01(\x08\x12\x12\n\nignore_eos\x18\x04 \x01(\x08\x42\x11\n\x0f_max_new_tokens\"O\n\x0fResponseOptions\x12\x10\n\x08logprobs\x18\x01 \x01(\x08\x12\x14\n\x0ctop_logprobs\x18\x02 \x01(\r\x12\x14\n\x0cmemory_trace\x18\x03 \x01(\x08\"=\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\"]\n\x10MemoryTraceEntry\x12\x0e\n\x06memory\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\r\n\x05layer\x18\x03 \x01(\r\x12\r\n\x05\x65ntry\x18\x04 \x01(\t\x12\r\n\x05value\x18\x05 \x01(\x02\"\xa0\x01\n\x05Token\x12\n\n\x02id\x18\x01 \x01(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x14\n\x07logprob\x18\x03 \x01(\x02H\x00\x88\x01\x01\x12-\n\x0ctop_logprobs\x18\x04 \x03(\x0b\x32\x17.memserve.v1.TopLogprob\x12,\n\x05trace\x18\x05 \x03(\x0b\x32\x1d.memserve.v1.MemoryTraceEntryB\n\n\x08_logprob\"8\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x18\n\x10generated_tokens\x18\x02 \x01(\r\"9\n\nUsedMemory\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\r\"\xe6\x01\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\"\n\x06tokens\x18\x02 \x03(\x0b\x32\x12.memserve.v1.Token\x12\x30\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x19.memserve.v1.FinishReason\x12!\n\x05usage\x18\x04 \x01(\x0b\x32\x12.memserve.v1.Usage\x12\x0c\n\x04seed\x18\x05 \x01(\x04\x12\x12\n\nrequest_id\x18\x06 \x01(\t\x12)\n\x08memories\x18\x07 \x03(\x0b\x32\x17.memserve.v1.UsedMemory\"\xec\x01\n\x16GenerateStreamResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\"\n\x06tokens\x18\x02 \x03(\x0b\x32\x12.memserve.v1.Token\x12\x30\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x19.memserve.v1.FinishReason\x12!\n\x05usage\x18\x04 \x01(\x0b\x32\x12.memserve.v1.Usage\x12\x0c\n\x04seed\x18\x05 \x01(\x04\x12\x12\n\nrequest_id\x18\x06 \x01(\t\x12)\n\x08memories\x18\x07 \x03(\x0b\x32\x17.memserve.v1.UsedMemory\"\x15\n\x13GetModelInfoRequest\"\xc1\x02\n\tModelInfo\x12\r\n\x05model\x18\x01 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x02 \x01(\t\x12\x13\n\x0b\x66ingerprint\x18\x03 \x01(\t\x12\x12\n\nnum_layers\x18\x04 \x01(\r\x12\x13\n\x0bhidden_size\x18\x05 \x01(\r\x12\x12\n\nvocab_size\x18\x06 \x01(\r\x12\x1a\n\x12max_context_tokens\x18\x07 \x01(\r\x12\x1e\n\x16\x64\x65\x66\x61ult_max_new_tokens\x18\x08 \x01(\r\x12\x1c\n\x14max_new_tokens_limit\x18\t \x01(\r\x12\r\n\x05\x64type\x18\n \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x0b \x01(\t\x12\x16\n\x0emax_batch_size\x18\x0c \x01(\r\x12\x16\n\x0emax_queue_size\x18\r \x01(\r\x12\x14\n\x0cmemory_kinds\x18\x0e \x03(\t*\xa1\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x02\x12\x1f\n\x1b\x46INISH_REASON_STOP_SEQUENCE\x10\x03\x12 \n\x1c\x46INISH_REASON_CONTEXT_LENGTH\x10\x04\x32\xfd\x01\n\x11GenerationService\x12G\n\x08Generate\x12\x1c.memserve.v1.GenerateRequest\x1a\x1d.memserve.v1.GenerateResponse\x12U\n\x0eGenerateStream\x12\x1c.memserve.v1.GenerateRequest\x1a#.memserve.v1.GenerateStreamResponse0\x01\x12H\n\x0cGetModelInfo\x12 .memserve.v1.GetModelInfoRequest\x1a\x16.memserve.v1.ModelInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cmemserve/v1/generation.proto\x12\x0bmemserve.v1\x1a\x1cmemserve/v1/memory_ref.proto\"\xa9\x02\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12(\n\x08memories\x18\x02 \x03(\x0b\x32\x16.memserve.v1.MemoryRef\x12-\n\x08sampling\x18\x03 \x01(\x0b\x32\x1b.memserve.v1.SamplingParams\x12/\n\x08stopping\x18\x04 \x01(\x0b\x32\x1d.memserve.v1.StoppingCriteria\x12.\n\x08response\x18\x05 \x01(\x0b\x32\x1c.memserve.v1.ResponseOptions\x12\x12\n\nrequest_id\x18\x06 \x01(\t\x12\x0c\n\x04\x63hat\x18\x07 \x01(\x08\x12*\n\x08messages\x18\x08 \x03(\x0b\x32\x18.memserve.v1.ChatMessage\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xa6\x01\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_k\x18\x02 \x01(\r\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x00\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x04 \x01(\x02H\x01\x88\x01\x01\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x02\x88\x01\x01\x42\x08\n\x06_top_pB\x15\n\x13_repetition_penaltyB\x07\n\x05_seed\"\x8d\x01\n\x10StoppingCriteria\x12\x1b\n\x0emax_new_tokens\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x16\n\x0estop_sequences\x18\x02 \x03(\t\x12\x1d\n\x15include_stop_sequence\x18\x03 \x01(\x08\x12\x12\n\nignore_eos\x18\x04 \x01(\x08\x42\x11\n\x0f_max_new_tokens\"O\n\x0fResponseOptions\x12\x10\n\x08logprobs\x18\x01 \x01(\x08\x12\x14\n\x0ctop_logprobs\x18\x02 \x01(\r\x12\x14\n\x0cmemory_trace\x18\x03 \x01(\x08\"=\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\"]\n\x10MemoryTraceEntry\x12\x0e\n\x06memory\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\r\n\x05layer\x18\x03 \x01(\r\x12\r\n\x05\x65ntry\x18\x04 \x01(\t\x12\r\n\x05value\x18\x05 \x01(\x02\"\xa0\x01\n\x05Token\x12\n\n\x02id\x18\x01 \x01(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x14\n\x07logprob\x18\x03 \x01(\x02H\x00\x88\x01\x01\x12-\n\x0ctop_logprobs\x18\x04 \x03(\x0b\x32\x17.memserve.v1.TopLogprob\x12,\n\x05trace\x18\x05 \x03(\x0b\x32\x1d.memserve.v1.MemoryTraceEntryB\n\n\x08_logprob\"8\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x18\n\x10generated_tokens\x18\x02 \x01(\r\"9\n\nUsedMemory\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\r\"\xe6\x01\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\"\n\x06tokens\x18\x02 \x03(\x0b\x32\x12.memserve.v1.Token\x12\x30\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x19.memserve.v1.FinishReason\x12!\n\x05usage\x18\x04 \x01(\x0b\x32\x12.memserve.v1.Usage\x12\x0c\n\x04seed\x18\x05 \x01(\x04\x12\x12\n\nrequest_id\x18\x06 \x01(\t\x12)\n\x08memories\x18\x07 \x03(\x0b\x32\x17.memserve.v1.UsedMemory\"\xec\x01\n\x16GenerateStreamResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\"\n\x06tokens\x18\x02 \x03(\x0b\x32\x12.memserve.v1.Token\x12\x30\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x19.memserve.v1.FinishReason\x12!\n\x05usage\x18\x04 \x01(\x0b\x32\x12.memserve.v1.Usage\x12\x0c\n\x04seed\x18\x05 \x01(\x04\x12\x12\n\nrequest_id\x18\x06 \x01(\t\x12)\n\x08memories\x18\x07 \x03(\x0b\x32\x17.memserve.v1.UsedMemory\"\x15\n\x13GetModelInfoRequest\"\xc1\x02\n\tModelInfo\x12\r\n\x05model\x18\x01 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x02 \x01(\t\x12\x13\n\x0b\x66ingerprint\x18\x03 \x01(\t\x12\x12\n\nnum_layers\x18\x04 \x01(\r\x12\x13\n\x0bhidden_size\x18\x05 \x01(\r\x12\x12\n\nvocab_size\x18\x06 \x01(\r\x12\x1a\n\x12max_context_tokens\x18\x07 \x01(\r\x12\x1e\n\x16\x64\x65\x66\x61ult_max_new_tokens\x18\x08 \x01(\r\x12\x1c\n\x14max_new_tokens_limit\x18\t \x01(\r\x12\r\n\x05\x64type\x18\n \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x0b \x01(\t\x12\x16\n\x0emax_batch_size\x18\x0c \x01(\r\x12\x16\n\x0emax_queue_size\x18\r \x01(\r\x12\x14\n\x0cmemory_kinds\x18\x0e \x03(\t*\xa1\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x02\x12\x1f\n\x1b\x46INISH_REASON_STOP_SEQUENCE\x10\x03\x12 \n\x1c\x46INISH_REASON_CONTEXT_LENGTH\x10\x04\x32\xfd\x01\n\x11GenerationService\x12G\n\x08Generate\x12\x1c.memserve.v1.GenerateRequest\x1a\x1d.memserve.v1.GenerateResponse\x12U\n\x0eGenerateStream\x12\x1c.memserve.v1.GenerateRequest\x1a#.memserve.v1.GenerateStreamResponse0\x01\x12H\n\x0cGetModelInfo\x12 .memserve.v1.GetModelInfoRequest\x1a\x16.memserve.v1.ModelInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'memserve.v1.generation_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=1983
-  _globals['_FINISHREASON']._serialized_end=2144
+  _globals['_FINISHREASON']._serialized_start=2073
+  _globals['_FINISHREASON']._serialized_end=2234
   _globals['_GENERATEREQUEST']._serialized_start=76
-  _globals['_GENERATEREQUEST']._serialized_end=329
-  _globals['_SAMPLINGPARAMS']._serialized_start=332
-  _globals['_SAMPLINGPARAMS']._serialized_end=498
-  _globals['_STOPPINGCRITERIA']._serialized_start=501
-  _globals['_STOPPINGCRITERIA']._serialized_end=642
-  _globals['_RESPONSEOPTIONS']._serialized_start=644
-  _globals['_RESPONSEOPTIONS']._serialized_end=723
-  _globals['_TOPLOGPROB']._serialized_start=725
-  _globals['_TOPLOGPROB']._serialized_end=786
-  _globals['_MEMORYTRACEENTRY']._serialized_start=788
-  _globals['_MEMORYTRACEENTRY']._serialized_end=881
-  _globals['_TOKEN']._serialized_start=884
-  _globals['_TOKEN']._serialized_end=1044
-  _globals['_USAGE']._serialized_start=1046
-  _globals['_USAGE']._serialized_end=1102
-  _globals['_USEDMEMORY']._serialized_start=1104
-  _globals['_USEDMEMORY']._serialized_end=1161
-  _globals['_GENERATERESPONSE']._serialized_start=1164
-  _globals['_GENERATERESPONSE']._serialized_end=1394
-  _globals['_GENERATESTREAMRESPONSE']._serialized_start=1397
-  _globals['_GENERATESTREAMRESPONSE']._serialized_end=1633
-  _globals['_GETMODELINFOREQUEST']._serialized_start=1635
-  _globals['_GETMODELINFOREQUEST']._serialized_end=1656
-  _globals['_MODELINFO']._serialized_start=1659
-  _globals['_MODELINFO']._serialized_end=1980
-  _globals['_GENERATIONSERVICE']._serialized_start=2147
-  _globals['_GENERATIONSERVICE']._serialized_end=2400
+  _globals['_GENERATEREQUEST']._serialized_end=373
+  _globals['_CHATMESSAGE']._serialized_start=375
+  _globals['_CHATMESSAGE']._serialized_end=419
+  _globals['_SAMPLINGPARAMS']._serialized_start=422
+  _globals['_SAMPLINGPARAMS']._serialized_end=588
+  _globals['_STOPPINGCRITERIA']._serialized_start=591
+  _globals['_STOPPINGCRITERIA']._serialized_end=732
+  _globals['_RESPONSEOPTIONS']._serialized_start=734
+  _globals['_RESPONSEOPTIONS']._serialized_end=813
+  _globals['_TOPLOGPROB']._serialized_start=815
+  _globals['_TOPLOGPROB']._serialized_end=876
+  _globals['_MEMORYTRACEENTRY']._serialized_start=878
+  _globals['_MEMORYTRACEENTRY']._serialized_end=971
+  _globals['_TOKEN']._serialized_start=974
+  _globals['_TOKEN']._serialized_end=1134
+  _globals['_USAGE']._serialized_start=1136
+  _globals['_USAGE']._serialized_end=1192
+  _globals['_USEDMEMORY']._serialized_start=1194
+  _globals['_USEDMEMORY']._serialized_end=1251
+  _globals['_GENERATERESPONSE']._serialized_start=1254
+  _globals['_GENERATERESPONSE']._serialized_end=1484
+  _globals['_GENERATESTREAMRESPONSE']._serialized_start=1487
+  _globals['_GENERATESTREAMRESPONSE']._serialized_end=1723
+  _globals['_GETMODELINFOREQUEST']._serialized_start=1725
+  _globals['_GETMODELINFOREQUEST']._serialized_end=1746
+  _globals['_MODELINFO']._serialized_start=1749
+  _globals['_MODELINFO']._serialized_end=2070
+  _globals['_GENERATIONSERVICE']._serialized_start=2237
+  _globals['_GENERATIONSERVICE']._serialized_end=2490
 # @@protoc_insertion_point(module_scope)

@@ -23,7 +23,7 @@ FINISH_REASON_STOP_SEQUENCE: FinishReason
 FINISH_REASON_CONTEXT_LENGTH: FinishReason
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("prompt", "memories", "sampling", "stopping", "response", "request_id", "chat")
+    __slots__ = ("prompt", "memories", "sampling", "stopping", "response", "request_id", "chat", "messages")
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     MEMORIES_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
@@ -31,6 +31,7 @@ class GenerateRequest(_message.Message):
     RESPONSE_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     CHAT_FIELD_NUMBER: _ClassVar[int]
+    MESSAGES_FIELD_NUMBER: _ClassVar[int]
     prompt: str
     memories: _containers.RepeatedCompositeFieldContainer[_memory_ref_pb2.MemoryRef]
     sampling: SamplingParams
@@ -38,7 +39,16 @@ class GenerateRequest(_message.Message):
     response: ResponseOptions
     request_id: str
     chat: bool
-    def __init__(self, prompt: _Optional[str] = ..., memories: _Optional[_Iterable[_Union[_memory_ref_pb2.MemoryRef, _Mapping]]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., stopping: _Optional[_Union[StoppingCriteria, _Mapping]] = ..., response: _Optional[_Union[ResponseOptions, _Mapping]] = ..., request_id: _Optional[str] = ..., chat: _Optional[bool] = ...) -> None: ...
+    messages: _containers.RepeatedCompositeFieldContainer[ChatMessage]
+    def __init__(self, prompt: _Optional[str] = ..., memories: _Optional[_Iterable[_Union[_memory_ref_pb2.MemoryRef, _Mapping]]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., stopping: _Optional[_Union[StoppingCriteria, _Mapping]] = ..., response: _Optional[_Union[ResponseOptions, _Mapping]] = ..., request_id: _Optional[str] = ..., chat: _Optional[bool] = ..., messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ...) -> None: ...
+
+class ChatMessage(_message.Message):
+    __slots__ = ("role", "content")
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    CONTENT_FIELD_NUMBER: _ClassVar[int]
+    role: str
+    content: str
+    def __init__(self, role: _Optional[str] = ..., content: _Optional[str] = ...) -> None: ...
 
 class SamplingParams(_message.Message):
     __slots__ = ("temperature", "top_k", "top_p", "repetition_penalty", "seed")
