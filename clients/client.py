@@ -95,7 +95,10 @@ class Client(Calls, Blocking):
     `timeout` (seconds, None = none) bounds each call. `tenant` (default $MEMSERVE_TENANT, else the
     server's default tenant) scopes every call. `token` (default $MEMSERVE_TOKEN) is sent as a
     bearer token, which a server started with a token (it reads $MEMSERVE_TOKEN too) wants for the
-    calls that change memories and jobs. Use it as a context manager, or call `close()`.
+    calls that change memories and jobs. `tls=True` or a `ca` (PEM file; default $MEMSERVE_CA)
+    connects over TLS, checking the server against that CA (else the system's roots);
+    `client_cert` and `client_key` (default $MEMSERVE_CLIENT_CERT/$MEMSERVE_CLIENT_KEY) answer a
+    server that wants mutual TLS. Use it as a context manager, or call `close()`.
     """
 
     def close(self) -> None:

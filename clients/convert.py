@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, MutableSequence
-from datetime import UTC
+from datetime import timezone
 from typing import Any
 
 from google.protobuf.json_format import MessageToDict
@@ -81,7 +81,7 @@ def _value(message: Message, name: str, has_presence: bool) -> Any:
     if has_presence and not message.HasField(name):
         return None
     if isinstance(value, Timestamp):
-        return value.ToDatetime(tzinfo=UTC)
+        return value.ToDatetime(tzinfo=timezone.utc)
     return list(value) if isinstance(value, MutableSequence) else value
 
 

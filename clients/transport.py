@@ -41,6 +41,56 @@ def default_token() -> str | None:
     return os.environ.get("MEMSERVE_TOKEN") or None
 
 
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def channel_credentials(
+    tls: bool | None = None,
+    ca: str | os.PathLike[str] | None = None,
+    client_cert: str | os.PathLike[str] | None = None,
+    client_key: str | os.PathLike[str] | None = None,
+) -> grpc.ChannelCredentials | None:
+    """The TLS credentials of a channel, or None for plaintext.
+
+    Each argument left None takes its environment variable: $MEMSERVE_TLS (1/true), $MEMSERVE_CA,
+    $MEMSERVE_CLIENT_CERT, $MEMSERVE_CLIENT_KEY. A CA or a client certificate turns TLS on; without
+    a CA the system's roots check the server. `tls=False` is plaintext whatever the environment.
+    """
+    if tls is False:
+        return None
+    ca = ca or os.environ.get("MEMSERVE_CA") or None
+    client_cert = client_cert or os.environ.get("MEMSERVE_CLIENT_CERT") or None
+    client_key = client_key or os.environ.get("MEMSERVE_CLIENT_KEY") or None
+    if not (tls or _env_flag("MEMSERVE_TLS") or ca or client_cert or client_key):
+        return None
+    if (client_cert is None) != (client_key is None):
+        raise ValueError("a client certificate needs its key, and a key its certificate")
+    return grpc.ssl_channel_credentials(
+        root_certificates=_pem(ca, "CA"),
+        private_key=_pem(client_key, "client key"),
+        certificate_chain=_pem(client_cert, "client certificate"),
+    )
+
+
+def _pem(path: str | os.PathLike[str] | None, what: str) -> bytes | None:
+    if path is None:
+        return None
+    try:
+        with open(path, "rb") as file:
+            return file.read()
+    except OSError as exc:
+        raise ValueError(f"cannot read the {what} at {path}: {exc.strerror or exc}") from exc
+
+
+def channel_options(address: str) -> list[tuple[str, Any]]:
+    """A target naming several servers (`dns:///` a headless service, `ipv4:a:1,b:2`) is balanced
+    round-robin over all of them; gRPC's default would send every call to the first."""
+    if address.startswith(("dns:", "ipv4:", "ipv6:")):
+        return [("grpc.lb_policy_name", "round_robin")]
+    return []
+
+
 def _metadata(tenant: str | None, token: str | None) -> tuple[tuple[str, str], ...] | None:
     pairs: tuple[tuple[str, str], ...] = ((TENANT_METADATA, tenant),) if tenant else ()
     pairs += (("authorization", f"Bearer {token}"),) if token else ()
@@ -60,17 +110,24 @@ class Transport:
         timeout: float | None = None,
         tenant: str | None = None,
         token: str | None = None,
+        *,
+        tls: bool | None = None,
+        ca: str | os.PathLike[str] | None = None,
+        client_cert: str | os.PathLike[str] | None = None,
+        client_key: str | os.PathLike[str] | None = None,
     ) -> None:
         self.address = address or default_server()
         self.timeout = timeout
         self.tenant = default_tenant() if tenant is None else tenant
         self.token = default_token() if token is None else token
-        self._channel = self._connect(self.address)
+        credentials = channel_credentials(tls, ca, client_cert, client_key)
+        self.tls = credentials is not None
+        self._channel = self._connect(self.address, credentials)
         self._stubs: dict[type, Any] = {stub: stub(self._channel) for stub in STUBS}
         self._stub = self._stubs[GenerationServiceStub]  # for calls made by hand (tests)
 
     @staticmethod
-    def _connect(address: str) -> Any:
+    def _connect(address: str, credentials: grpc.ChannelCredentials | None) -> Any:
         raise NotImplementedError
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
@@ -121,8 +178,10 @@ class Blocking(Transport):
     _generator = (Generator, (None, None))
 
     @staticmethod
-    def _connect(address: str) -> grpc.Channel:
-        return grpc.insecure_channel(address)
+    def _connect(address: str, credentials: grpc.ChannelCredentials | None) -> grpc.Channel:
+        if credentials is None:
+            return grpc.insecure_channel(address, channel_options(address))
+        return grpc.secure_channel(address, credentials, channel_options(address))
 
     def _unary(self, call: Call[..., Any], request: Any) -> Any:
         with typed_errors():
@@ -163,8 +222,10 @@ class Asyncio(Transport):
     _generator = (AsyncGenerator, (None,))
 
     @staticmethod
-    def _connect(address: str) -> grpc.aio.Channel:
-        return grpc.aio.insecure_channel(address)
+    def _connect(address: str, credentials: grpc.ChannelCredentials | None) -> grpc.aio.Channel:
+        if credentials is None:
+            return grpc.aio.insecure_channel(address, channel_options(address))
+        return grpc.aio.secure_channel(address, credentials, channel_options(address))
 
     @classmethod
     def _method(cls, call: Call[..., Any]) -> Callable[..., Any]:

@@ -14,6 +14,7 @@ import pytest
 import yaml
 
 from memserve.clients.cli import build_parser
+from memserve.clients.cli import serve as cli_serve
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 PROMETHEUS = DEPLOY / "prometheus"
@@ -76,7 +77,8 @@ def test_the_helm_chart_passes_only_options_the_cli_knows():
         flags = re.findall(r"- (--[a-z-]+)=", text)
         assert flags, template
         # Each flag with a placeholder value of the right type parses.
-        numbers = ("--port", "--metrics-port", "--workers", "--max-batch-size", "--cache-mb", "--threads")
+        numbers = ("--port", "--http-port", "--metrics-port", "--workers", "--max-batch-size", "--cache-mb")
+        numbers += ("--threads",)
         sample = dict.fromkeys(numbers, "1")
         argv = [command] + [f"{flag}={sample.get(flag, 'auto' if flag in ('--dtype', '--device') else 'x')}"
                             for flag in flags]  # fmt: skip
@@ -95,6 +97,31 @@ def test_the_helm_chart_passes_only_options_the_cli_knows():
         "jobLabel: memserve.io/job"
         in (DEPLOY / "helm" / "memserve" / "templates" / "servicemonitor.yaml").read_text()
     )
+
+
+def test_the_chart_spreads_load_waits_for_slow_loads_and_can_turn_tls_on():
+    chart = DEPLOY / "helm" / "memserve"
+    services = (chart / "templates" / "service.yaml").read_text().split("\n---\n")
+    headless = [s for s in services if "-headless" in s and "component: server" in s]
+    assert len(headless) == 1 and "clusterIP: None" in headless[0] and "name: grpc" in headless[0]
+    server = (chart / "templates" / "server-deployment.yaml").read_text()
+    assert (
+        "startupProbe:" in server and "failureThreshold: {{ div .Values.server.startupSeconds 5 }}" in server
+    )
+    assert "initialDelaySeconds" not in server  # the startup probe replaces a guessed delay
+    values = yaml.safe_load((chart / "values.yaml").read_text())
+    assert values["tls"] == {"enabled": False, "secretName": "", "mutual": False}
+    assert {"--tls-cert", "--tls-key", "--tls-client-ca"} <= set(re.findall(r"- (--tls-[a-z-]+)=", server))
+    assert values["server"]["startupSeconds"] % 5 == 0
+
+
+def test_the_compose_tls_file_sets_what_serve_reads():
+    override = yaml.safe_load((DEPLOY / "docker-compose.tls.yml").read_text())
+    environment = override["services"]["server"]["environment"]
+    serve_source = Path(cli_serve.__file__).read_text()
+    for name in environment:
+        assert f'os.environ.get("{name}")' in serve_source, name
+    assert any(v.endswith(":/etc/memserve/tls:ro") for v in override["services"]["server"]["volumes"])
 
 
 def test_the_dashboard_is_provisioned_with_the_datasource_it_names():

@@ -317,9 +317,13 @@ def test_shutting_down_is_503(chat_model_dir, tmp_path):
     started, leave = threading.Event(), threading.Event()
 
     def hold() -> None:
-        """A request in flight, which keeps the server draining until the test lets it go."""
-        with Client(f"127.0.0.1:{server.running.port}") as client:
-            for _ in client.generate_stream("Hold", max_new_tokens=30_000, ignore_eos=True):
+        """A request in flight, which keeps the server draining until the test lets it go. Over
+        HTTP: the gRPC server's own stop could end a gRPC stream before the checks ran."""
+        model = httpx.get(f"{base}/v1/models").json()["data"][0]["id"]
+        body = {"model": model, "prompt": "Hold", "max_tokens": 30_000, "ignore_eos": True, "stream": True}
+        with httpx.stream("POST", f"{base}/v1/completions", json=body, timeout=120) as response:
+            for line in response.iter_lines():
+                assert not line.startswith('{"error"'), line
                 started.set()
                 if leave.is_set():
                     return

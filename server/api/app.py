@@ -25,6 +25,7 @@ from memserve.api.http import Draining, build_app, wait_started
 from memserve.api.interceptor import ErrorInterceptor
 from memserve.api.jobs import JobService
 from memserve.api.memories import MemoryService
+from memserve.api.tls import TlsConfig
 from memserve.engine.scheduler import Engine, EngineConfig
 from memserve.memory.registry import registered_kinds
 from memserve.memory.runtime import StoreConfig, StoreRuntime
@@ -77,6 +78,8 @@ class ServerConfig:
     """The memory store (Redis URL, cache, workers); None = serve without memories."""
     max_message_bytes: int = 16 << 20
     """Largest gRPC message either way; artifacts travel in chunks well below it."""
+    tls: TlsConfig | None = None
+    """TLS on the gRPC and HTTP ports (the metrics port stays plain HTTP); None = plaintext."""
     shutdown_grace_seconds: float = 10.0
     """In-flight requests get this long to finish on SIGTERM/SIGINT."""
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -178,7 +181,7 @@ async def _start(
 ) -> RunningServer:
     server, services = _grpc_server(config, loaded, engine, runtime, health_servicer)
     # Bind every port before anything starts, so a busy port is a clean error.
-    port = _listen(server, f"{config.host}:{config.port}")
+    port = _listen(server, f"{config.host}:{config.port}", config.tls)
     http_socket = None if config.http_port is None else _bind(config.host, config.http_port, "the HTTP API")
     try:
         metrics_server = _start_metrics(config, engine, runtime)
@@ -197,15 +200,17 @@ async def _start(
     if http_socket is not None:
         draining = Draining()
         app = build_app(services["generation"], services, config.auth_token, lambda: engine.alive, draining)
-        http = await HttpFront.start(app, http_socket, draining, config.shutdown_grace_seconds)
+        http = await HttpFront.start(app, http_socket, draining, config.shutdown_grace_seconds, config.tls)
     for name in ("", *SERVICE_NAMES):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    scheme = "" if config.tls is None else (" over mutual TLS" if config.tls.mutual else " over TLS")
     log.info(
-        "serving %s on %s:%d (gRPC)%s (ready %.1f s after start)",
+        "serving %s on %s:%d (gRPC)%s%s (ready %.1f s after start)",
         loaded.name,
         config.host,
         port,
         "" if http is None else f" and {config.host}:{http.port} (HTTP)",
+        scheme,
         time.perf_counter() - started,
     )
     return RunningServer(server, engine, health_servicer, port, runtime, metrics_server, http)
@@ -231,7 +236,9 @@ class HttpFront:
         self.draining = draining
 
     @classmethod
-    async def start(cls, app: object, sock: socket.socket, draining: Draining, grace: float) -> HttpFront:
+    async def start(
+        cls, app: object, sock: socket.socket, draining: Draining, grace: float, tls: TlsConfig | None = None
+    ) -> HttpFront:
         config = UvicornConfig(
             app,
             lifespan="off",
@@ -239,6 +246,7 @@ class HttpFront:
             access_log=False,
             ws="none",
             timeout_graceful_shutdown=int(grace) + 1,
+            **({} if tls is None else tls.uvicorn_options()),
         )
         server = _EmbeddedUvicorn(config)
         task = asyncio.ensure_future(server.serve(sockets=[sock]))
@@ -300,10 +308,13 @@ def _grpc_server(
     return server, services
 
 
-def _listen(server: grpc.aio.Server, address: str) -> int:
+def _listen(server: grpc.aio.Server, address: str, tls: TlsConfig | None = None) -> int:
     """Binds `address`; returns the port (the one chosen, for port 0). OSError when it is taken."""
     try:
-        port = server.add_insecure_port(address)
+        if tls is None:
+            port = server.add_insecure_port(address)
+        else:
+            port = server.add_secure_port(address, tls.grpc_credentials())
     except RuntimeError as exc:
         raise OSError(f"cannot listen on {address}: is another server using the port?") from exc
     if port == 0:

@@ -23,3 +23,16 @@ app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
       key: {{ .Values.auth.key }}
 {{- end }}
 {{- end -}}
+
+{{/* How the kubelet asks a server whether it is up. gRPC health without TLS; over TLS the HTTP
+API's /ready (the kubelet does not check the certificate); with mutual TLS the kubelet has no
+client certificate, so only whether the gRPC port accepts connections. */}}
+{{- define "memserve.probe" -}}
+{{- if not .Values.tls.enabled -}}
+grpc: {port: {{ .Values.server.port }}}
+{{- else if not .Values.tls.mutual -}}
+httpGet: {path: /ready, port: http, scheme: HTTPS}
+{{- else -}}
+tcpSocket: {port: grpc}
+{{- end -}}
+{{- end -}}
