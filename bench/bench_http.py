@@ -9,6 +9,11 @@ One `memserve serve` subprocess (default model) serves both protocols. Each roun
 request generates exactly --new-tokens tokens (EOS ignored), greedily. Tokens/s is all tokens of
 the round over its wall time; the table gives the median over rounds and the HTTP/gRPC ratio, and
 time to first token (the first streamed chunk with text) p50/p95 over every stream.
+
+With --pin the server runs with one compute thread on CPU 0 and this script (the clients) on
+CPU 1, so the clients' own work (the SDK's parsing of each chunk, gRPC's) does not slow the
+engine: what is left between the protocols is the server's cost of each. Without it, clients and
+server share every core, as on a machine that runs both.
 """
 
 from __future__ import annotations
@@ -140,12 +145,17 @@ def main() -> int:
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="fp32")
+    parser.add_argument("--pin", action="store_true", help="server on CPU 0 (1 thread), clients on CPU 1")
     args = parser.parse_args()
 
     http_port = free_port()
-    server, address = launch_server(
-        "--device", args.device, "--dtype", args.dtype, "--http-port", str(http_port)
-    )
+    options = ["--device", args.device, "--dtype", args.dtype, "--http-port", str(http_port)]
+    if args.pin:
+        options += ["--threads", "1"]
+    server, address = launch_server(*options)
+    if args.pin:
+        os.sched_setaffinity(server.pid, {0})
+        os.sched_setaffinity(0, {1})
     http_url = f"http://127.0.0.1:{http_port}"
     wait_for_first_token(server, address)
     speed: dict[str, list[float]] = {"http": [], "grpc": []}
@@ -176,7 +186,12 @@ def main() -> int:
         f"model: default (SmolLM2-135M-Instruct), {args.dtype} on {args.device}; "
         f"{args.concurrency} concurrent streaming chat requests (system + user turn), "
         f"{args.new_tokens} new tokens each, greedy; "
-        f"median of {args.rounds} rounds\n"
+        f"median of {args.rounds} rounds"
+        + (
+            "; server on CPU 0 with 1 thread, clients on CPU 1\n"
+            if args.pin
+            else "; clients and server share the cores\n"
+        )
     )
     print("| protocol | tokens/s | ratio | time to first token p50 | p95 |")
     print("|---|---:|---:|---:|---:|")
