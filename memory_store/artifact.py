@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import time
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
@@ -63,7 +64,7 @@ class MemoryMeta:
         """Parses and type-checks metadata; `error` says whose fault a bad one is (stored: DATA_LOSS)."""
         try:
             data = json.loads(text)
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:
             raise error(f"memory metadata is not valid JSON: {exc}") from exc
         if not isinstance(data, dict):
             raise error("memory metadata must be a JSON object")
@@ -74,7 +75,32 @@ class MemoryMeta:
         for name in ("kind", "name", "base_model"):
             if not fields.get(name):
                 raise error(f"memory metadata lacks {name!r}")
+        created = fields.get("created_at", 0.0)
+        if not (math.isfinite(created) and 0 <= created <= LATEST_CREATED_AT):
+            raise error(f"memory metadata's created_at {created!r} is not a time between 1970 and 2100")
+        for name in ("version", "size_bytes", "format_version"):
+            if fields.get(name, 0) < 0:
+                raise error(f"memory metadata's {name} is negative")
+        for name in ("hyperparameters", "metrics", "details"):
+            if _depth(fields.get(name, {})) > MAX_META_DEPTH:
+                raise error(f"memory metadata's {name} is nested more than {MAX_META_DEPTH} deep")
         return cls(**fields)
+
+
+LATEST_CREATED_AT = 4_102_444_800.0  # 2100-01-01: later is a mistake, and breaks Timestamp
+MAX_META_DEPTH = 8
+"""How deep a memory's hyperparameters, metrics and details may nest (every kind needs 3)."""
+
+
+def _depth(value: Any) -> int:
+    """How deep dicts and lists nest in `value` (without recursion: any depth is measured)."""
+    deepest, stack = 0, [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict | list):
+            deepest = max(deepest, depth + 1)
+            stack.extend((child, depth + 1) for child in (item.values() if isinstance(item, dict) else item))
+    return deepest
 
 
 _FIELD_TYPES: dict[str, type | tuple[type, ...]] = {
@@ -139,6 +165,20 @@ def export_bytes(artifact: Artifact) -> bytes:
     return save_safetensors(dict(artifact.tensors), metadata=metadata)
 
 
+def export_header(meta: MemoryMeta, blob_header: bytes) -> bytes:
+    """The start of an export file made from a stored blob's header (its first 8 + n bytes): the
+    same header with the metadata added. The blob's tensor data follows it unchanged, so an
+    export can be streamed from the store without reading the tensors into memory."""
+    try:
+        header = json.loads(blob_header[8:])
+    except ValueError as exc:
+        raise DataLoss(f"memory {meta.name!r} version {meta.version} has a corrupted blob header") from exc
+    header["__metadata__"] = {**header.get("__metadata__", {}), EXPORT_METADATA_KEY: meta.to_json()}
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)  # safetensors keeps the data 8-byte aligned
+    return len(encoded).to_bytes(8, "little") + encoded
+
+
 def import_bytes(data: bytes) -> Artifact:
     """Reads an export file; the tensors are checked against the sha256 the file carries."""
     try:
@@ -148,7 +188,7 @@ def import_bytes(data: bytes) -> Artifact:
         tensors = load_safetensors(data)
     except InvalidArgument:
         raise
-    except (SafetensorError, ValueError, KeyError, TypeError) as exc:
+    except (SafetensorError, ValueError, KeyError, TypeError, RecursionError) as exc:
         raise InvalidArgument(
             f"not a memserve export file (a safetensors file with memserve metadata in its header): {exc}"
         ) from exc

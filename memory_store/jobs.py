@@ -221,7 +221,7 @@ class JobQueue:
         """The tenant's jobs, newest first; `page_token` is where the previous page ended."""
         if page_size <= 0:
             raise InvalidArgument("page_size must be positive")
-        if page_token and not page_token.isdigit():
+        if page_token and not (page_token.isascii() and page_token.isdigit() and len(page_token) <= 20):
             raise InvalidArgument(f"page_token {page_token!r} is not one this server gave")
         index = index_key(tenant)
         high = f"({page_token}" if page_token else "+inf"

@@ -8,18 +8,19 @@ Key layouts: `memory_store.redis_store` (memories) and `memory_store.jobs` (jobs
 
 # --- memories -------------------------------------------------------------------------------
 
-# Publishes one version. The JSON is stored as sent (a Lua re-encode would turn [] into {} and
-# round floats); the version is the field's name and is filled in when read.
+# Publishes one version, its blob with it: one script, so no failure can leave a blob that no
+# version points at. The JSON is stored as sent (a Lua re-encode would turn [] into {} and round
+# floats); the version is the field's name and is filled in when read.
 # KEYS: the memory's meta hash, its blob. ARGV: job id ('' = none), metadata JSON, make-current
-# flag ('1'/'0'). Returns {version, 1} for a new version, {version, 0} when the job had already
-# published one; an error 'blob missing' when the blob is gone (a delete dropped it).
+# flag ('1'/'0'), the blob. Returns {version, 1} for a new version, {version, 0} when the job
+# (or the upload, for PutMemory's content key) had already published one.
 PUBLISH = """
 if ARGV[1] ~= '' then
   local done = redis.call('HGET', KEYS[1], 'job:' .. ARGV[1])
-  if done then return {tonumber(done), 0} end
+  if done and redis.call('HEXISTS', KEYS[1], 'v' .. done) == 1 then return {tonumber(done), 0} end
 end
 if redis.call('EXISTS', KEYS[2]) == 0 then
-  return redis.error_reply('blob missing')
+  redis.call('SET', KEYS[2], ARGV[4])
 end
 local version = redis.call('HINCRBY', KEYS[1], 'next', 1)
 redis.call('HSET', KEYS[1], 'v' .. version, ARGV[2])

@@ -20,18 +20,20 @@ Nothing read from Redis is ever unpickled: metadata is JSON, tensors are safeten
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import redis
 from redis.backoff import ExponentialBackoff
 from redis.cluster import RedisCluster
-from redis.exceptions import BusyLoadingError, RedisError, ResponseError
+from redis.exceptions import BusyLoadingError, RedisError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
@@ -49,6 +51,7 @@ from memserve.memory_store.artifact import (
     MemoryMeta,
     decode,
     encode,
+    export_header,
 )
 from memserve.names import DEFAULT_TENANT, check_name, check_tenant
 
@@ -58,6 +61,16 @@ CHANGES_CHANNEL = "memserve:changes"
 CLUSTER_SCHEME = "redis+cluster://"
 
 RedisClient = redis.Redis | RedisCluster
+
+
+def redacted(url: str) -> str:
+    """`url` with its password replaced by ***, for logs and messages."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
 
 
 def connect(url: str, *, decode_responses: bool = False, retries: int = 2) -> RedisClient:
@@ -79,7 +92,7 @@ def connect(url: str, *, decode_responses: bool = False, retries: int = 2) -> Re
         return RedisCluster.from_url("redis://" + url[len(CLUSTER_SCHEME) :], **options)
     if not url.startswith(("redis://", "rediss://", "unix://")):
         raise InvalidArgument(
-            f"Redis URL {url!r} is not valid: use redis://host:port, rediss://, unix:///path, "
+            f"Redis URL {redacted(url)!r} is not valid: use redis://host:port, rediss://, unix:///path, "
             "or redis+cluster://host:port"
         )
     return redis.Redis.from_url(url, health_check_interval=10, **options)
@@ -156,19 +169,12 @@ class RedisStore:
         meta_key = self._meta_key(tenant, name)
         blob_key = self._blob_key(tenant, name, meta.sha256)
         try:
-            # The index and the blob first: both are harmless without a version, and
-            # the version (written last, atomically) is what makes the memory visible.
+            # The index first (harmless without a version); the blob and the version in one
+            # script, so that a failure leaves no blob behind and no version without its blob.
             self.client.zadd(self._index_key(tenant), {name: 0})
-            for attempt in range(3):
-                self.client.set(blob_key, blob)
-                try:
-                    version, new = self._publish(
-                        keys=[meta_key, blob_key], args=[job_id, meta.to_json(), "1" if make_current else "0"]
-                    )
-                    break
-                except ResponseError as exc:  # a delete of the same content dropped the blob: again
-                    if "blob missing" not in str(exc) or attempt == 2:
-                        raise
+            version, new = self._publish(
+                keys=[meta_key, blob_key], args=[job_id, meta.to_json(), "1" if make_current else "0", blob]
+            )
         except RedisError as exc:
             raise store_error(exc) from exc
         published = replace(meta, version=int(version))
@@ -256,6 +262,60 @@ class RedisStore:
         if blob is None:
             raise DataLoss(f"memory {name!r} version {meta.version} has lost its blob; publish it again")
         return decode(meta, blob)
+
+    def sweep_orphan_blobs(self) -> int:
+        """Deletes every blob no version points at; returns how many. Versions before 0.1's atomic
+        publish could leave one when a publish failed halfway; today's publishes cannot."""
+        swept = 0
+        try:
+            for raw in self.client.scan_iter(match="memserve:m:{*}:blob:*", count=1000):
+                key = raw.decode() if isinstance(raw, bytes) else raw
+                tag, _, sha = key.rpartition(":blob:")
+                meta_key = tag + ":meta"
+                swept += int(self._drop_blob(keys=[meta_key, key], args=[sha]))
+        except RedisError as exc:
+            raise store_error(exc) from exc
+        return swept
+
+    def export_chunks(
+        self, name: str, version: int = 0, *, tenant: str = DEFAULT_TENANT, chunk_bytes: int = 1 << 20
+    ) -> tuple[MemoryMeta, Iterator[bytes]]:
+        """The export file of a version, as chunks read from Redis one at a time (GETRANGE), so
+        that an export costs one chunk of memory however large the memory and however slowly it
+        is read. The blob's sha256 is checked as it streams: a mismatch (or a blob deleted
+        meanwhile) ends the stream with DATA_LOSS after what was sent."""
+        meta = self.meta(name, version, tenant=tenant)
+        key = self._blob_key(tenant, name, meta.sha256)
+
+        def read(start: int, end: int) -> bytes:
+            try:
+                return bytes(self.client.getrange(key, start, end - 1))
+            except RedisError as exc:
+                raise store_error(exc) from exc
+
+        prefix = read(0, 8)
+        if len(prefix) < 8:
+            raise DataLoss(f"memory {name!r} version {meta.version} has lost its blob; publish it again")
+        header = prefix + read(8, 8 + int.from_bytes(prefix, "little"))
+
+        def chunks() -> Iterator[bytes]:
+            digest = hashlib.sha256(header)
+            yield export_header(meta, header)
+            offset = len(header)
+            while offset < meta.size_bytes:
+                data = read(offset, min(offset + chunk_bytes, meta.size_bytes))
+                if not data:
+                    break
+                digest.update(data)
+                offset += len(data)
+                yield data
+            if offset != meta.size_bytes or digest.hexdigest() != meta.sha256:
+                raise DataLoss(
+                    f"memory {name!r} version {meta.version} changed or was deleted during the export, "
+                    "or its blob is corrupted: the export is incomplete"
+                )
+
+        return meta, chunks()
 
     def list(
         self,

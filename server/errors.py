@@ -59,6 +59,10 @@ class Unauthenticated(MemserveError):
     code = grpc.StatusCode.UNAUTHENTICATED
 
 
+class PermissionDenied(MemserveError):
+    code = grpc.StatusCode.PERMISSION_DENIED
+
+
 class Unimplemented(MemserveError):
     code = grpc.StatusCode.UNIMPLEMENTED
 

@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import redis
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
@@ -265,7 +264,7 @@ def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[Red
 
 def flush(servers: Sequence[RedisServer]) -> None:
     for server in servers:
-        with redis.Redis(port=server.port) as client:
+        with server.client() as client:
             client.flushall()
 
 

@@ -327,6 +327,9 @@ def test_put_memory_publishes_a_new_version_under_the_given_name(peer, address):
         copy = client.put_memory(client.export_memory("original"), name="copy")
         assert (copy.name, copy.version, copy.versions) == ("copy", 1, [1])
         assert copy.sha256 == client.get_memory("original").sha256
+        # The same file again (a retry) returns the version it made; other content is a new one.
+        assert client.put_memory(client.export_memory("original"), name="copy").versions == [1]
+        publish_bias(peer.running, "original", seed=1)
         assert client.put_memory(client.export_memory("original"), name="copy").versions == [1, 2]
 
 

@@ -317,7 +317,7 @@ def test_with_a_token_the_mutating_rpcs_want_it_and_the_others_do_not(tiny_llama
     try:
         address = f"127.0.0.1:{server.running.port}"
         templates = [("Q?", "A.")]
-        for token, expected in ((None, "wants a bearer token"), ("wrong", "not this server's")):
+        for token, expected in ((None, "send a bearer token"), ("wrong", "not one this server knows")):
             with (
                 Client(address, tenant="", token=token or "") as client,
                 pytest.raises(grpc.RpcError) as error,

@@ -250,3 +250,13 @@ def test_metadata_is_type_checked(bad):
 
     with pytest.raises(InvalidArgument):
         import_bytes(save({"x": torch.zeros(1)}, metadata={"memserve.meta": bad}))
+
+
+def test_orphan_blobs_are_swept_on_every_node(store):
+    kept = store.publish(MemoryMeta(kind="test", name="kept", base_model="m"), {"w": torch.ones(2)})
+    orphans = [f"memserve:m:{{default/gone-{i}}}:blob:{i:064x}" for i in range(12)]  # spread over slots
+    for key in orphans:
+        store.client.set(key, b"orphan")
+    assert store.sweep_orphan_blobs() == len(orphans)
+    assert not any(store.client.exists(key) for key in orphans)
+    assert store.load("kept").meta.sha256 == kept.sha256

@@ -77,6 +77,18 @@ SERVE_FLAGS = (
         default=os.environ.get("MEMSERVE_TLS_CLIENT_CA") or None,
         help="PEM CA: require client certificates it signed, mutual TLS (default: $MEMSERVE_TLS_CLIENT_CA)",
     ),
+    flag(
+        "--tokens-file",
+        type=Path,
+        default=os.environ.get("MEMSERVE_TOKENS_FILE") or None,
+        help="tokens bound to tenants and scopes (JSON), re-read on change (default: $MEMSERVE_TOKENS_FILE)",
+    ),
+    flag(
+        "--auth-reads",
+        action="store_true",
+        default=os.environ.get("MEMSERVE_AUTH_READS", "").lower() in ("1", "true", "yes", "on"),
+        help="require a token for generating and reading too (default: $MEMSERVE_AUTH_READS)",
+    ),
     flag("--metrics-port", type=int, default=9464, help="Prometheus /metrics port; 0 = off"),
     flag(
         "--metrics-max-memories",
@@ -205,6 +217,9 @@ def server_config(args: argparse.Namespace) -> Any:
         max_context_tokens=args.max_context_tokens,
         max_prefill_tokens=args.max_prefill_tokens,
     )
+    token = os.environ.get(TOKEN_ENV, "").strip() or None
+    if args.auth_reads and token is None and args.tokens_file is None:
+        raise ValueError(f"--auth-reads needs tokens: set ${TOKEN_ENV} or pass --tokens-file")
     return ServerConfig(
         tls=tls_config(args),
         host=args.host,
@@ -213,7 +228,9 @@ def server_config(args: argparse.Namespace) -> Any:
         metrics_port=args.metrics_port or None,
         metrics_max_memory_labels=args.metrics_max_memories,
         # A token file or a Kubernetes Secret made with --from-file usually ends with a newline.
-        auth_token=os.environ.get(TOKEN_ENV, "").strip() or None,
+        auth_token=token,
+        tokens_file=args.tokens_file,
+        auth_reads=args.auth_reads,
         store=store,
         model=model_config(args),
         engine=engine,

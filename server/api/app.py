@@ -10,6 +10,7 @@ import socket
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from wsgiref.simple_server import WSGIServer
 
 import grpc
@@ -19,6 +20,7 @@ from prometheus_client import start_http_server
 from uvicorn import Config as UvicornConfig
 from uvicorn import Server as UvicornServer
 
+from memserve.api.auth import Auth
 from memserve.api.evaluation import EvaluationService
 from memserve.api.generation import GenerationService
 from memserve.api.http import Draining, build_app, wait_started
@@ -71,7 +73,11 @@ class ServerConfig:
     metrics_port: int | None = 9464
     """Prometheus /metrics port; 0 = any free port (tests); None = no metrics endpoint."""
     auth_token: str | None = None
-    """A bearer token the mutating RPCs require; None = no auth (`serve` reads $MEMSERVE_TOKEN)."""
+    """A bearer token for every RPC and tenant; None = none (`serve` reads $MEMSERVE_TOKEN)."""
+    tokens_file: Path | None = None
+    """Tokens bound to tenants and scopes (docs/operations.md); re-read when it changes."""
+    auth_reads: bool = False
+    """Require a token for reading and generating too, not only for changes."""
     metrics_max_memory_labels: int = DEFAULT_MAX_MEMORY_LABELS
     """Memories (banks, sets, adapters) that get a metrics label of their own; later ones: `other`."""
     store: StoreConfig | None = field(default_factory=StoreConfig)
@@ -179,7 +185,8 @@ async def _start(
     health_servicer: health.aio.HealthServicer,
     started: float,
 ) -> RunningServer:
-    server, services = _grpc_server(config, loaded, engine, runtime, health_servicer)
+    auth = Auth(config.auth_token, config.tokens_file, config.auth_reads)  # a bad tokens file: an error now
+    server, services = _grpc_server(config, loaded, engine, runtime, health_servicer, auth)
     # Bind every port before anything starts, so a busy port is a clean error.
     port = _listen(server, f"{config.host}:{config.port}", config.tls)
     http_socket = None if config.http_port is None else _bind(config.host, config.http_port, "the HTTP API")
@@ -189,7 +196,7 @@ async def _start(
         if http_socket is not None:
             http_socket.close()
         raise
-    if config.auth_token is None and config.host not in ("127.0.0.1", "localhost", "::1"):
+    if not auth.enabled and config.host not in ("127.0.0.1", "localhost", "::1"):
         log.warning(
             "listening on %s without $MEMSERVE_TOKEN: anyone who reaches it can change memories",
             config.host,
@@ -199,7 +206,7 @@ async def _start(
     http = None
     if http_socket is not None:
         draining = Draining()
-        app = build_app(services["generation"], services, config.auth_token, lambda: engine.alive, draining)
+        app = build_app(services["generation"], services, auth, lambda: engine.alive, draining)
         http = await HttpFront.start(app, http_socket, draining, config.shutdown_grace_seconds, config.tls)
     for name in ("", *SERVICE_NAMES):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -278,11 +285,12 @@ def _grpc_server(
     engine: Engine,
     runtime: StoreRuntime | None,
     health_servicer: health.aio.HealthServicer,
+    auth: Auth,
 ) -> tuple[grpc.aio.Server, dict[str, object]]:
     """The gRPC server with its services (the memory and job services only with a store),
     health and reflection, not yet listening; and the servicers by name, for the HTTP front."""
     server = grpc.aio.server(
-        interceptors=[ErrorInterceptor(config.auth_token)],
+        interceptors=[ErrorInterceptor(auth)],
         options=[
             ("grpc.max_receive_message_length", config.max_message_bytes),
             ("grpc.max_send_message_length", config.max_message_bytes),

@@ -6,10 +6,13 @@ with what to fix.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
+from collections.abc import Iterator
 from typing import Any
 
+from google.protobuf.json_format import MessageToDict
 from google.protobuf.message import Message
 from google.protobuf.struct_pb2 import Struct
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -26,7 +29,7 @@ from memserve.engine.requests import (
 )
 from memserve.engine.sampling import SamplingParams
 from memserve.engine.scheduler import EngineConfig
-from memserve.errors import InvalidArgument
+from memserve.errors import InvalidArgument, MemserveError
 from memserve.memory.kind import MemoryKey, MemoryRefSpec
 from memserve.memory_store.artifact import MemoryMeta
 from memserve.memory_store.jobs import Job, JobState
@@ -48,6 +51,27 @@ FINISH_REASONS = {
     FinishReason.STOP_SEQUENCE: pb.FINISH_REASON_STOP_SEQUENCE,
     FinishReason.CONTEXT_LENGTH: pb.FINISH_REASON_CONTEXT_LENGTH,
 }
+
+
+def struct_to_dict(struct: Struct, where: str) -> dict[str, Any]:
+    """A request's free JSON (a job's spec, an evaluation's options) as a dict."""
+    try:
+        return MessageToDict(struct)
+    except ValueError:  # NaN or infinity: JSON has no such numbers, and no check expects them
+        raise InvalidArgument(f"{where} holds a number JSON cannot carry (NaN or infinity)") from None
+
+
+@contextlib.contextmanager
+def checking_client_json(where: str) -> Iterator[None]:
+    """Around the checks of a client's free JSON: a value of the wrong JSON type deep inside it
+    (a string where a list of objects belongs) makes the checks fail in Python's own words; that
+    is the client's mistake, answered INVALID_ARGUMENT, never INTERNAL."""
+    try:
+        yield
+    except MemserveError:
+        raise
+    except (TypeError, AttributeError, KeyError, IndexError, ValueError, OverflowError) as exc:
+        raise InvalidArgument(f"{where} is malformed: {exc}") from None
 
 
 def check_no_unknown_fields(message: Message, path: str = "") -> None:
@@ -93,6 +117,8 @@ def generation_request_from_pb(
         )
     if len(request.request_id) > MAX_REQUEST_ID_CHARS:
         raise InvalidArgument(f"request_id is longer than {MAX_REQUEST_ID_CHARS} characters")
+    if not request.request_id.isprintable():  # it is logged: a line break would forge a log line
+        raise InvalidArgument("request_id holds a control character (a line break, a tab, …)")
     if request.response.top_logprobs > MAX_TOP_LOGPROBS:
         raise InvalidArgument(
             f"response.top_logprobs must be at most {MAX_TOP_LOGPROBS}, got {request.response.top_logprobs}"

@@ -9,9 +9,8 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-from google.protobuf.json_format import MessageToDict
-
 from memserve.api.context import tenant_of
+from memserve.api.convert import struct_to_dict
 from memserve.engine.scheduler import Engine
 from memserve.engine.threads import run_in_compute_thread
 from memserve.errors import Cancelled, FailedPrecondition, InvalidArgument, ResourceExhausted
@@ -44,7 +43,7 @@ class EvaluationService(evaluation_pb2_grpc.EvaluationServiceServicer):
         async with self._busy:
             kind = get_kind(request.kind)
             artifact = await self._artifact(request, kind, tenant_of(context))
-            options = MessageToDict(request.options) if request.HasField("options") else {}
+            options = struct_to_dict(request.options, "options") if request.HasField("options") else {}
             with scratch_folder() as folder:
                 out = Path(folder)
                 async for update in self._run(kind, artifact, options, out):

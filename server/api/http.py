@@ -33,8 +33,8 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from memserve.api import openai
+from memserve.api.auth import BOUND_TENANT, Auth
 from memserve.api.generation import GenerationService
-from memserve.api.interceptor import MUTATING_RPCS, check_token
 from memserve.errors import InvalidArgument, MemserveError, NotFound, Unavailable
 from memserve.metrics import REQUEST_DURATION, REQUESTS
 from memserve.v1 import generation_pb2 as pb
@@ -109,17 +109,26 @@ class Draining:
 Handler = Callable[[Request], Awaitable[Response]]
 
 
-def endpoint(name: str, draining: Draining) -> Callable[[Handler], Handler]:
-    """A route's errors as OpenAI-shaped JSON, and its status in the request metrics under
-    `name` (the RPC it stands for, or the OpenAI route)."""
+ROUTE_RPCS = {"Completions": "Generate", "ChatCompletions": "Generate", "ListModels": "GetModelInfo"}
+"""The RPC whose rules (token, scope) an OpenAI route follows."""
+
+
+def endpoint(name: str, draining: Draining, auth: Auth | None = None) -> Callable[[Handler], Handler]:
+    """A route's errors as OpenAI-shaped JSON, its status in the request metrics under `name` (the
+    RPC it stands for, or the OpenAI route), and, with `auth`, the token and the tenant it binds
+    the request to, by the RPC's rules."""
 
     def wrap(handler: Handler) -> Handler:
         async def route(request: Request) -> Response:
             started = time.perf_counter()
             code = "OK"
+            bound = None
             try:
                 if draining.on:
                     raise Unavailable("the server is shutting down: retry on another replica")
+                if auth is not None and auth.enabled:
+                    metadata = HttpContext(request).invocation_metadata()
+                    bound = BOUND_TENANT.set(auth.authorize(metadata, ROUTE_RPCS.get(name, name)))
                 return await handler(request)
             except Exception as exc:
                 error = _failure(name, exc)
@@ -129,6 +138,8 @@ def endpoint(name: str, draining: Draining) -> Callable[[Handler], Handler]:
             finally:
                 REQUESTS.labels(name, code).inc()
                 REQUEST_DURATION.labels(name).observe(time.perf_counter() - started)
+                if bound is not None:
+                    BOUND_TENANT.reset(bound)
 
         return route
 
@@ -304,14 +315,12 @@ async def rpc_request(rpc: Rpc, request: Request) -> Message:
     return message
 
 
-def management_route(rpc: Rpc, servicer: Any, token: str | None, draining: Draining) -> Route:
+def management_route(rpc: Rpc, servicer: Any, auth: Auth | None, draining: Draining) -> Route:
     behaviour = getattr(servicer, rpc.rpc)
 
-    @endpoint(rpc.rpc, draining)
+    @endpoint(rpc.rpc, draining, auth)
     async def route(request: Request) -> Response:
         context = HttpContext(request)
-        if token is not None and rpc.rpc in MUTATING_RPCS:
-            check_token(context.invocation_metadata(), token, rpc.rpc)
         message = await rpc_request(rpc, request)
         if not rpc.stream:
             return JSONResponse(to_json(await behaviour(message, context)))
@@ -324,7 +333,7 @@ def management_route(rpc: Rpc, servicer: Any, token: str | None, draining: Drain
 def build_app(
     generation: GenerationService,
     services: dict[str, Any],
-    token: str | None,
+    auth: Auth | None,
     ready: Callable[[], bool],
     draining: Draining,
 ) -> Starlette:
@@ -332,15 +341,15 @@ def build_app(
     on a server without a store; `ready` says whether the engine can serve."""
     openai_routes = OpenAIRoutes(generation, services.get("memories"), draining)
 
-    @endpoint("Completions", draining)
+    @endpoint("Completions", draining, auth)
     async def completions(request: Request) -> Response:
         return await openai_routes.completions(request, chat=False)
 
-    @endpoint("ChatCompletions", draining)
+    @endpoint("ChatCompletions", draining, auth)
     async def chat_completions(request: Request) -> Response:
         return await openai_routes.completions(request, chat=True)
 
-    @endpoint("ListModels", draining)
+    @endpoint("ListModels", draining, auth)
     async def models(request: Request) -> Response:
         return await openai_routes.models(request)
 
@@ -366,7 +375,7 @@ def build_app(
     for rpc in MANAGEMENT:
         servicer = services.get(rpc.service)
         if servicer is not None:
-            routes.append(management_route(rpc, servicer, token, draining))
+            routes.append(management_route(rpc, servicer, auth, draining))
         else:
             routes.append(Route(rpc.path, _no_store(rpc.rpc, draining), methods=[rpc.method]))
     app = Starlette(routes=routes)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
+import contextvars
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -17,41 +17,48 @@ from typing import Any
 
 import grpc
 
+from memserve.api.auth import BOUND_TENANT, Auth
 from memserve.api.convert import check_no_unknown_fields
-from memserve.errors import MemserveError, Unauthenticated
+from memserve.errors import InvalidArgument, MemserveError
 from memserve.metrics import REQUEST_DURATION, REQUESTS
 
 log = logging.getLogger(__name__)
 
 OWN_SERVICES_PREFIX = "/memserve.v1."
-# What changes the store or the jobs, or holds the server's compute for minutes (an
-# evaluation); reading and generating need no token.
-MUTATING_RPCS = frozenset(
-    {
-        "Evaluate",
-        "RegisterDocuments",
-        "RegisterFacts",
-        "RegisterAdapter",
-        "PutMemory",
-        "DeleteMemory",
-        "SubmitJob",
-        "CancelJob",
-    }
-)
 
 
-def check_token(metadata: Any, token: str, rpc: str) -> None:
-    """Unauthenticated unless the call carries `authorization: Bearer <token>` (compared in constant time)."""
-    given = ""
-    for key, value in metadata or ():
-        if key == "authorization" and isinstance(value, str) and value.startswith("Bearer "):
-            given = value[len("Bearer ") :]
-    if not hmac.compare_digest(given.encode(), token.encode()):
-        raise Unauthenticated(
-            f"{rpc} changes the store: this server wants a bearer token (token= or $MEMSERVE_TOKEN)"
-            if not given
-            else f"{rpc}: the bearer token is not this server's"
-        )
+class Undecodable:
+    """What a request's bytes became when they are not a message of the RPC's type: the handler
+    answers INVALID_ARGUMENT (and counts it), where gRPC itself would answer UNKNOWN uncounted."""
+
+    def __init__(self, type_name: str, error: Exception) -> None:
+        self.message = f"the request is not a valid {type_name} message ({type(error).__name__})"
+
+
+def _tolerant(deserialize: Callable[[bytes], Any] | None, type_name: str) -> Callable[[bytes], Any] | None:
+    if deserialize is None:
+        return None
+
+    def parse(data: bytes) -> Any:
+        try:
+            return deserialize(data)
+        except Exception as exc:  # DecodeError, and the runtime's other refusals (bad UTF-8)
+            return Undecodable(type_name, exc)
+
+    return parse
+
+
+def _check_message(message: Any) -> None:
+    if isinstance(message, Undecodable):
+        raise InvalidArgument(message.message)
+    check_no_unknown_fields(message)
+
+
+async def _checked(messages: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    """A client stream's messages, each checked as it comes."""
+    async for message in messages:
+        _check_message(message)
+        yield message
 
 
 async def _abort(context: grpc.aio.ServicerContext, method: str, exc: Exception) -> None:
@@ -93,14 +100,15 @@ class _Call:
         self.context = context
         self.started = time.perf_counter()
         self.code = "OK"
+        self._bound: contextvars.Token[str | None] | None = None
 
-    def check(self, request: Any, token: str | None) -> None:
-        """The bearer token (mutating RPCs, on a server that has one) and unknown fields (a
-        client stream's messages are checked one by one, as they come)."""
-        if token is not None and self.rpc in MUTATING_RPCS:
-            check_token(self.context.invocation_metadata(), token, self.rpc)
+    def check(self, request: Any, auth: Auth | None) -> None:
+        """The bearer token and the tenant it binds the call to (on a server with tokens), and
+        unknown fields (a client stream's messages are checked one by one, as they come)."""
+        if auth is not None:
+            self._bound = BOUND_TENANT.set(auth.authorize(self.context.invocation_metadata(), self.rpc))
         if not isinstance(request, AsyncIterator):
-            check_no_unknown_fields(request)
+            _check_message(request)
 
     async def __aenter__(self) -> _Call:
         return self
@@ -116,25 +124,31 @@ class _Call:
                 await _abort(self.context, self.method, exc)
         finally:
             _record(self.rpc, self.code, self.started)
+            if self._bound is not None:
+                BOUND_TENANT.reset(self._bound)
 
 
 def _unary_request(
-    method: str, behaviour: Callable[..., Awaitable[Any]], token: str | None
+    method: str, behaviour: Callable[..., Awaitable[Any]], auth: Auth | None
 ) -> Callable[..., Awaitable[Any]]:
     async def handler(request: Any, context: grpc.aio.ServicerContext) -> Any:
         async with _Call(method, context) as call:
-            call.check(request, token)
+            call.check(request, auth)
+            if isinstance(request, AsyncIterator):
+                request = _checked(request)
             return await behaviour(request, context)
 
     return handler
 
 
 def _streaming_response(
-    method: str, behaviour: Callable[..., AsyncIterator[Any]], token: str | None
+    method: str, behaviour: Callable[..., AsyncIterator[Any]], auth: Auth | None
 ) -> Callable[..., AsyncIterator[Any]]:
     async def handler(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
         async with _Call(method, context) as call:
-            call.check(request, token)
+            call.check(request, auth)
+            if isinstance(request, AsyncIterator):
+                request = _checked(request)
             async with contextlib.aclosing(behaviour(request, context)) as responses:
                 async for response in responses:
                     yield response
@@ -143,10 +157,10 @@ def _streaming_response(
 
 
 class ErrorInterceptor(grpc.aio.ServerInterceptor):
-    """Statuses from exceptions, metrics per RPC and, with a `token`, bearer auth on mutating RPCs."""
+    """Statuses from exceptions, metrics per RPC and, with `auth`, tokens and tenants."""
 
-    def __init__(self, token: str | None = None) -> None:
-        self.token = token or None
+    def __init__(self, auth: Auth | None = None) -> None:
+        self.auth = auth if auth is not None and auth.enabled else None
 
     async def intercept_service(
         self,
@@ -158,22 +172,23 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         # Only our own services: the standard ones (health, reflection) keep their own handlers.
         if handler is None or not method.startswith(OWN_SERVICES_PREFIX):
             return handler
+        type_name = method.rsplit("/", 1)[-1] + "'s request"
         codec = {
-            "request_deserializer": handler.request_deserializer,
+            "request_deserializer": _tolerant(handler.request_deserializer, type_name),
             "response_serializer": handler.response_serializer,
         }
         if handler.unary_unary:
             return grpc.unary_unary_rpc_method_handler(
-                _unary_request(method, handler.unary_unary, self.token), **codec
+                _unary_request(method, handler.unary_unary, self.auth), **codec
             )
         if handler.unary_stream:
             return grpc.unary_stream_rpc_method_handler(
-                _streaming_response(method, handler.unary_stream, self.token), **codec
+                _streaming_response(method, handler.unary_stream, self.auth), **codec
             )
         if handler.stream_unary:
             return grpc.stream_unary_rpc_method_handler(
-                _unary_request(method, handler.stream_unary, self.token), **codec
+                _unary_request(method, handler.stream_unary, self.auth), **codec
             )
         return grpc.stream_stream_rpc_method_handler(
-            _streaming_response(method, handler.stream_stream, self.token), **codec
+            _streaming_response(method, handler.stream_stream, self.auth), **codec
         )

@@ -7,14 +7,14 @@ import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
-from google.protobuf.json_format import MessageToDict
-
 from memserve.api.context import tenant_of
 from memserve.api.convert import (
     JOB_STATES_FROM_PB,
+    checking_client_json,
     job_to_pb,
+    struct_to_dict,
 )
-from memserve.errors import NotFound
+from memserve.errors import InvalidArgument, NotFound
 from memserve.memory.registry import get_kind
 from memserve.memory.runtime import StoreRuntime
 from memserve.memory_store.jobs import Job
@@ -58,6 +58,8 @@ class JobService(jobs_pb2_grpc.JobServiceServicer):
         return job_to_pb(await self.runtime.run(self.runtime.queue.cancel, request.job_id))
 
     async def ListJobs(self, request: jobs_pb2.ListJobsRequest, context: Any) -> Any:
+        if request.state and request.state not in JOB_STATES_FROM_PB:
+            raise InvalidArgument(f"state {request.state} is not a job state this server knows")
         jobs, token = await self.runtime.run(
             self.runtime.queue.list,
             state=JOB_STATES_FROM_PB.get(request.state),
@@ -71,7 +73,8 @@ class JobService(jobs_pb2_grpc.JobServiceServicer):
     async def SubmitJob(self, request: jobs_pb2.SubmitJobRequest, context: Any) -> Any:
         check_name(request.memory_name)
         kind = get_kind(request.kind)
-        spec = kind.validate_spec(MessageToDict(request.spec))
+        with checking_client_json("spec"):
+            spec = kind.validate_spec(struct_to_dict(request.spec, "spec"))
         job = await self.runtime.run(
             self.runtime.queue.submit, request.kind, request.memory_name, spec, tenant=tenant_of(context)
         )

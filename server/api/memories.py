@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+import contextlib
+import hashlib
+from collections import Counter
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import replace
 from typing import Any
 
+import torch
 from google.protobuf.json_format import MessageToDict
 
 from memserve.api.context import tenant_of
@@ -14,14 +18,14 @@ from memserve.api.convert import (
     job_to_pb,
     memory_info_to_pb,
 )
-from memserve.errors import InvalidArgument, ResourceExhausted
+from memserve.errors import InvalidArgument, MemserveError, ResourceExhausted
 from memserve.memory.registry import get_kind
 from memserve.memory.runtime import StoreRuntime
-from memserve.memory_store.artifact import export_bytes, import_bytes
+from memserve.memory_store.artifact import Artifact, import_bytes
 from memserve.names import check_name
 from memserve.v1 import memory_pb2, memory_pb2_grpc
 
-EXPORT_CHUNK_BYTES = 1 << 20
+EXPORT_CHUNK_BYTES = 256 << 10
 
 
 def _as_dict(message: Any) -> dict[str, Any]:
@@ -37,6 +41,7 @@ class MemoryService(memory_pb2_grpc.MemoryServiceServicer):
         self.runtime = runtime
         # An upload is held in memory while it is checked: a few at a time.
         self._uploads = asyncio.Semaphore(MAX_CONCURRENT_UPLOADS)
+        self._exports: Counter[str] = Counter()  # open ExportMemory streams by tenant
 
     async def _submit(self, context: Any, kind_name: str, memory_name: str, spec: dict[str, Any]) -> Any:
         check_name(memory_name)
@@ -73,12 +78,36 @@ class MemoryService(memory_pb2_grpc.MemoryServiceServicer):
                     )
             if not data:
                 raise InvalidArgument("PutMemory received no data: send the export file in chunks")
+            # The same file sent again (a retry after a lost answer) returns the version it made.
+            upload_key = "put:" + hashlib.sha256(data).hexdigest()[:32]
             artifact = await self.runtime.run(import_bytes, bytes(data))
             del data
-        get_kind(artifact.meta.kind)  # a kind this server can serve
+            await self.runtime.run(self._check_upload, artifact)
         meta = replace(artifact.meta, name=check_name(name or artifact.meta.name), tenant=tenant, version=0)
-        published = await self.runtime.run(self.runtime.store.publish, meta, artifact.tensors)
+        published = await self.runtime.run(
+            self.runtime.store.publish, meta, artifact.tensors, job_id=upload_key
+        )
         return memory_info_to_pb(published, await self.runtime.run(self._versions, published.name, tenant))
+
+    def _check_upload(self, artifact: Artifact) -> None:
+        """What serving the memory would find wrong, found before it is stored: a kind this
+        server lacks, another base model, NaN or infinite values, and whatever the kind's own
+        loader refuses (missing hyperparameters, tensors of the wrong names or shapes)."""
+        meta = artifact.meta
+        kind = get_kind(meta.kind)
+        meta.check_base_model(self.runtime.cache.fingerprint)
+        for name, tensor in artifact.tensors.items():
+            if (tensor.is_floating_point() or tensor.is_complex()) and not bool(torch.isfinite(tensor).all()):
+                raise InvalidArgument(f"tensor {name!r} of the upload holds NaN or infinite values")
+        target = replace(self.runtime.cache.target, device=torch.device("cpu"), observe=None)
+        try:
+            kind.load(artifact, target)
+        except MemserveError:
+            raise
+        except Exception as exc:  # the loader's own refusal: the upload does not fit the kind
+            raise InvalidArgument(
+                f"the upload is not a {meta.kind} memory this server can load: {exc!r}"
+            ) from None
 
     def _versions(self, name: str, tenant: str) -> list[int]:
         return self.runtime.store.versions(name, tenant=tenant)
@@ -110,12 +139,38 @@ class MemoryService(memory_pb2_grpc.MemoryServiceServicer):
         return memory_pb2.DeleteMemoryResponse(deleted_versions=deleted)
 
     async def ExportMemory(self, request: memory_pb2.ExportMemoryRequest, context: Any) -> AsyncIterator[Any]:
+        """Streams the export file from Redis a chunk at a time: the next chunk is read only once
+        gRPC's flow control took the last, so a client that stops reading holds one chunk."""
         check_name(request.name)
-        store = self.runtime.store
-        artifact = await self.runtime.run(
-            store.load, request.name, request.version, tenant=tenant_of(context)
-        )
-        data = await self.runtime.run(export_bytes, artifact)
-        for offset in range(0, len(data), EXPORT_CHUNK_BYTES):
-            name = artifact.meta.name if offset == 0 else ""
-            yield memory_pb2.MemoryChunk(name=name, data=data[offset : offset + EXPORT_CHUNK_BYTES])
+        tenant = tenant_of(context)
+        with self._export_slot(tenant):
+            meta, chunks = await self.runtime.run(
+                self.runtime.store.export_chunks,
+                request.name,
+                request.version,
+                tenant=tenant,
+                chunk_bytes=EXPORT_CHUNK_BYTES,
+            )
+            name = meta.name
+            while (data := await self.runtime.run(next, chunks, None)) is not None:
+                yield memory_pb2.MemoryChunk(name=name, data=data)
+                name = ""
+
+    @contextlib.contextmanager
+    def _export_slot(self, tenant: str) -> Iterator[None]:
+        """One of the open exports the server and the tenant may hold; RESOURCE_EXHAUSTED if none."""
+        config = self.runtime.config
+        if sum(self._exports.values()) >= config.max_exports:
+            raise ResourceExhausted(f"{config.max_exports} exports are already running: retry shortly")
+        if self._exports[tenant] >= config.max_exports_per_tenant:
+            raise ResourceExhausted(
+                f"tenant {tenant!r} already has {config.max_exports_per_tenant} exports running: "
+                "finish reading them, or retry shortly"
+            )
+        self._exports[tenant] += 1
+        try:
+            yield
+        finally:
+            self._exports[tenant] -= 1
+            if not self._exports[tenant]:
+                del self._exports[tenant]

@@ -14,13 +14,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from memserve.errors import MemserveError
 from memserve.memory.cache import MemoryCache
 from memserve.memory.hooks import MemoryHooks
 from memserve.memory.kind import LoadTarget, MemoryObserver
 from memserve.memory.registry import load_plugins
 from memserve.memory_store.jobs import JOBS_CHANNEL, JobQueue
 from memserve.memory_store.redis_server import RedisServer, default_data_dir
-from memserve.memory_store.redis_store import CHANGES_CHANNEL, RedisStore, connect, listen, parse_change
+from memserve.memory_store.redis_store import (
+    CHANGES_CHANNEL,
+    RedisStore,
+    connect,
+    listen,
+    parse_change,
+    redacted,
+)
 from memserve.models import LoadedModel
 from memserve.training.worker import Worker, WorkerConfig
 
@@ -44,6 +52,11 @@ class StoreConfig:
     max_upload_bytes: int = 256 << 20
     """Largest artifact PutMemory accepts (held in memory while checked; Redis's own limit
     for one value is 512 MB)."""
+    max_exports: int = 32
+    """ExportMemory streams open at once, all tenants together; more answer RESOURCE_EXHAUSTED.
+    Each costs about one chunk (256 KiB) and the connection's buffers, however large the memory."""
+    max_exports_per_tenant: int = 8
+    """ExportMemory streams one tenant may hold open at once."""
     store_threads: int = 4
     """Threads for blocking store calls: their own, so a slow Redis never holds up tokenising."""
 
@@ -110,8 +123,19 @@ class StoreRuntime:
         self._events = self._listen_to_events()
         workers = config.workers if config.workers is not None else (1 if self.redis_server else 0)
         self._workers = [self._start_worker(i, loaded) for i in range(workers)]
-        where = f"embedded Redis in {self.redis_server.data_dir}" if self.redis_server else self.url
+        where = f"embedded Redis in {self.redis_server.data_dir}" if self.redis_server else redacted(self.url)
         log.info("memory store: %s; %d in-process worker(s)", where, workers)
+        self.executor.submit(self._sweep_orphans)
+
+    def _sweep_orphans(self) -> None:
+        """Once at start, off the start's path: blobs older versions could leave behind."""
+        try:
+            swept = self.store.sweep_orphan_blobs()
+        except MemserveError as exc:  # Redis away: the next start sweeps
+            log.warning("could not sweep orphaned memory blobs: %s", exc)
+            return
+        if swept:
+            log.info("deleted %d memory blob(s) that no version pointed at", swept)
 
     def _listen_to_events(self) -> threading.Thread:
         """Starts the thread that feeds the cache the store's changes and the job watchers the

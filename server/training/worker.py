@@ -33,7 +33,7 @@ from memserve.memory.kind import JobCancelled, TrainContext
 from memserve.memory.registry import get_kind, load_plugins, registered_kinds
 from memserve.memory_store.artifact import Artifact, MemoryMeta
 from memserve.memory_store.jobs import Job, JobQueue, JobState, Progress
-from memserve.memory_store.redis_store import RedisStore, connect, wait_for_redis
+from memserve.memory_store.redis_store import RedisStore, connect, redacted, wait_for_redis
 from memserve.metrics import JOB_DURATION, JOBS, precreate_job_series, register_job_queue
 from memserve.models import LoadedModel, ModelConfig, load_model
 
@@ -270,6 +270,10 @@ def run_worker(
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     log.info(
-        "worker %s: %s on %s, kinds: %s", worker.name, loaded.name, redis_url, ", ".join(registered_kinds())
+        "worker %s: %s on %s, kinds: %s",
+        worker.name,
+        loaded.name,
+        redacted(redis_url),
+        ", ".join(registered_kinds()),
     )
     worker.run(stop)
