@@ -135,6 +135,7 @@ class JobQueue:
         self._update = client.register_script(lua.UPDATE_JOB)
         self._finish = client.register_script(lua.FINISH_JOB)
         self._cancel = client.register_script(lua.CANCEL_JOB)
+        self._hand_back = client.register_script(lua.HAND_BACK)
         self._group_ready = False
 
     def ensure_group(self) -> None:
@@ -359,6 +360,16 @@ class JobQueue:
             self.acknowledge(entry_id)
             self._notify(job_id)
         return bool(owned)
+
+    def hand_back(self, job_id: str, entry_id: str, consumer: str, progress: Progress | None) -> bool:
+        """Queues a job this worker runs again, for the next worker, keeping its progress and not
+        counting the attempt; False when the job is no longer this worker's."""
+        payload = json.dumps((progress or Progress(0, 0)).__dict__, allow_nan=False)
+        keys = [job_key(job_id), STREAM]
+        handed = bool(self._hand_back(keys=keys, args=[consumer, entry_id, GROUP, job_id, payload]))
+        if handed:
+            self._notify(job_id)
+        return handed
 
     def acknowledge(self, entry_id: str) -> None:
         self.client.xack(STREAM, GROUP, entry_id)

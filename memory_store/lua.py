@@ -134,6 +134,23 @@ redis.call('XCLAIM', KEYS[2], ARGV[3], ARGV[1], 0, ARGV[2], 'JUSTID')
 return 1
 """
 
+# Hands a running job back to the queue (a worker told to stop, past its grace period): queued
+# again with its progress, a new stream entry for the next worker, and the attempt not counted
+# (the worker did not die). KEYS: the job, the stream. ARGV: worker, stream entry, group, job id,
+# progress JSON. Returns 1, or 0 when the job is no longer this worker's.
+HAND_BACK = """
+if redis.call('HGET', KEYS[1], 'worker') ~= ARGV[1] or redis.call('HGET', KEYS[1], 'state') ~= 'running' then
+  return 0
+end
+redis.call('HSET', KEYS[1], 'state', 'queued', 'progress', ARGV[5])
+redis.call('HDEL', KEYS[1], 'worker')
+redis.call('HINCRBY', KEYS[1], 'attempts', -1)
+redis.call('XACK', KEYS[2], ARGV[3], ARGV[2])
+redis.call('XDEL', KEYS[2], ARGV[2])
+redis.call('XADD', KEYS[2], '*', 'job', ARGV[4])
+return 1
+"""
+
 # Updates a running job this worker owns. KEYS: the job. ARGV: worker, then field/value pairs.
 # Returns 'ok', 'cancel' (cancellation was asked for; nothing written) or 'lost' (another
 # worker owns it now, or it is final).

@@ -117,11 +117,11 @@ def test_a_presumed_dead_worker_cannot_overwrite_its_successor(queue):
     assert failed.state is JobState.FAILED and "gave up after 3 attempts" in failed.error
 
 
-def _worker_process(redis_url: str, model_dir: Path, log: Path) -> subprocess.Popen[bytes]:
+def _worker_process(redis_url: str, model_dir: Path, log: Path, *options: str) -> subprocess.Popen[bytes]:
     command = [
         sys.executable, "-m", "memserve.clients.cli", "worker", "--redis-url", redis_url,
         "--model", str(model_dir), "--device", "cpu", "--plugin", "tests.kinds",
-        "--heartbeat-interval", "0.2", "--claim-idle", "1.5",
+        "--heartbeat-interval", "0.2", "--claim-idle", "1.5", "--metrics-port", "0", *options,
     ]  # fmt: skip
     return subprocess.Popen(command, cwd=REPO, stdout=log.open("wb"), stderr=subprocess.STDOUT,
                             env={**os.environ, "PYTHONPATH": str(REPO)})  # fmt: skip
@@ -193,3 +193,54 @@ def test_the_group_is_made_again_when_redis_lost_it(queue, store):
         store.client.delete(key)  # as after a flush or a failover to an empty replica
     job = queue.submit("test-bias", "second", {})
     assert queue.next_entry("w", claim_idle=60, block=0.1)[1] == job.id
+
+
+def test_a_sigtermed_worker_finishes_its_job_while_another_waits(
+    queue, store, redis_url, tiny_llama_dir, tmp_path
+):
+    # Long enough that the second worker is up while the first still trains (a worker's start
+    # takes seconds), and would take the job over if the first went silent.
+    job = queue.submit("test-bias", "drained", {"steps": 240, "step_seconds": 0.05, "seed": 3})
+    first = _worker_process(redis_url, tiny_llama_dir, tmp_path / "first.log")
+    second = None
+    try:
+        wait_until(lambda: queue.get(job.id).progress.step >= 5, 60)
+        running = queue.get(job.id).worker
+        first.send_signal(signal.SIGTERM)  # finish what you hold; take nothing new
+        second = _worker_process(
+            redis_url, tiny_llama_dir, tmp_path / "second.log"
+        )  # would steal a silent job
+        done = wait_final(queue, job.id, timeout=60)
+        assert first.wait(30) == 0  # and then it exits
+    finally:
+        for process in (first, second):
+            if process is not None and process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+                process.wait(20)
+    assert done.state is JobState.SUCCEEDED, (tmp_path / "first.log").read_text()
+    assert done.worker == running and done.attempts == 1  # the same worker, never restarted
+    assert store.versions("drained") == [1]
+
+
+def test_past_its_grace_a_stopping_worker_hands_the_job_back(
+    queue, store, redis_url, tiny_llama_dir, tmp_path
+):
+    job = queue.submit("test-bias", "handed", {"steps": 60, "step_seconds": 0.05, "seed": 4})
+    first = _worker_process(redis_url, tiny_llama_dir, tmp_path / "first.log", "--drain-seconds", "0")
+    second = None
+    try:
+        wait_until(lambda: queue.get(job.id).progress.step >= 5, 60)
+        first.send_signal(signal.SIGTERM)
+        assert first.wait(30) == 0
+        handed = queue.get(job.id)
+        assert handed.state is JobState.QUEUED and handed.attempts == 0 and handed.progress.step >= 5
+        second = _worker_process(redis_url, tiny_llama_dir, tmp_path / "second.log")
+        done = wait_final(queue, job.id, timeout=60)  # taken at once, not after a silence
+    finally:
+        for process in (first, second):
+            if process is not None and process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+                process.wait(20)
+    assert "handed back" in (tmp_path / "first.log").read_text()
+    assert done.state is JobState.SUCCEEDED and done.attempts == 1
+    assert store.versions("handed") == [1]

@@ -149,6 +149,12 @@ WORKER_FLAGS = (
         "--claim-idle", type=float, default=15.0, help="take over a job whose worker is silent this long (s)"
     ),
     flag("--max-attempts", type=int, default=3, help="fail a job whose workers died this often"),
+    flag(
+        "--drain-seconds",
+        type=float,
+        default=300.0,
+        help="on SIGTERM, finish the job in hand for this long, then hand it back to the queue",
+    ),
     flag("--metrics-port", type=int, default=9465, help="Prometheus /metrics port; 0 = off"),
     flag("--metrics-host", default="127.0.0.1", help="address the metrics port listens on (0.0.0.0: all)"),
 )
@@ -259,7 +265,10 @@ def run_worker(args: argparse.Namespace) -> int:
     from memserve.training.worker import WorkerConfig, run_worker
 
     config = WorkerConfig(
-        heartbeat_interval=args.heartbeat_interval, claim_idle=args.claim_idle, max_attempts=args.max_attempts
+        heartbeat_interval=args.heartbeat_interval,
+        claim_idle=args.claim_idle,
+        max_attempts=args.max_attempts,
+        drain_seconds=args.drain_seconds,
     )
     run_worker(
         args.redis_url,

@@ -54,6 +54,18 @@ from memserve.v1 import (
 
 log = logging.getLogger(__name__)
 
+
+class _ClientLeftFilter(logging.Filter):
+    """grpc's asyncio server logs an error with a traceback when a streaming handler writes to a
+    client that has just cancelled (`ExecuteBatchError raised in core by servicer method`): a
+    client leaving is not a server error, and the request metrics count it as CANCELLED."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("ExecuteBatchError raised in core by servicer method")
+
+
+logging.getLogger("grpc._cython.cygrpc").addFilter(_ClientLeftFilter())
+
 SERVICE_NAMES = (
     generation_pb2.DESCRIPTOR.services_by_name["GenerationService"].full_name,
     memory_pb2.DESCRIPTOR.services_by_name["MemoryService"].full_name,

@@ -10,7 +10,7 @@ import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -158,7 +158,9 @@ class StoreRuntime:
 
     def _start_worker(self, index: int, loaded: LoadedModel) -> threading.Thread:
         """Starts an in-process trainer worker on the serving model."""
-        worker = Worker(self.store, self.queue, lambda: loaded, config=self.config.worker)
+        # No drain inside a server: at shutdown the job in hand goes back to the queue at once.
+        config = replace(self.config.worker, drain_seconds=0.0)
+        worker = Worker(self.store, self.queue, lambda: loaded, config=config)
         thread = threading.Thread(target=worker.run, args=(self._stop,), name=f"worker-{index}", daemon=True)
         thread.start()
         return thread

@@ -50,6 +50,10 @@ class WorkerConfig:
     max_attempts: int = 3
     # Progress is written at most this often (the last report always is).
     report_interval: float = 0.25
+    # Told to stop (SIGTERM), a worker finishes the job in hand for this long, heartbeating,
+    # then hands it back to the queue (with its progress) for another worker. In-process
+    # workers of a server use 0: the server's shutdown does not wait for training.
+    drain_seconds: float = 300.0
 
     def __post_init__(self) -> None:
         if self.claim_idle <= 2 * self.heartbeat_interval:
@@ -79,6 +83,8 @@ class _Context(TrainContext):
         if self._worker._lost == self.job_id:
             raise _LostJob(f"job {self.job_id} was taken over by another worker")
         now = time.monotonic()
+        if self._worker.draining_past_grace(now):
+            raise _HandBack(f"job {self.job_id}: the worker is stopping and its grace period has passed")
         if now - self._last_report < self._worker.config.report_interval and step < total:
             return
         self._last_report = now
@@ -95,6 +101,10 @@ class _Context(TrainContext):
             raise JobCancelled(f"job {self.job_id} was cancelled")
         if outcome == "lost":
             raise _LostJob(f"job {self.job_id} was taken over by another worker")
+
+
+class _HandBack(Exception):
+    """The worker is stopping and the job in hand cannot finish within its grace period."""
 
 
 class _LostJob(Exception):
@@ -120,11 +130,20 @@ class Worker:
         self._running: tuple[str, str] | None = None  # (stream entry, job id)
         self._lost: str | None = None  # a job the heartbeat found taken over
         self._lock = threading.Lock()
+        self._stopping_since: float | None = None  # when the worker was told to stop
+
+    def draining_past_grace(self, now: float) -> bool:
+        since = self._stopping_since
+        return since is not None and now - since >= self.config.drain_seconds
 
     def run(self, stop: threading.Event) -> None:
         """Takes and runs jobs until `stop` is set; survives Redis outages."""
         log.info("worker %s: waiting for jobs", self.name)
-        beat = threading.Thread(target=self._heartbeat, args=(stop,), name="worker-heartbeat", daemon=True)
+        # The heartbeat outlives `stop`: the job in hand stays this worker's while it drains.
+        done = threading.Event()
+        beat = threading.Thread(
+            target=self._heartbeat, args=(stop, done), name="worker-heartbeat", daemon=True
+        )
         beat.start()
         try:
             while not stop.is_set():
@@ -139,6 +158,8 @@ class Worker:
                     log.warning("worker %s: Redis error %s", self.name, exc)
                     stop.wait(1.0)
         finally:
+            done.set()
+            beat.join(timeout=5)
             self.queue.leave(self.name)
             log.info("worker %s: stopped", self.name)
 
@@ -197,6 +218,10 @@ class Worker:
         except _LostJob as exc:  # its entry is the new owner's now: not acknowledged
             log.warning("worker %s: %s", self.name, exc)
             return None
+        except _HandBack as exc:
+            handed = self.queue.hand_back(job.id, entry_id, self.name, self.last_progress)
+            log.info("worker %s: %s; %s", self.name, exc, "handed back" if handed else "already taken over")
+            return None
         except JobCancelled:
             self.queue.finish(job.id, entry_id, self.name, JobState.CANCELLED, progress=self.last_progress)
             log.info("worker %s: job %s cancelled", self.name, job.id)
@@ -220,9 +245,11 @@ class Worker:
         """The version an earlier attempt of this job published, if one did."""
         return self.store.published_by_job(job.memory_name, job.id, tenant=job.tenant)
 
-    def _heartbeat(self, stop: threading.Event) -> None:
+    def _heartbeat(self, stop: threading.Event, done: threading.Event) -> None:
         ttl = self.config.claim_idle
-        while not stop.is_set():
+        while not done.is_set():
+            if stop.is_set() and self._stopping_since is None:
+                self._stopping_since = time.monotonic()
             with self._lock:
                 running = self._running
             try:
@@ -231,7 +258,9 @@ class Worker:
                         self._lost = running[1]
             except RedisError as exc:
                 log.warning("worker %s: heartbeat failed: %s", self.name, exc)
-            stop.wait(self.config.heartbeat_interval)
+            done.wait(
+                min(self.config.heartbeat_interval, 0.2) if stop.is_set() else self.config.heartbeat_interval
+            )
 
 
 def run_worker(
@@ -264,7 +293,12 @@ def run_worker(
     def on_signal(signum: int, frame: object) -> None:
         if stop.is_set():
             raise SystemExit(128 + signum)
-        log.info("worker %s: stopping after the current job (signal again to exit now)", worker.name)
+        log.info(
+            "worker %s: stopping; the job in hand gets %.0f s to finish, then goes back to the queue "
+            "(signal again to exit now)",
+            worker.name,
+            config.drain_seconds,
+        )
         stop.set()
 
     signal.signal(signal.SIGTERM, on_signal)
