@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import replace
@@ -269,3 +270,29 @@ def test_blobs_no_version_points_at_are_swept(exporter):
     assert not store.client.exists(orphan)
     assert store.client.exists(f"memserve:m:{{frank/kept}}:blob:{kept.sha256}")
     assert store.load("kept", tenant="frank").meta.sha256 == kept.sha256
+
+
+def test_uploads_are_capped_per_tenant(exporter):
+    data = export_file(good_meta(exporter, name="slow"), GOOD_TENSORS)
+    release = threading.Event()
+
+    def trickle() -> Iterator[memory_pb2.MemoryChunk]:
+        yield memory_pb2.MemoryChunk(data=data[:10])
+        release.wait(30)  # holds its slot until the test lets it finish
+        yield memory_pb2.MemoryChunk(data=data[10:])
+
+    with grpc.insecure_channel(f"127.0.0.1:{exporter.running.port}") as channel:
+        call = channel.stream_unary(
+            "/memserve.v1.MemoryService/PutMemory",
+            request_serializer=memory_pb2.MemoryChunk.SerializeToString,
+            response_deserializer=memory_pb2.MemoryInfo.FromString,
+        )
+        held = call.future(trickle(), metadata=(("memserve-tenant", "grace"),), timeout=60)
+        time.sleep(0.5)
+        with pytest.raises(grpc.RpcError) as caught:
+            put(channel, data, tenant="grace")
+        assert put(channel, data, tenant="henry").version == 1  # another tenant still may
+        release.set()
+        assert held.result().version == 1
+    assert caught.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "tenant 'grace' already has 1 uploads running" in caught.value.details()

@@ -9,12 +9,12 @@ a usage error exits with 2 (argparse's).
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from collections.abc import Sequence
 
 from memserve.clients.cli import adapters, docs, evaluate, facts, generate, info, jobs, memories, serve
 from memserve.clients.cli.common import run, version
+from memserve.clients.cli.logs import configure
 
 GROUPS = (serve, generate, info, memories, docs, facts, adapters, jobs, evaluate)
 """The command groups, in the order `memserve --help` lists them."""
@@ -32,8 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs `memserve ARGV`; returns the exit code (a usage error exits with 2 from argparse)."""
     args = build_parser().parse_args(argv)
-    level = getattr(args, "log_level", "WARNING")
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure(getattr(args, "log_level", "WARNING"), getattr(args, "log_format", "text"))
     return run(args)
 
 

@@ -11,6 +11,7 @@ from typing import Any
 
 from memserve.clients.cli.arguments import non_negative
 from memserve.clients.cli.common import add_flags, flag
+from memserve.clients.cli.logs import LOG_FORMATS
 
 LOG_LEVELS = ["DEBUG", "INFO", "WARNING", "ERROR"]
 TOKEN_ENV = "MEMSERVE_TOKEN"
@@ -49,6 +50,12 @@ COMPUTE_FLAGS = (
         ),
     ),
     flag("--log-level", default="INFO", choices=LOG_LEVELS),
+    flag(
+        "--log-format",
+        default=os.environ.get("MEMSERVE_LOG_FORMAT") or "text",
+        choices=LOG_FORMATS,
+        help="text, or one JSON object per line (default: $MEMSERVE_LOG_FORMAT or text)",
+    ),
 )
 SERVE_FLAGS = (
     flag("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: all interfaces)"),

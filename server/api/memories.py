@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import hashlib
 from collections import Counter
@@ -33,14 +32,30 @@ def _as_dict(message: Any) -> dict[str, Any]:
     return MessageToDict(message, preserving_proto_field_name=True)
 
 
-MAX_CONCURRENT_UPLOADS = 2
+@contextlib.contextmanager
+def _slot(held: Counter[str], tenant: str, total: int, per_tenant: int, what: str) -> Iterator[None]:
+    """One of the `what` the server (`total`) and the tenant (`per_tenant`) may run at once;
+    RESOURCE_EXHAUSTED when none is free. `held` counts them by tenant (one event loop: no lock)."""
+    if sum(held.values()) >= total:
+        raise ResourceExhausted(f"{total} {what} are already running: retry shortly")
+    if held[tenant] >= per_tenant:
+        raise ResourceExhausted(
+            f"tenant {tenant!r} already has {per_tenant} {what} running: finish them, or retry shortly"
+        )
+    held[tenant] += 1
+    try:
+        yield
+    finally:
+        held[tenant] -= 1
+        if not held[tenant]:
+            del held[tenant]
 
 
 class MemoryService(memory_pb2_grpc.MemoryServiceServicer):
     def __init__(self, runtime: StoreRuntime) -> None:
         self.runtime = runtime
         # An upload is held in memory while it is checked: a few at a time.
-        self._uploads = asyncio.Semaphore(MAX_CONCURRENT_UPLOADS)
+        self._uploads: Counter[str] = Counter()  # running PutMemory calls by tenant
         self._exports: Counter[str] = Counter()  # open ExportMemory streams by tenant
 
     async def _submit(self, context: Any, kind_name: str, memory_name: str, spec: dict[str, Any]) -> Any:
@@ -66,9 +81,7 @@ class MemoryService(memory_pb2_grpc.MemoryServiceServicer):
         tenant = tenant_of(context)
         name = ""
         data = bytearray()
-        if self._uploads.locked():
-            raise ResourceExhausted(f"{MAX_CONCURRENT_UPLOADS} uploads are already running: retry shortly")
-        async with self._uploads:
+        with self._upload_slot(tenant):
             async for chunk in request_iterator:
                 name = name or chunk.name
                 data += chunk.data
@@ -156,21 +169,11 @@ class MemoryService(memory_pb2_grpc.MemoryServiceServicer):
                 yield memory_pb2.MemoryChunk(name=name, data=data)
                 name = ""
 
-    @contextlib.contextmanager
-    def _export_slot(self, tenant: str) -> Iterator[None]:
-        """One of the open exports the server and the tenant may hold; RESOURCE_EXHAUSTED if none."""
+    def _export_slot(self, tenant: str) -> contextlib.AbstractContextManager[None]:
         config = self.runtime.config
-        if sum(self._exports.values()) >= config.max_exports:
-            raise ResourceExhausted(f"{config.max_exports} exports are already running: retry shortly")
-        if self._exports[tenant] >= config.max_exports_per_tenant:
-            raise ResourceExhausted(
-                f"tenant {tenant!r} already has {config.max_exports_per_tenant} exports running: "
-                "finish reading them, or retry shortly"
-            )
-        self._exports[tenant] += 1
-        try:
-            yield
-        finally:
-            self._exports[tenant] -= 1
-            if not self._exports[tenant]:
-                del self._exports[tenant]
+        return _slot(self._exports, tenant, config.max_exports, config.max_exports_per_tenant, "exports")
+
+    def _upload_slot(self, tenant: str) -> contextlib.AbstractContextManager[None]:
+        """An upload is held in memory while it is checked: a few at a time, fewer per tenant."""
+        config = self.runtime.config
+        return _slot(self._uploads, tenant, config.max_uploads, config.max_uploads_per_tenant, "uploads")

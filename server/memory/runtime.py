@@ -52,6 +52,10 @@ class StoreConfig:
     max_upload_bytes: int = 256 << 20
     """Largest artifact PutMemory accepts (held in memory while checked; Redis's own limit
     for one value is 512 MB)."""
+    max_uploads: int = 2
+    """PutMemory calls running at once (each holds its upload in memory while it is checked)."""
+    max_uploads_per_tenant: int = 1
+    """PutMemory calls one tenant may run at once."""
     max_exports: int = 32
     """ExportMemory streams open at once, all tenants together; more answer RESOURCE_EXHAUSTED.
     Each costs about one chunk (256 KiB) and the connection's buffers, however large the memory."""
