@@ -112,6 +112,9 @@ def test_the_chart_spreads_load_waits_for_slow_loads_and_can_turn_tls_on():
     values = yaml.safe_load((chart / "values.yaml").read_text())
     assert values["tls"] == {"enabled": False, "secretName": "", "mutual": False}
     assert {"--tls-cert", "--tls-key", "--tls-client-ca"} <= set(re.findall(r"- (--tls-[a-z-]+)=", server))
+    assert "- --tokens-file=/etc/memserve/auth/{{ .Values.auth.tokensKey }}" in server
+    assert "- --auth-reads" in server and values["auth"]["authReads"] is False
+    assert build_parser().parse_args(["serve", "--tokens-file=/etc/x.json", "--auth-reads"]).auth_reads
     assert values["server"]["startupSeconds"] % 5 == 0
 
 
