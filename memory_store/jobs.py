@@ -11,6 +11,8 @@
 - ``memserve:{jobs}:index:<tenant>``: the tenant's job ids, scored by a global
   submission counter (``memserve:{jobs}:seq``): unique and in order, so a page
   token is simply the last score seen and pages never shift.
+- ``memserve:{jobs}:active:<tenant>``: the tenant's jobs not yet final, for its quota; a job
+  that ended is forgotten there by the next submission.
 - ``memserve:{jobs}:worker:<name>``: one key per live worker, expiring unless
   refreshed.
 - channel ``memserve:jobs``: the id of each job whose record changed.
@@ -32,7 +34,7 @@ from typing import Any, TypeVar
 
 from redis.exceptions import RedisError, ResponseError
 
-from memserve.errors import InvalidArgument, NotFound
+from memserve.errors import InvalidArgument, NotFound, ResourceExhausted
 from memserve.memory_store import lua
 from memserve.memory_store.redis_store import RedisClient, store_error
 from memserve.names import DEFAULT_TENANT
@@ -54,6 +56,10 @@ def job_key(job_id: str) -> str:
 
 def index_key(tenant: str) -> str:
     return f"memserve:{{jobs}}:index:{tenant}"
+
+
+def active_key(tenant: str) -> str:
+    return f"memserve:{{jobs}}:active:{tenant}"
 
 
 def new_job_id() -> str:
@@ -165,8 +171,16 @@ class JobQueue:
 
     # --- servers ------------------------------------------------------------
     def submit(
-        self, kind: str, memory_name: str, spec: dict[str, Any], *, tenant: str = DEFAULT_TENANT
+        self,
+        kind: str,
+        memory_name: str,
+        spec: dict[str, Any],
+        *,
+        tenant: str = DEFAULT_TENANT,
+        max_active: int = 0,
     ) -> Job:
+        """Queues a job; RESOURCE_EXHAUSTED when the tenant already has `max_active` (0: no
+        limit) jobs queued or running."""
         self.ensure_group()
         job_id = new_job_id()
         now = time.time()
@@ -181,9 +195,17 @@ class JobQueue:
         }
         fields = [item for pair in record.items() for item in pair]
         try:
-            self._submit(keys=[job_key(job_id), index_key(tenant), STREAM, SEQUENCE], args=[job_id, *fields])
+            seq = self._submit(
+                keys=[job_key(job_id), index_key(tenant), STREAM, SEQUENCE, active_key(tenant)],
+                args=[job_id, max_active, job_key(""), *fields],
+            )
         except RedisError as exc:
             raise store_error(exc) from exc
+        if int(seq) <= 0:
+            raise ResourceExhausted(
+                f"tenant {tenant!r} has {-int(seq)} jobs queued or running, its quota: "
+                "wait for one to finish, or cancel one"
+            )
         self._notify(job_id)
         # As queued: a worker may already have taken it, but that is the next state, not this answer.
         return Job(job_id, kind, tenant, memory_name, JobState.QUEUED, spec=spec, created_at=now)

@@ -85,13 +85,29 @@ return redis.call('DEL', KEYS[2])
 
 # --- jobs -----------------------------------------------------------------------------------
 
-# Queues a job: one script, so a job is never recorded without its stream entry (or the reverse).
-# KEYS: the job, the tenant's index, the stream, the counter. ARGV: the job id, then the
-# record's field/value pairs. Returns the job's sequence number.
+# Queues a job: one script, so a job is never recorded without its stream entry (or the reverse),
+# and so that no number of servers together let a tenant past its quota of jobs not yet final.
+# The tenant's active set forgets, here, the jobs that have ended (or expired) since.
+# KEYS: the job, the tenant's index, the stream, the counter, the tenant's active set.
+# ARGV: the job id, the quota of active jobs ('0' = none), the job keys' prefix, then the
+# record's field/value pairs. Returns the job's sequence number, or -(jobs active) when the
+# tenant is at its quota (nothing written).
 SUBMIT_JOB = """
+local active = 0
+for _, id in ipairs(redis.call('SMEMBERS', KEYS[5])) do
+  local state = redis.call('HGET', ARGV[3] .. id, 'state')
+  if state == 'queued' or state == 'running' then
+    active = active + 1
+  else
+    redis.call('SREM', KEYS[5], id)
+  end
+end
+local limit = tonumber(ARGV[2])
+if limit > 0 and active >= limit then return -active end
 local seq = redis.call('INCR', KEYS[4])
-redis.call('HSET', KEYS[1], 'seq', seq, unpack(ARGV, 2))
+redis.call('HSET', KEYS[1], 'seq', seq, unpack(ARGV, 4))
 redis.call('ZADD', KEYS[2], seq, ARGV[1])
+redis.call('SADD', KEYS[5], ARGV[1])
 redis.call('XADD', KEYS[3], '*', 'job', ARGV[1])
 return seq
 """

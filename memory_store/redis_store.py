@@ -263,6 +263,30 @@ class RedisStore:
             raise DataLoss(f"memory {name!r} version {meta.version} has lost its blob; publish it again")
         return decode(meta, blob)
 
+    def stored_bytes(self, tenant: str = DEFAULT_TENANT) -> int:
+        """The bytes of the blobs the tenant's memories point at, each blob once (versions of
+        the same content share one). Counted from the versions themselves, so it cannot drift
+        from what is stored; a read of each memory's metadata, for the stored-bytes quota."""
+        sizes: dict[tuple[str, str], int] = {}
+        try:
+            names = [
+                n.decode() if isinstance(n, bytes) else n
+                for n in self.client.zrange(self._index_key(tenant), 0, -1)
+            ]
+            for start in range(0, len(names), 256):
+                batch = names[start : start + 256]
+                pipe = self.client.pipeline(transaction=False)
+                for name in batch:
+                    pipe.hgetall(self._meta_key(tenant, name))
+                for name, fields in zip(batch, pipe.execute(), strict=True):
+                    for field, value in fields.items():
+                        if (field.decode() if isinstance(field, bytes) else field).startswith("v"):
+                            meta = json.loads(value)
+                            sizes[(name, meta["sha256"])] = int(meta["size_bytes"])
+        except RedisError as exc:
+            raise store_error(exc) from exc
+        return sum(sizes.values())
+
     def sweep_orphan_blobs(self) -> int:
         """Deletes every blob no version points at; returns how many. Versions before 0.1's atomic
         publish could leave one when a publish failed halfway; today's publishes cannot."""

@@ -31,6 +31,13 @@ def non_negative(text: str) -> int:
     return value
 
 
+def non_negative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0 or value == float("inf"):  # NaN fails the first test
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
+
+
 def memory_argument(text: str) -> tuple[str, int]:
     """NAME or NAME@VERSION (version 0: the current one)."""
     try:

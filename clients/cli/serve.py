@@ -9,7 +9,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from memserve.clients.cli.arguments import non_negative
+from memserve.clients.cli.arguments import non_negative, non_negative_float
 from memserve.clients.cli.common import add_flags, flag
 from memserve.clients.cli.logs import LOG_FORMATS
 
@@ -95,6 +95,24 @@ SERVE_FLAGS = (
         action="store_true",
         default=os.environ.get("MEMSERVE_AUTH_READS", "").lower() in ("1", "true", "yes", "on"),
         help="require a token for generating and reading too (default: $MEMSERVE_AUTH_READS)",
+    ),
+    flag(
+        "--quota-stored-mb",
+        type=non_negative,
+        default=0,
+        help="each tenant's memories may store this many MiB; 0 = no limit (the tokens file: per tenant)",
+    ),
+    flag(
+        "--quota-active-jobs",
+        type=non_negative,
+        default=0,
+        help="each tenant's jobs queued or running at once; 0 = no limit",
+    ),
+    flag(
+        "--quota-requests-per-second",
+        type=non_negative_float,
+        default=0.0,
+        help="each tenant's calls per second, on this server; 0 = no limit",
     ),
     flag("--metrics-port", type=int, default=9464, help="Prometheus /metrics port; 0 = off"),
     flag(
@@ -212,6 +230,7 @@ def run_serve(args: argparse.Namespace) -> int:
 
 def server_config(args: argparse.Namespace) -> Any:
     from memserve.api.app import ServerConfig
+    from memserve.api.quotas import Quota
     from memserve.engine.scheduler import EngineConfig
     from memserve.memory.runtime import StoreConfig
 
@@ -244,6 +263,11 @@ def server_config(args: argparse.Namespace) -> Any:
         auth_token=token,
         tokens_file=args.tokens_file,
         auth_reads=args.auth_reads,
+        quota=Quota(
+            stored_bytes=args.quota_stored_mb << 20,
+            active_jobs=args.quota_active_jobs,
+            requests_per_second=args.quota_requests_per_second,
+        ),
         store=store,
         model=model_config(args),
         engine=engine,

@@ -27,6 +27,7 @@ from memserve.api.http import Draining, build_app, wait_started
 from memserve.api.interceptor import ErrorInterceptor
 from memserve.api.jobs import JobService
 from memserve.api.memories import MemoryService
+from memserve.api.quotas import Quota
 from memserve.api.tls import TlsConfig
 from memserve.engine.scheduler import Engine, EngineConfig
 from memserve.memory.registry import registered_kinds
@@ -90,6 +91,8 @@ class ServerConfig:
     """Tokens bound to tenants and scopes (docs/operations.md); re-read when it changes."""
     auth_reads: bool = False
     """Require a token for reading and generating too, not only for changes."""
+    quota: Quota = field(default_factory=Quota)
+    """Every tenant's quotas (0: none), unless the tokens file sets its own."""
     metrics_max_memory_labels: int = DEFAULT_MAX_MEMORY_LABELS
     """Memories (banks, sets, adapters) that get a metrics label of their own; later ones: `other`."""
     store: StoreConfig | None = field(default_factory=StoreConfig)
@@ -197,7 +200,8 @@ async def _start(
     health_servicer: health.aio.HealthServicer,
     started: float,
 ) -> RunningServer:
-    auth = Auth(config.auth_token, config.tokens_file, config.auth_reads)  # a bad tokens file: an error now
+    # A bad tokens file: an error now.
+    auth = Auth(config.auth_token, config.tokens_file, config.auth_reads, config.quota)
     server, services = _grpc_server(config, loaded, engine, runtime, health_servicer, auth)
     # Bind every port before anything starts, so a busy port is a clean error.
     port = _listen(server, f"{config.host}:{config.port}", config.tls)
@@ -317,8 +321,8 @@ def _grpc_server(
         EvaluationService(engine, loaded, runtime), server
     )
     if runtime is not None:
-        services["memories"] = MemoryService(runtime)
-        services["jobs"] = JobService(runtime)
+        services["memories"] = MemoryService(runtime, auth)
+        services["jobs"] = JobService(runtime, auth)
         memory_pb2_grpc.add_MemoryServiceServicer_to_server(services["memories"], server)
         jobs_pb2_grpc.add_JobServiceServicer_to_server(services["jobs"], server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -13,6 +13,10 @@ Two sources, usable together:
 Reads need no token unless `--auth-reads`; with a tokens file and no `--auth-reads`, a call
 without a token (or with one the server does not know: OpenAI's SDK sends its api_key to every
 route) reads as before, in the tenant it names, so turn `--auth-reads` on for isolation.
+
+Every call, with tokens or without, is also checked here for a well-formed tenant and counted
+against its tenant's requests-per-second quota (`memserve.api.quotas`); the tokens file may set
+tenants' quotas under "quotas", re-read with the tokens.
 """
 
 from __future__ import annotations
@@ -29,8 +33,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from memserve.api.quotas import Quota, Quotas, parse_quota
 from memserve.errors import InvalidArgument, PermissionDenied, Unauthenticated
-from memserve.names import check_tenant
+from memserve.names import DEFAULT_TENANT, check_tenant
 
 log = logging.getLogger(__name__)
 
@@ -68,16 +73,39 @@ def _fingerprint(token: str) -> bytes:
     return hashlib.sha256(token.encode()).digest()
 
 
+@dataclass(frozen=True)
+class TokensFile:
+    grants: dict[bytes, Grant]
+    quotas: dict[str, dict[str, Any]]
+    """Tenants' own quotas, field by field over the server's defaults."""
+
+
 def parse_tokens(text: str, source: str) -> dict[bytes, Grant]:
+    return parse_tokens_file(text, source).grants
+
+
+def parse_tokens_file(text: str, source: str) -> TokensFile:
     """A tokens file: {"tokens": [{"token": "…" or "sha256": "<hex of the token's sha256>",
-    "tenant": "alice", "scopes": ["read", "write"]}, …]}."""
+    "tenant": "alice", "scopes": ["read", "write"]}, …], "quotas": {"alice": {"stored_bytes": …,
+    "active_jobs": …, "requests_per_second": …}, …}} ("quotas" optional)."""
     try:
         data = json.loads(text)
         entries = data["tokens"]
         if not isinstance(entries, list):
             raise TypeError("tokens must be a list")
-    except (ValueError, KeyError, TypeError) as exc:
+        quotas = data.get("quotas", {})
+        if not isinstance(quotas, dict):
+            raise TypeError("quotas must be an object of tenant: quota")
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise InvalidArgument(f"{source}: not a tokens file ({exc}); see docs/operations.md") from None
+    own = {
+        check_tenant(tenant): parse_quota(quota, f"{source}: quotas.{tenant}")
+        for tenant, quota in quotas.items()
+    }
+    return TokensFile(_grants(entries, source), own)
+
+
+def _grants(entries: list[Any], source: str) -> dict[bytes, Grant]:
     grants: dict[bytes, Grant] = {}
     for index, entry in enumerate(entries):
         where = f"{source}: tokens[{index}]"
@@ -111,50 +139,69 @@ def parse_tokens(text: str, source: str) -> dict[bytes, Grant]:
 class Auth:
     """The server's credentials: checks each call, and says which tenant it works in."""
 
-    def __init__(self, token: str | None = None, tokens_file: Path | None = None, auth_reads: bool = False):
+    def __init__(
+        self,
+        token: str | None = None,
+        tokens_file: Path | None = None,
+        auth_reads: bool = False,
+        quota: Quota | None = None,
+    ):
         self.token = token or None
         self.tokens_file = tokens_file
         self.auth_reads = auth_reads
-        self._grants: dict[bytes, Grant] = {}
+        self.quotas = Quotas(quota)
+        self._file = TokensFile({}, {})
         self._stamp: tuple[int, int] | None = None
         self._checked = 0.0
         self._lock = threading.Lock()
         if tokens_file is not None:
-            self._grants = parse_tokens(Path(tokens_file).read_text(), str(tokens_file))
+            self._file = parse_tokens_file(Path(tokens_file).read_text(), str(tokens_file))
             self._stamp = _stamp(tokens_file)
 
     @property
     def enabled(self) -> bool:
         return self.token is not None or self.tokens_file is not None
 
-    def _current(self) -> dict[bytes, Grant]:
-        """The grants, re-read when the file changed (checked at most once a second)."""
+    def _current(self) -> TokensFile:
+        """The tokens and quotas, re-read when the file changed (checked at most once a second)."""
         if self.tokens_file is None:
-            return self._grants
+            return self._file
         now = time.monotonic()
         if now - self._checked < RELOAD_CHECK_SECONDS:
-            return self._grants
+            return self._file
         with self._lock:
             self._checked = now
             try:
                 stamp = _stamp(self.tokens_file)
                 if stamp != self._stamp:
-                    self._grants = parse_tokens(Path(self.tokens_file).read_text(), str(self.tokens_file))
+                    self._file = parse_tokens_file(Path(self.tokens_file).read_text(), str(self.tokens_file))
                     self._stamp = stamp
-                    log.info("tokens file %s reloaded: %d tokens", self.tokens_file, len(self._grants))
+                    log.info("tokens file %s reloaded: %d tokens", self.tokens_file, len(self._file.grants))
             except (OSError, InvalidArgument) as exc:  # keep serving with the tokens we have
                 log.error(
                     "tokens file %s not reloaded, keeping the previous tokens: %s", self.tokens_file, exc
                 )
-        return self._grants
+        return self._file
+
+    def quota(self, tenant: str) -> Quota:
+        """The tenant's quotas: its own in the tokens file, over the server's defaults."""
+        return self.quotas.of(tenant, self._current().quotas)
 
     def authorize(self, metadata: Iterable[tuple[str, Any]] | None, rpc: str) -> str | None:
-        """Checks the call's token for `rpc`; returns the tenant it is bound to (None: the call's
-        own). UNAUTHENTICATED without a valid token where one is needed, PERMISSION_DENIED for a
-        scope or a tenant the token lacks."""
+        """Checks the call's token for `rpc` and counts the call against its tenant's request
+        rate; returns the tenant the token binds it to (None: the call's own). INVALID_ARGUMENT
+        for a malformed tenant, UNAUTHENTICATED without a valid token where one is needed,
+        PERMISSION_DENIED for a scope or a tenant the token lacks, RESOURCE_EXHAUSTED over the
+        tenant's requests per second."""
+        given, named = _read_metadata(metadata)
+        bound = self._bound_tenant(given, named, rpc)
+        tenant = bound or named or DEFAULT_TENANT
+        self.quotas.rate.admit(tenant, self.quota(tenant).requests_per_second)
+        return bound
+
+    def _bound_tenant(self, given: str, named: str | None, rpc: str) -> str | None:
         if not self.enabled:
             return None
-        given, named = _read_metadata(metadata)
         writes = rpc in MUTATING_RPCS
         if not given:
             if writes or self.auth_reads:
@@ -178,7 +225,9 @@ class Auth:
     def _grant(self, given: str) -> Grant | None:
         if self.token is not None and hmac.compare_digest(given.encode(), self.token.encode()):
             return Grant(None, SCOPES)
-        return self._current().get(_fingerprint(given))  # a dict lookup of a hash: no timing on the token
+        return self._current().grants.get(
+            _fingerprint(given)
+        )  # a dict lookup of a hash: no timing on the token
 
 
 def _read_metadata(metadata: Iterable[tuple[str, Any]] | None) -> tuple[str, str | None]:

@@ -126,7 +126,7 @@ def endpoint(name: str, draining: Draining, auth: Auth | None = None) -> Callabl
             try:
                 if draining.on:
                     raise Unavailable("the server is shutting down: retry on another replica")
-                if auth is not None and auth.enabled:
+                if auth is not None:
                     metadata = HttpContext(request).invocation_metadata()
                     bound = BOUND_TENANT.set(auth.authorize(metadata, ROUTE_RPCS.get(name, name)))
                 return await handler(request)

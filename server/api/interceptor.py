@@ -103,10 +103,13 @@ class _Call:
         self._bound: contextvars.Token[str | None] | None = None
 
     def check(self, request: Any, auth: Auth | None) -> None:
-        """The bearer token and the tenant it binds the call to (on a server with tokens), and
-        unknown fields (a client stream's messages are checked one by one, as they come)."""
+        """The tenant, its request rate, the bearer token and the tenant it binds the call to (on
+        a server with tokens), and unknown fields (a client stream's messages are checked one by
+        one, as they come)."""
         if auth is not None:
-            self._bound = BOUND_TENANT.set(auth.authorize(self.context.invocation_metadata(), self.rpc))
+            bound = auth.authorize(self.context.invocation_metadata(), self.rpc)
+            if bound is not None:
+                self._bound = BOUND_TENANT.set(bound)
         if not isinstance(request, AsyncIterator):
             _check_message(request)
 
@@ -125,7 +128,10 @@ class _Call:
         finally:
             _record(self.rpc, self.code, self.started)
             if self._bound is not None:
-                BOUND_TENANT.reset(self._bound)
+                # A stream the client left is closed from another task's context, where the
+                # variable was never set; that context ends with the call anyway.
+                with contextlib.suppress(ValueError):
+                    BOUND_TENANT.reset(self._bound)
 
 
 def _unary_request(
@@ -157,10 +163,11 @@ def _streaming_response(
 
 
 class ErrorInterceptor(grpc.aio.ServerInterceptor):
-    """Statuses from exceptions, metrics per RPC and, with `auth`, tokens and tenants."""
+    """Statuses from exceptions, metrics per RPC, tenants and their request rates and, with tokens
+    in `auth`, who may call what."""
 
     def __init__(self, auth: Auth | None = None) -> None:
-        self.auth = auth if auth is not None and auth.enabled else None
+        self.auth = auth if auth is not None else Auth()
 
     async def intercept_service(
         self,

@@ -7,6 +7,7 @@ import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
+from memserve.api.auth import Auth
 from memserve.api.context import tenant_of
 from memserve.api.convert import (
     JOB_STATES_FROM_PB,
@@ -14,6 +15,7 @@ from memserve.api.convert import (
     job_to_pb,
     struct_to_dict,
 )
+from memserve.api.quotas import check_stored_bytes
 from memserve.errors import InvalidArgument, NotFound
 from memserve.memory.registry import get_kind
 from memserve.memory.runtime import StoreRuntime
@@ -22,12 +24,43 @@ from memserve.names import check_name
 from memserve.v1 import jobs_pb2, jobs_pb2_grpc
 
 
+async def queue_job(
+    runtime: StoreRuntime,
+    auth: Auth | None,
+    context: Any,
+    kind_name: str,
+    memory_name: str,
+    spec: dict[str, Any],
+) -> jobs_pb2.Job:
+    """Checks a job (its spec, against the served model too) and the tenant's quotas, and queues it."""
+    check_name(memory_name)
+    kind = get_kind(kind_name)  # INVALID_ARGUMENT for a kind this server does not know
+    with checking_client_json("spec"):
+        spec = kind.validate_spec(spec)
+    kind.check_for_model(spec, runtime.cache.target.num_layers)
+    tenant = tenant_of(context)
+    quota = auth.quota(tenant) if auth is not None else None
+    if quota is not None and quota.stored_bytes:
+        stored = await runtime.run(runtime.store.stored_bytes, tenant)
+        check_stored_bytes(stored, 0, quota, tenant)
+    job = await runtime.run(
+        runtime.queue.submit,
+        kind_name,
+        memory_name,
+        spec,
+        tenant=tenant,
+        max_active=quota.active_jobs if quota is not None else 0,
+    )
+    return job_to_pb(job)
+
+
 class JobService(jobs_pb2_grpc.JobServiceServicer):
     # A watch re-reads the job at least this often, in case an event was lost.
     WATCH_POLL_SECONDS = 2.0
 
-    def __init__(self, runtime: StoreRuntime) -> None:
+    def __init__(self, runtime: StoreRuntime, auth: Auth | None = None) -> None:
         self.runtime = runtime
+        self.auth = auth
 
     async def _job(self, job_id: str, context: Any) -> Job:
         job = await self.runtime.run(self.runtime.queue.get, job_id)
@@ -72,10 +105,7 @@ class JobService(jobs_pb2_grpc.JobServiceServicer):
 
     async def SubmitJob(self, request: jobs_pb2.SubmitJobRequest, context: Any) -> Any:
         check_name(request.memory_name)
-        kind = get_kind(request.kind)
+        get_kind(request.kind)
         with checking_client_json("spec"):
-            spec = kind.validate_spec(struct_to_dict(request.spec, "spec"))
-        job = await self.runtime.run(
-            self.runtime.queue.submit, request.kind, request.memory_name, spec, tenant=tenant_of(context)
-        )
-        return job_to_pb(job)
+            spec = struct_to_dict(request.spec, "spec")
+        return await queue_job(self.runtime, self.auth, context, request.kind, request.memory_name, spec)

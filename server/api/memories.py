@@ -12,16 +12,16 @@ from typing import Any
 import torch
 from google.protobuf.json_format import MessageToDict
 
+from memserve.api.auth import Auth
 from memserve.api.context import tenant_of
-from memserve.api.convert import (
-    job_to_pb,
-    memory_info_to_pb,
-)
-from memserve.errors import InvalidArgument, MemserveError, ResourceExhausted
+from memserve.api.convert import memory_info_to_pb
+from memserve.api.jobs import queue_job
+from memserve.api.quotas import check_stored_bytes
+from memserve.errors import DataLoss, InvalidArgument, MemserveError, ResourceExhausted
 from memserve.memory.registry import get_kind
 from memserve.memory.runtime import StoreRuntime
-from memserve.memory_store.artifact import Artifact, import_bytes
-from memserve.names import check_name
+from memserve.memory_store.artifact import Artifact, MemoryMeta, import_bytes
+from memserve.names import NAME_PATTERN, check_name
 from memserve.v1 import memory_pb2, memory_pb2_grpc
 
 EXPORT_CHUNK_BYTES = 256 << 10
@@ -52,20 +52,15 @@ def _slot(held: Counter[str], tenant: str, total: int, per_tenant: int, what: st
 
 
 class MemoryService(memory_pb2_grpc.MemoryServiceServicer):
-    def __init__(self, runtime: StoreRuntime) -> None:
+    def __init__(self, runtime: StoreRuntime, auth: Auth | None = None) -> None:
         self.runtime = runtime
+        self.auth = auth
         # An upload is held in memory while it is checked: a few at a time.
         self._uploads: Counter[str] = Counter()  # running PutMemory calls by tenant
         self._exports: Counter[str] = Counter()  # open ExportMemory streams by tenant
 
     async def _submit(self, context: Any, kind_name: str, memory_name: str, spec: dict[str, Any]) -> Any:
-        check_name(memory_name)
-        kind = get_kind(kind_name)  # INVALID_ARGUMENT for a kind this server does not know
-        spec = kind.validate_spec(spec)
-        job = await self.runtime.run(
-            self.runtime.queue.submit, kind_name, memory_name, spec, tenant=tenant_of(context)
-        )
-        return job_to_pb(job)
+        return await queue_job(self.runtime, self.auth, context, kind_name, memory_name, spec)
 
     async def RegisterDocuments(self, request: memory_pb2.RegisterDocumentsRequest, context: Any) -> Any:
         return await self._submit(context, "document", request.bank, _as_dict(request))
@@ -93,14 +88,28 @@ class MemoryService(memory_pb2_grpc.MemoryServiceServicer):
                 raise InvalidArgument("PutMemory received no data: send the export file in chunks")
             # The same file sent again (a retry after a lost answer) returns the version it made.
             upload_key = "put:" + hashlib.sha256(data).hexdigest()[:32]
-            artifact = await self.runtime.run(import_bytes, bytes(data))
+            try:
+                artifact = await self.runtime.run(import_bytes, bytes(data))
+            except DataLoss as exc:  # the client's file, not the store's data: its mistake
+                raise InvalidArgument(f"the upload is not a valid export file: {exc}") from None
             del data
             await self.runtime.run(self._check_upload, artifact)
         meta = replace(artifact.meta, name=check_name(name or artifact.meta.name), tenant=tenant, version=0)
+        await self._check_room(tenant, meta, upload_key)
         published = await self.runtime.run(
             self.runtime.store.publish, meta, artifact.tensors, job_id=upload_key
         )
         return memory_info_to_pb(published, await self.runtime.run(self._versions, published.name, tenant))
+
+    async def _check_room(self, tenant: str, meta: MemoryMeta, upload_key: str) -> None:
+        """The tenant's stored-bytes quota, unless this upload is a retry of one already stored."""
+        quota = self.auth.quota(tenant) if self.auth is not None else None
+        if quota is None or not quota.stored_bytes:
+            return
+        store = self.runtime.store
+        if await self.runtime.run(store.published_by_job, meta.name, upload_key, tenant=tenant) is None:
+            stored = await self.runtime.run(store.stored_bytes, tenant)
+            check_stored_bytes(stored, meta.size_bytes, quota, tenant)
 
     def _check_upload(self, artifact: Artifact) -> None:
         """What serving the memory would find wrong, found before it is stored: a kind this
@@ -132,6 +141,10 @@ class MemoryService(memory_pb2_grpc.MemoryServiceServicer):
         return memory_info_to_pb(meta, await self.runtime.run(self._versions, request.name, tenant))
 
     async def ListMemories(self, request: memory_pb2.ListMemoriesRequest, context: Any) -> Any:
+        if request.name_prefix and not NAME_PATTERN.fullmatch(request.name_prefix):
+            raise InvalidArgument(f"name_prefix {request.name_prefix!r} cannot begin any memory's name")
+        if request.page_token:
+            check_name(request.page_token, "page_token")
         page = await self.runtime.run(
             self.runtime.store.list,
             tenant=tenant_of(context),

@@ -159,6 +159,11 @@ class MemoryKind(ABC):
     def validate_spec(self, spec: dict[str, Any]) -> dict[str, Any]:
         """Checks a training spec before it is queued (InvalidArgument, with the fix); returns it."""
 
+    def check_for_model(self, spec: dict[str, Any], num_layers: int) -> None:
+        """What only the served model can tell of a checked spec (a layer past its last block),
+        checked before the job is queued rather than failing on the worker. Nothing by default."""
+        return None
+
     @abstractmethod
     def train(self, spec: dict[str, Any], context: TrainContext) -> Trained:
         """Trains on the worker; calls `context.report` often enough to be cancelled."""

@@ -178,3 +178,43 @@ def _default_text(default: Any) -> str:
     if isinstance(default, float):
         return f"{default:g}"
     return str(default)
+
+
+def check_layer(value: int | None, num_layers: int, name: str, *, from_end: bool) -> None:
+    """A block index of the served model: 0 … num_layers-1, or with `from_end` also -1 … -num_layers."""
+    if value is None:
+        return
+    low = -num_layers if from_end else 0
+    if not low <= value < num_layers:
+        counting = f" (or {low} … -1 from the end)" if from_end else ""
+        raise InvalidArgument(f"{name} {value} is not a block of this model: 0 … {num_layers - 1}{counting}")
+
+
+def spec_object(value: Any, where: str, known: set[str]) -> dict[str, Any]:
+    """A JSON object of a spec, with no key outside `known` (a typo is refused, not ignored)."""
+    if not isinstance(value, dict):
+        raise InvalidArgument(f"{where} must be an object with {sorted(known)}")
+    unknown = set(value) - known
+    if unknown:
+        raise InvalidArgument(f"{where} has unknown keys {sorted(unknown)}; it takes {sorted(known)}")
+    return value
+
+
+def spec_text(value: dict[str, Any], key: str, where: str) -> str:
+    """A string field of a spec's object; missing or null is empty; any other type is refused."""
+    text = value.get(key)
+    if text is None:
+        return ""
+    if not isinstance(text, str):
+        raise InvalidArgument(f"{where}.{key} must be a string, not {type(text).__name__}")
+    return text
+
+
+def spec_texts(value: dict[str, Any], key: str, where: str) -> list[str]:
+    """A list-of-strings field of a spec's object; missing or null is empty."""
+    texts = value.get(key)
+    if texts is None:
+        return []
+    if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
+        raise InvalidArgument(f"{where}.{key} must be a list of strings")
+    return texts

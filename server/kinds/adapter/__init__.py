@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from memserve.kinds.adapter.config import AdapterConfig, check_spec
 from memserve.memory.kind import LoadTarget, MemoryKind, TrainContext, Trained
+from memserve.memory.options import check_layer
 from memserve.memory.registry import register_kind
 
 if TYPE_CHECKING:
@@ -25,6 +26,9 @@ class AdapterKind(MemoryKind):
 
     def validate_spec(self, spec: dict[str, Any]) -> dict[str, Any]:
         return check_spec(spec)
+
+    def check_for_model(self, spec: dict[str, Any], num_layers: int) -> None:
+        check_layer((spec.get("config") or {}).get("layer"), num_layers, "config.layer", from_end=True)
 
     def train(self, spec: dict[str, Any], context: TrainContext) -> Trained:
         from memserve.kinds.adapter.train import train_adapter

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from memserve.errors import InvalidArgument
-from memserve.memory.options import check_options, option, options_from_spec
+from memserve.memory.options import check_options, option, options_from_spec, spec_object, spec_text
 from memserve.names import check_name
 
 MAX_TEXT_CHARS = 1_000_000
@@ -81,9 +81,9 @@ def _check_data(spec: dict[str, Any]) -> tuple[list[dict[str, str]], list[dict[s
         raise InvalidArgument(f"at most {MAX_TEMPLATES} templates per adapter, got {len(templates)}")
     checked_docs, seen = [], set()
     for i, doc in enumerate(documents):
-        if not isinstance(doc, dict):
-            raise InvalidArgument(f"documents[{i}] must be an object with id, title and text")
-        doc_id = check_name(str(doc.get("id") or f"doc{i}"), f"documents[{i}].id")
+        where = f"documents[{i}]"
+        spec_object(doc, where, {"id", "title", "text", "docrep"})
+        doc_id = check_name(spec_text(doc, "id", where) or f"doc{i}", f"{where}.id")
         if doc_id in seen:
             raise InvalidArgument(f"document id {doc_id!r} appears twice")
         seen.add(doc_id)
@@ -92,11 +92,10 @@ def _check_data(spec: dict[str, Any]) -> tuple[list[dict[str, str]], list[dict[s
             raise InvalidArgument(f"document {doc_id!r} has no text")
         if len(text) > MAX_TEXT_CHARS:
             raise InvalidArgument(f"document {doc_id!r} is longer than {MAX_TEXT_CHARS} characters")
-        checked_docs.append({"id": doc_id, "title": str(doc.get("title", "")), "text": text})
+        checked_docs.append({"id": doc_id, "title": spec_text(doc, "title", where), "text": text})
     checked_templates = []
     for i, template in enumerate(templates):
-        if not isinstance(template, dict):
-            raise InvalidArgument(f"templates[{i}] must be an object with question and answer")
+        spec_object(template, f"templates[{i}]", {"question", "answer"})
         question, answer = template.get("question", ""), template.get("answer", "")
         if not (
             isinstance(question, str) and isinstance(answer, str) and question.strip() and answer.strip()
@@ -110,6 +109,7 @@ def _check_data(spec: dict[str, Any]) -> tuple[list[dict[str, str]], list[dict[s
 
 def check_spec(spec: dict[str, Any]) -> dict[str, Any]:
     """A RegisterAdapter spec, checked (InvalidArgument, with the fix) and normalised."""
+    spec = spec_object(spec, "spec", {"name", "documents", "templates", "config"})
     documents, templates = _check_data(spec)
     raw = spec.get("config") or {}
     config = AdapterConfig.from_spec(raw)

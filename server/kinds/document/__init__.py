@@ -8,8 +8,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from memserve.errors import InvalidArgument
 from memserve.kinds.document.config import DocumentConfig, check_spec
 from memserve.memory.kind import LoadTarget, MemoryKind, TrainContext, Trained
+from memserve.memory.options import check_layer
 from memserve.memory.registry import register_kind
 
 if TYPE_CHECKING:
@@ -26,6 +28,18 @@ class DocumentKind(MemoryKind):
 
     def validate_spec(self, spec: dict[str, Any]) -> dict[str, Any]:
         return check_spec(spec)
+
+    def check_for_model(self, spec: dict[str, Any], num_layers: int) -> None:
+        from transformers.activations import ACT2FN
+
+        config = spec.get("config") or {}
+        check_layer(config.get("layer"), num_layers, "config.layer", from_end=True)
+        activation = config.get("token_activation")
+        if activation and activation not in ACT2FN:
+            raise InvalidArgument(
+                f"config.token_activation {activation!r} is not one of {sorted(ACT2FN)} "
+                "(empty: the model's own)"
+            )
 
     def train(self, spec: dict[str, Any], context: TrainContext) -> Trained:
         from memserve.kinds.document.train import train_bank

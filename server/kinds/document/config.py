@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from memserve.errors import FailedPrecondition, InvalidArgument
-from memserve.memory.options import check_options, option, options_from_spec
+from memserve.memory.options import check_options, option, options_from_spec, spec_object, spec_text
 from memserve.names import check_name
 
 if TYPE_CHECKING:
@@ -142,7 +142,10 @@ def settings_over(current: Artifact | None, given: dict[str, Any]) -> DocumentCo
 
 def check_spec(spec: dict[str, Any]) -> dict[str, Any]:
     """A RegisterDocuments spec, checked (InvalidArgument, with the fix) and normalised."""
+    spec = spec_object(spec, "spec", {"bank", "documents", "config"})
     documents = spec.get("documents") or []
+    if not isinstance(documents, list):
+        raise InvalidArgument("documents must be a list of {id, title, text, docrep} objects")
     if not documents:
         raise InvalidArgument("RegisterDocuments needs at least one document")
     if len(documents) > MAX_DOCUMENTS:
@@ -150,12 +153,14 @@ def check_spec(spec: dict[str, Any]) -> dict[str, Any]:
     config = DocumentConfig.from_spec(spec.get("config") or {})
     seen: set[str] = set()
     checked = []
-    for i, doc in enumerate(documents):
-        doc_id = check_name(str(doc.get("id", "")), f"documents[{i}].id")
+    for i, given in enumerate(documents):
+        where = f"documents[{i}]"
+        doc = spec_object(given, where, {"id", "title", "text", "docrep"})
+        doc_id = check_name(spec_text(doc, "id", where), f"{where}.id")
         if doc_id in seen:
             raise InvalidArgument(f"document id {doc_id!r} appears twice")
         seen.add(doc_id)
-        text = str(doc.get("text", ""))
+        text = spec_text(doc, "text", where)
         if not text.split():
             raise InvalidArgument(f"document {doc_id!r} has no text")
         if len(text) > MAX_TEXT_CHARS:
@@ -164,7 +169,9 @@ def check_spec(spec: dict[str, Any]) -> dict[str, Any]:
         values = [float(v) for v in (given.get("values", []) if isinstance(given, dict) else given)]
         if values and (len(values) != config.key_dim or not all(math.isfinite(v) for v in values)):
             raise InvalidArgument(f"document {doc_id!r}: its DocRep must be {config.key_dim} finite values")
-        checked.append({"id": doc_id, "title": str(doc.get("title", "")), "text": text, "docrep": values})
+        checked.append(
+            {"id": doc_id, "title": spec_text(doc, "title", where), "text": text, "docrep": values}
+        )
     # Only the options given: the others come from the bank's current version, if it has one
     # (so adding a document keeps the bank's settings), else from the defaults.
     given = {k: getattr(config, k) for k in (spec.get("config") or {})}

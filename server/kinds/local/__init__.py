@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from memserve.kinds.local.config import LocalConfig, check_spec
 from memserve.memory.kind import LoadTarget, MemoryKind, TrainContext, Trained
+from memserve.memory.options import check_layer
 from memserve.memory.registry import register_kind
 
 if TYPE_CHECKING:
@@ -25,6 +26,13 @@ class LocalKind(MemoryKind):
 
     def validate_spec(self, spec: dict[str, Any]) -> dict[str, Any]:
         return check_spec(spec)
+
+    def check_for_model(self, spec: dict[str, Any], num_layers: int) -> None:
+        config = spec.get("config") or {}
+        for layer in config.get("layers") or ():
+            check_layer(layer, num_layers, "config.layers", from_end=False)
+        if config.get("subject_layer", -1) != -1:  # -1: the default depth
+            check_layer(config["subject_layer"], num_layers, "config.subject_layer", from_end=False)
 
     def train(self, spec: dict[str, Any], context: TrainContext) -> Trained:
         from memserve.kinds.local.train import train_set

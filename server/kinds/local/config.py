@@ -9,7 +9,14 @@ from dataclasses import asdict, dataclass, replace
 from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
 
 from memserve.errors import FailedPrecondition, InvalidArgument
-from memserve.memory.options import check_options, option, options_from_spec
+from memserve.memory.options import (
+    check_options,
+    option,
+    options_from_spec,
+    spec_object,
+    spec_text,
+    spec_texts,
+)
 from memserve.names import NAME_PATTERN
 
 if TYPE_CHECKING:
@@ -178,6 +185,9 @@ def fact_id(prompt: str) -> str:
     return f"{slug}-{hashlib.sha256(prompt.encode()).hexdigest()[:6]}"
 
 
+FACT_KEYS = {"id", "prompt", "target", "positive_prompts", "negative_prompts", "subject"}
+
+
 def check_facts(facts: Sequence[dict[str, Any]]) -> list[Fact]:
     if not facts:
         raise InvalidArgument("RegisterFacts needs at least one fact")
@@ -185,16 +195,17 @@ def check_facts(facts: Sequence[dict[str, Any]]) -> list[Fact]:
         raise InvalidArgument(f"at most {MAX_FACTS} facts per request, got {len(facts)}")
     checked: list[Fact] = []
     seen: set[str] = set()
-    for i, raw in enumerate(facts):
-        prompt, target = str(raw.get("prompt", "")), str(raw.get("target", ""))
+    for i, given in enumerate(facts):
         where = f"facts[{i}]"
+        raw = spec_object(given, where, FACT_KEYS)
+        prompt, target = spec_text(raw, "prompt", where), spec_text(raw, "target", where)
         if not prompt.strip() or len(prompt) > MAX_PROMPT_CHARS:
             raise InvalidArgument(f"{where}.prompt must have 1 to {MAX_PROMPT_CHARS} characters")
         if not target.strip() or len(target) > MAX_TARGET_CHARS:
             raise InvalidArgument(
                 f"{where}.target must have 1 to {MAX_TARGET_CHARS} characters (usually with a leading space)"
             )
-        the_id = str(raw.get("id", "")) or fact_id(prompt)
+        the_id = spec_text(raw, "id", where) or fact_id(prompt)
         if not NAME_PATTERN.fullmatch(the_id) or "/" in the_id:
             raise InvalidArgument(f"{where}.id {the_id!r} must be letters, digits, '.', '_' or '-'")
         if the_id in seen:
@@ -202,7 +213,7 @@ def check_facts(facts: Sequence[dict[str, Any]]) -> list[Fact]:
         seen.add(the_id)
         lists = {}
         for name in ("positive_prompts", "negative_prompts"):
-            prompts = [str(p) for p in raw.get(name) or ()]
+            prompts = spec_texts(raw, name, where)
             if len(prompts) > MAX_PROMPTS_PER_FACT:
                 raise InvalidArgument(f"{where}.{name}: at most {MAX_PROMPTS_PER_FACT} prompts")
             if any(not p.strip() or len(p) > MAX_PROMPT_CHARS for p in prompts):
@@ -210,7 +221,7 @@ def check_facts(facts: Sequence[dict[str, Any]]) -> list[Fact]:
                     f"{where}.{name}: each prompt must have 1 to {MAX_PROMPT_CHARS} characters"
                 )
             lists[name] = tuple(dict.fromkeys(prompts))
-        subject = str(raw.get("subject") or "")
+        subject = spec_text(raw, "subject", where)
         if subject and subject not in prompt:
             raise InvalidArgument(f"{where}.subject {subject!r} must be written in the prompt as it is")
         checked.append(
@@ -239,6 +250,9 @@ def settings_over(current: Artifact | None, given: dict[str, Any]) -> LocalConfi
 
 def check_spec(spec: dict[str, Any]) -> dict[str, Any]:
     """A RegisterFacts spec, checked (InvalidArgument, with the fix) and normalised."""
+    spec = spec_object(spec, "spec", {"set", "facts", "config"})
+    if not isinstance(spec.get("facts") or [], list):
+        raise InvalidArgument("facts must be a list of {id, prompt, target, …} objects")
     facts = check_facts(spec.get("facts") or [])
     config = LocalConfig.from_spec(spec.get("config") or {})
     given = {k: getattr(config, k) for k in (spec.get("config") or {})}
