@@ -8,11 +8,27 @@ from __future__ import annotations
 
 import grpc
 
+# A status message travels in gRPC's trailing metadata, which clients refuse past 16 KiB (the
+# call then fails with a transport error instead of the status): messages that quote what a
+# client sent are cut to this many characters.
+MAX_MESSAGE_CHARS = 2000
+
 
 class MemserveError(Exception):
     """Base class; maps to INTERNAL unless a subclass says otherwise."""
 
     code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+
+    @property
+    def message(self) -> str:
+        """What the client is told: the message, cut to MAX_MESSAGE_CHARS."""
+        return clipped(str(self))
+
+
+def clipped(text: str) -> str:
+    if len(text) <= MAX_MESSAGE_CHARS:
+        return text
+    return f"{text[: MAX_MESSAGE_CHARS - 40]}… ({len(text) - MAX_MESSAGE_CHARS + 40} more characters)"
 
 
 class InvalidArgument(MemserveError, ValueError):

@@ -115,6 +115,8 @@ def generate_cases(rpc: str) -> Iterator[Bad]:
     yield using("a memory without a name", {"name": ""})
     yield using("a memory name with a slash", {"name": "a/b"})
     yield using("a memory name too long", {"name": "m" * 300})
+    # A message quoting it whole would pass gRPC's 16 KiB metadata limit: a transport error.
+    yield using("a memory name of 70,000 characters", {"name": "m" * 70_000})
     yield using("a memory that does not exist", {"name": "no-such-memory"}, status=NOT_FOUND)
     yield using("a version that does not exist", {"name": "bias", "version": 999}, status=NOT_FOUND)
     yield using("a scale of NaN", {"name": "bias", "scale": NAN})
@@ -342,6 +344,7 @@ def job_cases() -> Iterator[Bad]:
     yield submit("a fact's id as a list", {"facts": [{**FACT, "id": ["f"]}]})
     yield submit("a fact's target as null", {"facts": [{**FACT, "target": None}]})
     yield submit("an unknown spec key", {"facts": [FACT], "turbo": True})
+    yield submit("an unknown spec key of 70,000 characters", {"facts": [FACT], "k" * 70_000: True})
     yield submit("a config that is a list", {"facts": [FACT], "config": [1]})
     yield submit("a layer as a string", {"facts": [FACT], "config": {"layers": ["one"]}})
     yield submit("a layer as a float", {"facts": [FACT], "config": {"layers": [1.5]}})

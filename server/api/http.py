@@ -86,7 +86,7 @@ def error_json(exc: MemserveError) -> tuple[int, dict[str, Any]]:
     status = HTTP_STATUS.get(exc.code, 500)
     kind = ERROR_TYPES.get(status, "server_error")
     code = exc.code.name.lower()
-    return status, {"error": {"message": str(exc), "type": kind, "param": None, "code": code}}
+    return status, {"error": {"message": exc.message, "type": kind, "param": None, "code": code}}
 
 
 def _failure(name: str, exc: BaseException) -> MemserveError:

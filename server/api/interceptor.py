@@ -19,7 +19,7 @@ import grpc
 
 from memserve.api.auth import BOUND_TENANT, Auth
 from memserve.api.convert import check_no_unknown_fields
-from memserve.errors import InvalidArgument, MemserveError
+from memserve.errors import InvalidArgument, MemserveError, clipped
 from memserve.metrics import REQUEST_DURATION, REQUESTS
 
 log = logging.getLogger(__name__)
@@ -65,9 +65,9 @@ async def _abort(context: grpc.aio.ServicerContext, method: str, exc: Exception)
     if isinstance(exc, MemserveError):
         if exc.code is grpc.StatusCode.INTERNAL:
             log.error("%s failed: %s", method, exc)
-        await context.abort(exc.code, str(exc))
+        await context.abort(exc.code, exc.message)
     log.exception("%s failed unexpectedly", method, exc_info=exc)
-    await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {exc!r}")
+    await context.abort(grpc.StatusCode.INTERNAL, clipped(f"internal error: {exc!r}"))
 
 
 def _code_of(exc: BaseException, context: grpc.aio.ServicerContext) -> str:
