@@ -16,6 +16,9 @@ python bench/bench_facts.py counterfacts [--out DIR] [--config JSON] [--batch N]
     written paraphrases and neighbours (which no tuning step saw), 50 unrelated prompts and
     unrelated text, with 95 % intervals.
 
+python bench/bench_facts.py dtypes --set DIR/set.safetensors [--dtypes fp32,bf16] [--out DIR]
+    Judges one trained set as `counterfacts` does, once per dtype the model is served in.
+
 python bench/bench_facts.py scopes --set DIR/set.safetensors [--facts FILE] [--out DIR]
     Judges one trained set as `counterfacts` does, once per answer scope ("sentence": a subject
     is answered until the model ends a sentence of its own; "request": to the request's end).
@@ -342,33 +345,65 @@ def counterfacts(args: argparse.Namespace) -> None:
         print(f"| {name} | {es} | {gen} | {loc} | | | |")
 
 
+JUDGED_HEADER = (
+    "| edit success | generalisation (written) | neighbours kept | neighbours' first sentence kept "
+    "| unrelated prompts kept | unrelated text ppl |"
+)
+
+
+def _judged_row(label: str, metrics: dict) -> str:
+    rates = metrics["rates"]
+    return (
+        f"| {label} | {_cell(rates['edit_success'])} | {_cell(rates['generalization'])} | "
+        f"{_cell(rates['locality_neighbours'])} | {_cell(rates['locality_neighbours_first_sentence'])} | "
+        f"{_cell(rates['locality_unrelated'])} | ×{metrics['unrelated_text_ppl_ratio']:.4f} |"
+    )
+
+
+def _written_prompts(facts: Path) -> dict:
+    from memserve.kinds.local.config import eval_prompts
+
+    rows = [json.loads(line) for line in facts.read_text().splitlines() if line.strip()]
+    return eval_prompts([{k: r[k] for k in ("id", "positive_prompts", "negative_prompts")} for r in rows])
+
+
 def scopes(args: argparse.Namespace) -> None:
     """One trained set judged under each answer scope (a serving option: the entries are the
     same), so the scopes compare on the same facts, rewordings and neighbours."""
-    from memserve.kinds.local.config import ANSWER_SCOPES, eval_prompts
+    from memserve.kinds.local.config import ANSWER_SCOPES
     from memserve.kinds.local.eval import evaluate_set
     from memserve.memory.evaluation import offline_context
     from memserve.memory_store.artifact import import_bytes
 
-    rows = [json.loads(line) for line in args.facts.read_text().splitlines() if line.strip()]
-    given = ("positive_prompts", "negative_prompts")
-    prompts = eval_prompts([{k: r[k] for k in ("id", *given)} for r in rows])
+    prompts = _written_prompts(args.facts)
     loaded = load_model(ModelConfig())
-    print("| answer scope | edit success | generalisation (written) | neighbours kept | "
-          "neighbours' first sentence kept | unrelated prompts kept | unrelated text ppl |")  # fmt: skip
-    print("|---|---:|---:|---:|---:|---:|---:|")
+    print(f"| answer scope {JUDGED_HEADER}\n|---|---:|---:|---:|---:|---:|---:|")
     for scope in ANSWER_SCOPES:
         artifact = import_bytes(args.set.read_bytes())
         artifact.meta.hyperparameters["answer_scope"] = scope
         with offline_context(loaded, artifact, args.out / scope) as context:
             metrics = evaluate_set(context, artifact, 16, prompts)
-        rates = metrics["rates"]
-        print(
-            f"| {scope} | {_cell(rates['edit_success'])} | {_cell(rates['generalization'])} | "
-            f"{_cell(rates['locality_neighbours'])} | {_cell(rates['locality_neighbours_first_sentence'])} | "
-            f"{_cell(rates['locality_unrelated'])} | ×{metrics['unrelated_text_ppl_ratio']:.4f} |",
-            flush=True,
-        )
+        print(_judged_row(scope, metrics), flush=True)
+
+
+def dtypes(args: argparse.Namespace) -> None:
+    """One trained set (trained in fp32) judged with the model served in each dtype: the same
+    facts, rewordings and neighbours, so the dtypes compare on equal terms."""
+    from memserve.kinds.local.eval import evaluate_set
+    from memserve.memory.evaluation import offline_context
+    from memserve.memory_store.artifact import import_bytes
+
+    prompts = _written_prompts(args.facts)
+    print(f"| served in {JUDGED_HEADER} seconds |\n|---|---:|---:|---:|---:|---:|---:|---:|")
+    for dtype in args.dtypes.split(","):
+        loaded = load_model(ModelConfig(dtype=dtype))
+        artifact = import_bytes(args.set.read_bytes())
+        started = time.monotonic()
+        with offline_context(loaded, artifact, args.out / dtype) as context:
+            metrics = evaluate_set(context, artifact, 16, prompts)
+        (args.out / dtype / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        print(f"{_judged_row(dtype, metrics)[:-1]}| {time.monotonic() - started:.0f} |", flush=True)
+        del loaded
 
 
 # Made-up people and what the model cannot know about them: facts to add 20 at a time after
@@ -599,6 +634,12 @@ def main() -> None:
     sc.add_argument("--set", type=Path, required=True, help="counterfacts' set.safetensors")
     sc.add_argument("--facts", type=Path, default=ROOT / "tests/fixtures/facts/counterfacts.jsonl")
     sc.add_argument("--out", type=Path, default=Path("eval-scopes"))
+    dt = commands.add_parser("dtypes", help="judge one trained set with the model served in each dtype")
+    dt.add_argument("--set", type=Path, required=True, help="a set.safetensors the other commands write")
+    dt.add_argument("--facts", type=Path, default=ROOT / "tests/fixtures/facts/counterfacts.jsonl")
+    dt.add_argument("--dtypes", default="fp32,bf16")
+    dt.add_argument("--out", type=Path, default=Path("eval-dtypes"))
+    dt.set_defaults(run=dtypes)
     sc.set_defaults(run=scopes)
     base = commands.add_parser("baselines", help="our set beside ROME and GRACE, judged alike")
     base.add_argument("--facts", type=Path, default=ROOT / "tests/fixtures/facts/counterfacts.jsonl")
