@@ -1,6 +1,6 @@
 """How close a decode step comes to the machine's memory-read limit, per dtype, in one run.
 
-    python bench/bench_decode.py [--dtypes fp32,bf16] [--new-tokens 32] [--rounds 3]
+    python bench/bench_decode.py [--dtypes fp32,bf16,bf16w] [--new-tokens 32] [--rounds 3]
 
 A decode step reads every weight once (the LM head reads the tied embedding matrix whole), so
 at small batches its speed is bounded by how fast the cores can stream memory. This script
@@ -10,7 +10,8 @@ measures that bound (`sum` over a 2 GB tensor, best of 5, all threads) and, for 
   only), and the fraction of the read bound it reaches, counting the bytes of the dtype served;
 - Hugging Face `generate` (greedy, `--new-tokens` tokens each, 8 prompts one at a time and as one
   batch), tokens/s;
-- memserve (a `memserve serve --dtype D` subprocess), 1 stream at a time and 8 concurrent, tokens/s;
+- memserve (a `memserve serve --dtype D` subprocess), 1 stream at a time and 8 concurrent, tokens/s
+  (not for bf16w, the prototype in bench/mixed_precision.py, which no server serves yet);
 - greedy agreement with fp32: of the 50 prompts of the local kind's locality check (generic
   questions and openings), how many give the same first `--agree-tokens` tokens (and where the
   others part).
@@ -24,16 +25,17 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
+import math
 import statistics
 import time
 
 import torch
 from bench_serving import PROMPTS, hf_batch, hf_sequential, machine, memserve_concurrent, memserve_sequential
 from common import launch_server, stop, wait_for_first_token
+from mixed_precision import load
 from transformers import DynamicCache
 
 from memserve.kinds.local.unrelated import UNRELATED_PROMPTS
-from memserve.models import ModelConfig, load_model
 
 BANDWIDTH_BYTES = 2 << 30
 
@@ -54,11 +56,15 @@ def read_bandwidth(repeats: int = 5) -> float:
 
 
 def weight_bytes(model: torch.nn.Module) -> int:
-    """Bytes a step reads: each parameter once (tied embeddings once), in the dtype served."""
+    """Bytes a step reads: each parameter once in the dtype it is stored in (tied embeddings once,
+    by the LM head), less an input embedding the head does not share (a step reads a row of it)."""
+    looked_up = model.get_input_embeddings().weight
+    head = model.get_output_embeddings().weight
     seen: set[int] = set()
     total = 0
     for parameter in model.parameters():
-        if parameter.data_ptr() not in seen:
+        untied_lookup = parameter is looked_up and parameter.data_ptr() != head.data_ptr()
+        if parameter.data_ptr() not in seen and not untied_lookup:
             seen.add(parameter.data_ptr())
             total += parameter.numel() * parameter.element_size()
     return total
@@ -93,27 +99,32 @@ def greedy_tokens(loaded, prompts: list[str], tokens: int) -> list[list[int]]:
 def measure_dtype(
     dtype: str, new_tokens: int, rounds: int, bandwidth: float, agree_tokens: int
 ) -> tuple[dict[str, float], list[list[int]]]:
-    loaded = load_model(ModelConfig(device="cpu", dtype=dtype))
+    loaded = load(dtype)
     greedy = greedy_tokens(loaded, list(UNRELATED_PROMPTS), agree_tokens)
-    server, address = launch_server("--device", "cpu", "--dtype", dtype)
+    served = dtype in ("fp32", "bf16")  # the prototype bf16w is not served yet
+    server, address = launch_server("--device", "cpu", "--dtype", dtype) if served else (None, "")
     try:
-        wait_for_first_token(server, address)
+        if server is not None:
+            wait_for_first_token(server, address)
+            asyncio.run(memserve_concurrent(address, 4))
         hf_batch(loaded, 4)  # warm-up
-        asyncio.run(memserve_concurrent(address, 4))
         measured: list[dict[str, float]] = []
         for _ in range(rounds):
-            measured.append(
-                {
-                    "step_1": decode_step(loaded.model, 1),
-                    "step_8": decode_step(loaded.model, 8),
-                    "hf_1": hf_sequential(loaded, new_tokens),
-                    "hf_8": hf_batch(loaded, new_tokens),
-                    "memserve_1": asyncio.run(memserve_sequential(address, new_tokens)),
-                    "memserve_8": asyncio.run(memserve_concurrent(address, new_tokens))[0],
-                }
-            )
+            row = {
+                "step_1": decode_step(loaded.model, 1),
+                "step_8": decode_step(loaded.model, 8),
+                "hf_1": hf_sequential(loaded, new_tokens),
+                "hf_8": hf_batch(loaded, new_tokens),
+                "memserve_1": float("nan"),
+                "memserve_8": float("nan"),
+            }
+            if server is not None:
+                row["memserve_1"] = asyncio.run(memserve_sequential(address, new_tokens))
+                row["memserve_8"] = asyncio.run(memserve_concurrent(address, new_tokens))[0]
+            measured.append(row)
     finally:
-        stop(server)
+        if server is not None:
+            stop(server)
     result = {key: statistics.median(m[key] for m in measured) for key in measured[0]}
     result["bytes"] = weight_bytes(loaded.model)
     result["fraction_1"] = result["bytes"] / result["step_1"] / bandwidth
@@ -121,6 +132,14 @@ def measure_dtype(
     del loaded
     gc.collect()
     return result, greedy
+
+
+def _rate(value: float) -> str:
+    return "—" if math.isnan(value) else f"{value:.1f}"
+
+
+def _ratio(value: float, base: float) -> str:
+    return "—" if math.isnan(value) else f"{value / base:.2f}×"
 
 
 def _parting(reference: list[int], other: list[int]) -> int | None:
@@ -145,7 +164,11 @@ def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--dtypes", default="fp32,bf16")
+    parser.add_argument(
+        "--dtypes",
+        default="fp32,bf16,bf16w",
+        help="bf16w: bf16 weights, fp32 residual (bench/mixed_precision.py)",
+    )
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--agree-tokens", type=int, default=32)
@@ -156,24 +179,34 @@ def main() -> int:
         results[dtype], greedy[dtype] = measure_dtype(
             dtype, args.new_tokens, args.rounds, bandwidth, args.agree_tokens
         )
+    at_end = read_bandwidth()
+    if at_end > bandwidth:  # the bound is the best the machine showed: the fractions follow it
+        for r in results.values():
+            r["fraction_1"] *= bandwidth / at_end
+            r["fraction_8"] *= bandwidth / at_end
+    start_bandwidth, bandwidth = bandwidth, max(bandwidth, at_end)
     base = results.get("fp32") or next(iter(results.values()))
     print(f"\nmachine: {machine()}")
-    print(f"read bandwidth (sum over {BANDWIDTH_BYTES >> 30} GiB, best of 5): {bandwidth / 1e9:.1f} GB/s")
+    print(
+        f"read bandwidth (sum over {BANDWIDTH_BYTES >> 30} GiB, best of 5): {start_bandwidth / 1e9:.1f} GB/s "
+        f"at the start, {at_end / 1e9:.1f} GB/s at the end; the bound: {bandwidth / 1e9:.1f} GB/s"
+    )
     print(
         f"model: default (SmolLM2-135M-Instruct); {args.new_tokens} new tokens per request, greedy; "
         f"median of {args.rounds} rounds\n"
     )
     print(
-        "| dtype | weights MB | step b1 ms | of bound b1 | step b8 ms | of bound b8 | HF 1 tok/s "
+        "| dtype | MB read per step | step b1 ms | of bound b1 | step b8 ms | of bound b8 | HF 1 tok/s "
         "| HF 8 tok/s | memserve 1 tok/s | memserve 8 tok/s | memserve 1 vs fp32 | memserve 8 vs fp32 |"
     )
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for dtype, r in results.items():
+        served = [_rate(r[k]) for k in ("memserve_1", "memserve_8")]
+        ratios = [_ratio(r[k], base[k]) for k in ("memserve_1", "memserve_8")]
         print(
             f"| {dtype} | {r['bytes'] / 1e6:.0f} | {r['step_1'] * 1e3:.1f} | {r['fraction_1']:.0%} "
             f"| {r['step_8'] * 1e3:.1f} | {r['fraction_8']:.0%} | {r['hf_1']:.1f} | {r['hf_8']:.1f} "
-            f"| {r['memserve_1']:.1f} | {r['memserve_8']:.1f} | {r['memserve_1'] / base['memserve_1']:.2f}× "
-            f"| {r['memserve_8'] / base['memserve_8']:.2f}× |"
+            f"| {served[0]} | {served[1]} | {ratios[0]} | {ratios[1]} |"
         )
     if "fp32" in greedy:
         print(

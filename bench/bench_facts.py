@@ -395,8 +395,10 @@ def dtypes(args: argparse.Namespace) -> None:
 
     prompts = _written_prompts(args.facts)
     print(f"| served in {JUDGED_HEADER} seconds |\n|---|---:|---:|---:|---:|---:|---:|---:|")
+    from mixed_precision import load
+
     for dtype in args.dtypes.split(","):
-        loaded = load_model(ModelConfig(dtype=dtype))
+        loaded = load(dtype)
         artifact = import_bytes(args.set.read_bytes())
         started = time.monotonic()
         with offline_context(loaded, artifact, args.out / dtype) as context:
@@ -637,7 +639,9 @@ def main() -> None:
     dt = commands.add_parser("dtypes", help="judge one trained set with the model served in each dtype")
     dt.add_argument("--set", type=Path, required=True, help="a set.safetensors the other commands write")
     dt.add_argument("--facts", type=Path, default=ROOT / "tests/fixtures/facts/counterfacts.jsonl")
-    dt.add_argument("--dtypes", default="fp32,bf16")
+    dt.add_argument(
+        "--dtypes", default="fp32,bf16,bf16w", help="bf16w: the prototype of bench/mixed_precision.py"
+    )
     dt.add_argument("--out", type=Path, default=Path("eval-dtypes"))
     dt.set_defaults(run=dtypes)
     sc.set_defaults(run=scopes)
