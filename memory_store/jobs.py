@@ -203,7 +203,7 @@ class JobQueue:
             raise store_error(exc) from exc
         if int(seq) <= 0:
             raise ResourceExhausted(
-                f"tenant {tenant!r} has {-int(seq)} jobs queued or running, its quota: "
+                f"tenant {tenant!r} has {-int(seq)} job(s) queued or running, its quota: "
                 "wait for one to finish, or cancel one"
             )
         self._notify(job_id)

@@ -50,9 +50,14 @@ class UnsupportedArchitecture(FailedPrecondition, ValueError):
 
 
 class ResourceExhausted(MemserveError):
-    """The server is at capacity (queue full, too many memories)."""
+    """The server is at capacity (queue full, too many memories), or a tenant over a quota."""
 
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+    def __init__(self, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+        """Seconds until a retry can succeed, where the server knows (HTTP's Retry-After)."""
 
 
 class Unavailable(MemserveError):

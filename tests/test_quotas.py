@@ -71,6 +71,7 @@ def test_a_tenant_over_its_request_rate_is_refused_and_others_are_not(quoted):
     ]
     limited = [a for a in answers if a.status_code == 429]
     assert limited and limited[0].json()["error"]["type"] == "rate_limit_error"
+    assert limited[0].headers["Retry-After"] == "1"  # whole seconds, rounded up, as OpenAI's SDK reads it
 
 
 def test_jobs_past_the_quota_are_refused_until_one_ends(quoted):

@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -35,7 +36,7 @@ from starlette.routing import Route
 from memserve.api import openai
 from memserve.api.auth import BOUND_TENANT, Auth
 from memserve.api.generation import GenerationService
-from memserve.errors import InvalidArgument, MemserveError, NotFound, Unavailable
+from memserve.errors import InvalidArgument, MemserveError, NotFound, ResourceExhausted, Unavailable
 from memserve.metrics import REQUEST_DURATION, REQUESTS
 from memserve.v1 import generation_pb2 as pb
 from memserve.v1 import jobs_pb2, memory_pb2
@@ -134,7 +135,10 @@ def endpoint(name: str, draining: Draining, auth: Auth | None = None) -> Callabl
                 error = _failure(name, exc)
                 code = error.code.name
                 status, body = error_json(error)
-                return JSONResponse(body, status_code=status)
+                headers = None
+                if isinstance(error, ResourceExhausted) and error.retry_after is not None:
+                    headers = {"Retry-After": str(math.ceil(error.retry_after))}  # whole seconds
+                return JSONResponse(body, status_code=status, headers=headers)
             finally:
                 REQUESTS.labels(name, code).inc()
                 REQUEST_DURATION.labels(name).observe(time.perf_counter() - started)

@@ -83,9 +83,10 @@ class RateLimiter:
             tokens = _level(self._buckets.get(tenant), now, rate)
             if tokens < 1.0:
                 self._buckets[tenant] = (tokens, now, rate)
+                wait = (1.0 - tokens) / rate
                 raise ResourceExhausted(
-                    f"tenant {tenant!r} is over its {rate:g} requests per second: "
-                    f"retry in {(1.0 - tokens) / rate:.2f} s"
+                    f"tenant {tenant!r} is over its {rate:g} requests per second: retry in {wait:.2f} s",
+                    retry_after=wait,
                 )
             self._buckets[tenant] = (tokens - 1.0, now, rate)
             if len(self._buckets) > MAX_IDLE_BUCKETS:
