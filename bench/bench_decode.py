@@ -1,17 +1,19 @@
 """How close a decode step comes to the machine's memory-read limit, per dtype, in one run.
 
-    python bench/bench_decode.py [--dtypes fp32,bf16,bf16w] [--new-tokens 32] [--rounds 3]
+    python bench/bench_decode.py [--dtypes fp32,packed,bf16] [--new-tokens 32] [--rounds 3]
 
 A decode step reads every weight once (the LM head reads the tied embedding matrix whole), so
 at small batches its speed is bounded by how fast the cores can stream memory. This script
-measures that bound (`sum` over a 2 GB tensor, best of 5, all threads) and, for each dtype:
+measures that bound (`sum` over a 2 GB tensor, best of 5, all threads) and, for each way of
+serving (fp32: dense fp32 weights, as before packing; packed: fp32 compute on the GGUF's 4- and
+8-bit codes, `--weights packed`; bf16; bf16w: the prototype in bench/mixed_precision.py):
 
 - the model's forward step at batch 1 and 8 (64-token context, KV cache, last token's logits
   only), and the fraction of the read bound it reaches, counting the bytes of the dtype served;
 - Hugging Face `generate` (greedy, `--new-tokens` tokens each, 8 prompts one at a time and as one
   batch), tokens/s;
-- memserve (a `memserve serve --dtype D` subprocess), 1 stream at a time and 8 concurrent, tokens/s
-  (not for bf16w, the prototype in bench/mixed_precision.py, which no server serves yet);
+- memserve (a `memserve serve` subprocess serving that way), 1 stream at a time and 8
+  concurrent, tokens/s (not for bf16w, which no server serves);
 - greedy agreement with fp32: of the 50 prompts of the local kind's locality check (generic
   questions and openings), how many give the same first `--agree-tokens` tokens (and where the
   others part).
@@ -36,6 +38,13 @@ from mixed_precision import load
 from transformers import DynamicCache
 
 from memserve.kinds.local.unrelated import UNRELATED_PROMPTS
+from memserve.packed import PackedLinear, packed_weights
+
+SERVE_FLAGS = {
+    "fp32": ("--dtype", "fp32", "--weights", "dense"),
+    "packed": ("--dtype", "fp32", "--weights", "packed"),
+    "bf16": ("--dtype", "bf16"),
+}
 
 BANDWIDTH_BYTES = 2 << 30
 
@@ -57,13 +66,15 @@ def read_bandwidth(repeats: int = 5) -> float:
 
 def weight_bytes(model: torch.nn.Module) -> int:
     """Bytes a step reads: each parameter once in the dtype it is stored in (tied embeddings once,
-    by the LM head), less an input embedding the head does not share (a step reads a row of it)."""
+    by the LM head), less an input embedding the head does not share (a step reads a row of it);
+    a packed layer's codes instead of its dense weights."""
     looked_up = model.get_input_embeddings().weight
     head = model.get_output_embeddings().weight
-    seen: set[int] = set()
-    total = 0
+    packed = [m for m in model.modules() if isinstance(m, PackedLinear)]
+    seen = {m.weight.data_ptr() for m in packed}
+    total = sum(m.packed().nbytes for m in packed)
     for parameter in model.parameters():
-        untied_lookup = parameter is looked_up and parameter.data_ptr() != head.data_ptr()
+        untied_lookup = parameter is looked_up and parameter.data_ptr() not in (head.data_ptr(), *seen)
         if parameter.data_ptr() not in seen and not untied_lookup:
             seen.add(parameter.data_ptr())
             total += parameter.numel() * parameter.element_size()
@@ -100,31 +111,33 @@ def measure_dtype(
     dtype: str, new_tokens: int, rounds: int, bandwidth: float, agree_tokens: int
 ) -> tuple[dict[str, float], list[list[int]]]:
     loaded = load(dtype)
-    greedy = greedy_tokens(loaded, list(UNRELATED_PROMPTS), agree_tokens)
-    served = dtype in ("fp32", "bf16")  # the prototype bf16w is not served yet
-    server, address = launch_server("--device", "cpu", "--dtype", dtype) if served else (None, "")
-    try:
-        if server is not None:
-            wait_for_first_token(server, address)
-            asyncio.run(memserve_concurrent(address, 4))
-        hf_batch(loaded, 4)  # warm-up
-        measured: list[dict[str, float]] = []
-        for _ in range(rounds):
-            row = {
-                "step_1": decode_step(loaded.model, 1),
-                "step_8": decode_step(loaded.model, 8),
-                "hf_1": hf_sequential(loaded, new_tokens),
-                "hf_8": hf_batch(loaded, new_tokens),
-                "memserve_1": float("nan"),
-                "memserve_8": float("nan"),
-            }
+    flags = SERVE_FLAGS.get(dtype)
+    server, address = launch_server("--device", "cpu", *flags) if flags else (None, "")
+    # In-process runs read packed layers' codes, as the engine does (only packed layers heed it).
+    with packed_weights():
+        try:
+            greedy = greedy_tokens(loaded, list(UNRELATED_PROMPTS), agree_tokens)
             if server is not None:
-                row["memserve_1"] = asyncio.run(memserve_sequential(address, new_tokens))
-                row["memserve_8"] = asyncio.run(memserve_concurrent(address, new_tokens))[0]
-            measured.append(row)
-    finally:
-        if server is not None:
-            stop(server)
+                wait_for_first_token(server, address)
+                asyncio.run(memserve_concurrent(address, 4))
+            hf_batch(loaded, 4)  # warm-up
+            measured: list[dict[str, float]] = []
+            for _ in range(rounds):
+                row = {
+                    "step_1": decode_step(loaded.model, 1),
+                    "step_8": decode_step(loaded.model, 8),
+                    "hf_1": hf_sequential(loaded, new_tokens),
+                    "hf_8": hf_batch(loaded, new_tokens),
+                    "memserve_1": float("nan"),
+                    "memserve_8": float("nan"),
+                }
+                if server is not None:
+                    row["memserve_1"] = asyncio.run(memserve_sequential(address, new_tokens))
+                    row["memserve_8"] = asyncio.run(memserve_concurrent(address, new_tokens))[0]
+                measured.append(row)
+        finally:
+            if server is not None:
+                stop(server)
     result = {key: statistics.median(m[key] for m in measured) for key in measured[0]}
     result["bytes"] = weight_bytes(loaded.model)
     result["fraction_1"] = result["bytes"] / result["step_1"] / bandwidth
@@ -166,8 +179,9 @@ def main() -> int:
     )
     parser.add_argument(
         "--dtypes",
-        default="fp32,bf16,bf16w",
-        help="bf16w: bf16 weights, fp32 residual (bench/mixed_precision.py)",
+        default="fp32,packed,bf16",
+        help="fp32 (dense), packed (--weights packed), bf16, bf16w (bf16 weights, fp32 residual: "
+        "bench/mixed_precision.py)",
     )
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=3)
@@ -197,16 +211,18 @@ def main() -> int:
     )
     print(
         "| dtype | MB read per step | step b1 ms | of bound b1 | step b8 ms | of bound b8 | HF 1 tok/s "
-        "| HF 8 tok/s | memserve 1 tok/s | memserve 8 tok/s | memserve 1 vs fp32 | memserve 8 vs fp32 |"
+        "| HF 8 tok/s | memserve 1 tok/s | memserve 8 tok/s | memserve 1 vs fp32 | memserve 8 vs fp32 "
+        "| memserve 1 vs HF 1 | memserve 8 vs HF 8 |"
     )
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for dtype, r in results.items():
         served = [_rate(r[k]) for k in ("memserve_1", "memserve_8")]
         ratios = [_ratio(r[k], base[k]) for k in ("memserve_1", "memserve_8")]
+        ratios += [_ratio(r[f"memserve_{n}"], r[f"hf_{n}"]) for n in (1, 8)]
         print(
             f"| {dtype} | {r['bytes'] / 1e6:.0f} | {r['step_1'] * 1e3:.1f} | {r['fraction_1']:.0%} "
             f"| {r['step_8'] * 1e3:.1f} | {r['fraction_8']:.0%} | {r['hf_1']:.1f} | {r['hf_8']:.1f} "
-            f"| {served[0]} | {served[1]} | {ratios[0]} | {ratios[1]} |"
+            f"| {served[0]} | {served[1]} | {' | '.join(ratios)} |"
         )
     if "fp32" in greedy:
         print(

@@ -2,7 +2,7 @@
 
     python bench/bench_documents.py train --out DIR [--config '{"key_module": "mlp"}'] [--seed N]
                                           [--articles 100] [--compare-with 24] [--exact-sample 5]
-    python bench/bench_documents.py evaluate --out DIR
+    python bench/bench_documents.py evaluate --out DIR [--weights packed --into DIR2]
     python bench/bench_documents.py keys --out DIR [--seeds 3] [--config '{"epochs": 30}']
     python bench/bench_documents.py throughput [--bank FILE]
 
@@ -148,10 +148,14 @@ def _train(
 
 
 def evaluate(args: argparse.Namespace) -> int:
-    """The evaluation alone, of a bank written by `train` (its training time kept)."""
-    loaded = load_model(ModelConfig(device="cpu", dtype="fp32"))
+    """The evaluation alone, of a bank written by `train` (its training time kept), on the model
+    served with `--weights` (dense, or packed as `memserve serve` serves by default)."""
+    loaded = load_model(ModelConfig(device="cpu", dtype="fp32", weights=args.weights))
     artifact = import_bytes((args.out / "bank.safetensors").read_bytes())
     before = args.out / "metrics.json"
+    if args.into is not None:
+        args.into.mkdir(parents=True, exist_ok=True)
+        args.out = args.into
     kept = (
         {k: v for k, v in json.loads(before.read_text()).items() if k == "wall_seconds"}
         if before.exists()
@@ -412,6 +416,8 @@ def main() -> int:
     run.set_defaults(run=train)
     again = commands.add_parser("evaluate", help="evaluate again the bank that `train` wrote into --out")
     again.add_argument("--out", type=Path, required=True)
+    again.add_argument("--weights", choices=["dense", "packed"], default="dense", help="as `serve --weights`")
+    again.add_argument("--into", type=Path, help="where the report goes (default: --out)")
     again.set_defaults(run=evaluate)
     study = commands.add_parser("keys", help="linear against MLP keys, several seeds, on the ten fixtures")
     study.add_argument("--out", type=Path, required=True)

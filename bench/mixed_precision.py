@@ -42,9 +42,13 @@ def bf16_weights(model: nn.Module) -> nn.Module:
 
 
 def load(dtype: str) -> LoadedModel:
-    """The default model in `dtype`: fp32, bf16, or the prototype bf16w."""
+    """The default model as served: fp32 (dense), packed (fp32, the GGUF's codes), bf16, or the
+    prototype bf16w."""
+    if dtype in ("fp32", "packed"):
+        weights = "dense" if dtype == "fp32" else "packed"
+        return load_model(ModelConfig(device="cpu", dtype="fp32", weights=weights))
     if dtype != "bf16w":
         return load_model(ModelConfig(device="cpu", dtype=dtype))
-    loaded = load_model(ModelConfig(device="cpu", dtype="fp32"))
+    loaded = load_model(ModelConfig(device="cpu", dtype="fp32", weights="dense"))
     bf16_weights(loaded.model)
     return loaded

@@ -27,6 +27,8 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from memserve.packed import pack_model
+
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "default"
@@ -40,6 +42,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # fp16 matmuls on CPU are slow and lose accuracy; bf16 is the CPU half type.
 DTYPES_BY_DEVICE = {"cpu": ("fp32", "bf16"), "cuda": ("fp32", "fp16", "bf16")}
 FINGERPRINT_FILE = "memserve-model.json"
+WEIGHTS = ("auto", "packed", "dense")
 
 
 @dataclass(frozen=True)
@@ -52,6 +55,11 @@ class ModelConfig:
     """fp32 | bf16 | fp16 | auto (fp32 on CPU, bf16 on CUDA)."""
     device: str = "auto"
     """cpu | cuda | cuda:N | auto (CUDA when available)."""
+    weights: str = "auto"
+    """auto | packed | dense. packed: layers whose fp32 weights are exact 4- or 8-bit groups (a
+    GGUF's Q4_1 / Q8_0, as the default model's) are read from their codes at decode steps, with
+    bit-for-bit the same weights (memserve/packed); auto packs where that is exact and the kernel
+    builds, fp32 on CPU only; dense never packs."""
     cache_dir: Path | None = None
     """Where converted models live; default: the user cache dir, or $MEMSERVE_CACHE_DIR."""
 
@@ -76,6 +84,12 @@ class ModelConfig:
             raise ValueError(f"dtype on {device.type} must be one of {allowed}, got {self.dtype!r}")
         return self.dtype
 
+    def check_weights(self, device: torch.device, dtype: str) -> None:
+        if self.weights not in WEIGHTS:
+            raise ValueError(f"weights must be one of {WEIGHTS}, got {self.weights!r}")
+        if self.weights == "packed" and (device.type != "cpu" or dtype != "fp32"):
+            raise ValueError(f"packed weights are an fp32 CPU path; this is {dtype} on {device.type}")
+
     def resolved_cache_dir(self) -> Path:
         if self.cache_dir is not None:
             return self.cache_dir
@@ -91,12 +105,15 @@ class LoadedModel:
     fingerprint: str
     device: torch.device
     dtype: str
+    weights: str = "dense weights"
+    """How the weights are held, in words (memserve.packed.PackReport.describe)."""
 
 
 def load_model(config: ModelConfig) -> LoadedModel:
     """Loads the model and tokenizer named by `config`, ready for inference."""
     device = config.resolved_device()
     dtype = config.resolved_dtype(device)
+    config.check_weights(device, dtype)
     if config.model == DEFAULT_MODEL:
         path = ensure_default_model(config.resolved_cache_dir())
         name = DEFAULT_MODEL_NAME
@@ -114,7 +131,12 @@ def load_model(config: ModelConfig) -> LoadedModel:
     model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype] if fingerprint else "auto")
     fingerprint = fingerprint or fingerprint_model(model)
     model.to(device, DTYPES[dtype]).eval().requires_grad_(False)
-    return LoadedModel(model, tokenizer, name, fingerprint, device, dtype)
+    weights = "dense weights"
+    if config.weights != "dense" and device.type == "cpu" and dtype == "fp32":
+        report = pack_model(model, required=config.weights == "packed", cache_dir=config.resolved_cache_dir())
+        weights = report.describe()
+        log.info("%s: %s (%.1f s)", name, weights, report.seconds)
+    return LoadedModel(model, tokenizer, name, fingerprint, device, dtype, weights)
 
 
 def ensure_default_model(cache_dir: Path) -> Path:

@@ -311,7 +311,7 @@ def test_eval_docs_runs_on_the_server_and_writes_the_report(stories, address, ca
     [
         (["docs", "no-such-bank"], "NOT_FOUND: "),
         (["facts", "stories"], "INVALID_ARGUMENT: 'stories' is a document memory, not a local memory"),
-        (["docs", "stories", "--model", "other"], "--model, --dtype, --device and --cache-dir go with"),
+        (["docs", "stories", "--model", "other"], "--dtype, --device, --weights and --cache-dir go with"),
     ],
 )
 def test_a_refused_eval_is_one_line(stories, address, capsys, tmp_path, argv, message):

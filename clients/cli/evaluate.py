@@ -203,7 +203,8 @@ def evaluate(
 def _no_model_flags(args: argparse.Namespace) -> None:
     if any(getattr(args, name) is not None for name in MODEL_DEFAULTS):
         raise ValueError(
-            "--model, --dtype, --device and --cache-dir go with --file: the server evaluates on its own model"
+            "--model, --dtype, --device, --weights and --cache-dir go with --file: "
+            "the server evaluates on its own model"
         )
 
 

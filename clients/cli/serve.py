@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import os
 from pathlib import Path
 from typing import Any
@@ -27,12 +28,18 @@ MODEL_FLAGS = (
     ),
     flag("--device", help="auto | cpu | cuda | cuda:N"),
     flag(
+        "--weights",
+        choices=["auto", "packed", "dense"],
+        help="packed: decode from the GGUF's 4/8-bit codes, bit-for-bit the fp32 weights (fp32 CPU; "
+        "auto packs where exact); the worker always trains on dense weights",
+    ),
+    flag(
         "--cache-dir",
         type=Path,
         help="where the converted default model lives (default: user cache dir or $MEMSERVE_CACHE_DIR)",
     ),
 )
-MODEL_DEFAULTS = {"model": "default", "dtype": "auto", "device": "auto", "cache_dir": None}
+MODEL_DEFAULTS = {"model": "default", "dtype": "auto", "device": "auto", "weights": "auto", "cache_dir": None}
 COMPUTE_FLAGS = (
     flag(
         "--plugin",
@@ -198,7 +205,7 @@ def register(commands: Any) -> None:
 
 
 def add_model_flags(parser: argparse.ArgumentParser | Any, defaults: bool = True) -> None:
-    """--model, --dtype, --device, --cache-dir; without `defaults` they stay None when not given."""
+    """The model flags; without `defaults` they stay None when not given."""
     for names, options in MODEL_FLAGS:
         default = MODEL_DEFAULTS[names[0][2:].replace("-", "_")] if defaults else None
         parser.add_argument(*names, default=default, **options)
@@ -301,9 +308,10 @@ def run_worker(args: argparse.Namespace) -> int:
         max_attempts=args.max_attempts,
         drain_seconds=args.drain_seconds,
     )
+    # A worker only trains, and trains on the dense weights: packing would cost it a build.
     run_worker(
         args.redis_url,
-        model_config(args),
+        dataclasses.replace(model_config(args), weights="dense"),
         config,
         plugins=tuple(args.plugin),
         metrics_port=args.metrics_port or None,

@@ -5,9 +5,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from memserve.api.context import tenant_of
 from memserve.api.convert import struct_to_dict
@@ -21,8 +21,11 @@ from memserve.memory.runtime import StoreRuntime
 from memserve.memory_store.artifact import Artifact
 from memserve.models import LoadedModel
 from memserve.names import check_name
+from memserve.packed import packed_weights
 from memserve.v1 import evaluation_pb2 as pb
 from memserve.v1 import evaluation_pb2_grpc
+
+T = TypeVar("T")
 
 Update = pb.EvaluationProgress | BaseException | None
 """What the evaluation thread hands the stream: progress, its error, or None when done."""
@@ -90,7 +93,9 @@ class EvaluationService(evaluation_pb2_grpc.EvaluationServiceServicer):
         def work() -> None:
             evaluation = EvalContext(self.loaded, self.engine, self.target, artifact, out, progress)
             try:
-                run_in_compute_thread(lambda: kind.evaluate(options, evaluation), name="memserve-eval")
+                run_in_compute_thread(
+                    lambda: _served(kind.evaluate, options, evaluation), name="memserve-eval"
+                )
             except BaseException as exc:  # handed to the stream, raised there
                 put(exc)
             else:
@@ -105,3 +110,9 @@ class EvaluationService(evaluation_pb2_grpc.EvaluationServiceServicer):
         finally:
             stop.set()
             await asyncio.shield(thread)  # the report's folder outlives the evaluation
+
+
+def _served(evaluate: Callable[..., T], *args: Any) -> T:
+    """Evaluates on the weights the engine serves (packed where the model is)."""
+    with packed_weights():
+        return evaluate(*args)

@@ -41,6 +41,7 @@ from memserve.errors import (
     Unavailable,
 )
 from memserve.memory.hooks import MemoryHooks, TraceRecord
+from memserve.packed import packed_weights
 from memserve.padding import left_padded_positions, pad_rows
 
 log = logging.getLogger(__name__)
@@ -196,7 +197,8 @@ class Engine:
     def _loop(self) -> None:
         try:
             use_compute_threads(self.config.threads or None)  # memserve.engine.threads says why
-            with torch.inference_mode():
+            # Packed layers read their codes on this thread only (memserve.packed says why).
+            with torch.inference_mode(), packed_weights():
                 self._serve_forever()
         except BaseException as exc:  # the thread is ending: nothing in flight may wait forever
             log.exception("the engine thread died")

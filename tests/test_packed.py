@@ -1,0 +1,227 @@
+"""Packed weights: codes recovered exactly, the kernel equal to a dense matmul, the switch rules.
+
+The kernel is built once per machine (about 40 s on 2 cores) into the user cache dir; the
+default model's tests reuse it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from memserve.models import LoadedModel, ModelConfig, load_model
+from memserve.packed import (
+    PACKED_MAX_ROWS,
+    PackedLinear,
+    pack_model,
+    pack_q4,
+    pack_q8,
+    packed_weights,
+)
+from memserve.packed.kernel import load_kernel
+
+
+def q4_weight(rows: int, width: int, seed: int = 0) -> torch.Tensor:
+    """Weights as a Q4_1 GGUF de-quantises them: fp32(d) * q + fp32(m), d and m fp16."""
+    g = torch.Generator().manual_seed(seed)
+    groups = width // 32
+    q = torch.randint(0, 16, (rows, groups, 32), generator=g).float()
+    d = (torch.rand(rows, groups, 1, generator=g) * 0.02).half().float()
+    m = (-torch.rand(rows, groups, 1, generator=g) * 0.1).half().float()
+    q[..., 0], q[..., 1] = 0, 15  # the quantiser puts each group's min at 0 and max at 15
+    return (d * q + m).reshape(rows, width)
+
+
+def q8_weight(rows: int, width: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    groups = width // 32
+    q = torch.randint(-127, 128, (rows, groups, 32), generator=g).float()
+    q[..., 0] = 127
+    d = (torch.rand(rows, groups, 1, generator=g) * 0.01).half().float()
+    return (d * q).reshape(rows, width)
+
+
+def test_q4_codes_rebuild_every_weight_bit_for_bit() -> None:
+    weight = q4_weight(48, 96)
+    weight[3, :32] = 0.25  # a constant group: d = 0
+    packed = pack_q4(weight)
+    assert packed is not None and packed.kind == "q4"
+    assert torch.equal(packed.unpack(), weight)
+    assert packed.nbytes == 48 * 96 // 2 + 2 * 2 * 48 * 3
+
+
+def test_q8_codes_rebuild_every_weight_bit_for_bit() -> None:
+    weight = q8_weight(32, 64)
+    packed = pack_q8(weight)
+    assert packed is not None and packed.kind == "q8"
+    assert torch.equal(packed.unpack(), weight)
+    assert pack_q4(weight) is None  # 255 levels are not 16
+
+
+@pytest.mark.parametrize(
+    "weight",
+    [
+        torch.randn(32, 64),  # trained fp32 weights
+        q4_weight(30, 64),  # rows not in blocks of 16
+        q4_weight(32, 96)[:, :80].contiguous(),  # width not in groups of 32
+        q4_weight(32, 64).bfloat16(),
+    ],
+    ids=["random", "rows", "width", "bf16"],
+)
+def test_weights_that_are_not_exact_groups_are_not_packed(weight: torch.Tensor) -> None:
+    assert pack_q4(weight) is None and pack_q8(weight) is None
+
+
+def test_one_changed_weight_makes_a_layer_unpackable() -> None:
+    weight = q4_weight(32, 64)
+    weight[5, 7] = torch.nextafter(weight[5, 7], torch.tensor(1.0))
+    assert pack_q4(weight) is None
+
+
+@pytest.fixture(scope="module")
+def kernel() -> object:
+    built = load_kernel()
+    assert built is not None, "the packed kernel did not build (see the log)"
+    return built
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 8, 11])
+def test_kernel_equals_a_dense_matmul(kernel: object, rows: int) -> None:
+    x = torch.randn(rows, 96)
+    for weight, packed in ((w := q4_weight(64, 96), pack_q4(w)), (w8 := q8_weight(80, 96), pack_q8(w8))):
+        assert packed is not None
+        if packed.kind == "q4":
+            out = kernel.q4_linear(x, packed.codes, packed.scales, packed.offsets)  # type: ignore[attr-defined]
+        else:
+            out = kernel.q8_linear(x, packed.codes, packed.scales)  # type: ignore[attr-defined]
+        torch.testing.assert_close(out, x @ weight.T, rtol=1e-5, atol=1e-5)
+
+
+def test_the_portable_build_gives_the_same_products() -> None:
+    """What a CPU without AVX-512 runs (forced with --weights packed): the plain loops."""
+    portable = load_kernel(portable=True)
+    assert portable is not None and portable.simd() == "scalar"
+    x = torch.randn(3, 96)
+    q4, q8 = q4_weight(32, 96), q8_weight(16, 96)
+    p4, p8 = pack_q4(q4), pack_q8(q8)
+    assert p4 is not None and p8 is not None
+    torch.testing.assert_close(
+        portable.q4_linear(x, p4.codes, p4.scales, p4.offsets), x @ q4.T, rtol=1e-5, atol=1e-5
+    )
+    torch.testing.assert_close(portable.q8_linear(x, p8.codes, p8.scales), x @ q8.T, rtol=1e-5, atol=1e-5)
+
+
+def test_kernel_refuses_a_wrong_input(kernel: object) -> None:
+    packed = pack_q4(q4_weight(16, 64))
+    assert packed is not None
+    with pytest.raises(RuntimeError, match="columns"):
+        kernel.q4_linear(torch.randn(1, 32), packed.codes, packed.scales, packed.offsets)  # type: ignore[attr-defined]
+    with pytest.raises(RuntimeError, match="fp32"):
+        kernel.q4_linear(torch.randn(1, 64).double(), packed.codes, packed.scales, packed.offsets)  # type: ignore[attr-defined]
+
+
+class Counting(PackedLinear):
+    """Counts the calls that took the packed path."""
+
+    calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        kernel = self._kernel
+        outer = self
+
+        class Spy:
+            def q4_linear(self, *args: torch.Tensor) -> torch.Tensor:
+                outer.calls += 1
+                return kernel.q4_linear(*args)
+
+        self._kernel = Spy()  # type: ignore[assignment]
+        try:
+            return super().forward(x)
+        finally:
+            self._kernel = kernel
+
+
+def test_the_packed_path_only_inside_packed_weights_without_autograd(kernel: object) -> None:
+    linear = nn.Linear(64, 32, bias=True)
+    linear.weight.data = q4_weight(32, 64)
+    packed = pack_q4(linear.weight)
+    assert packed is not None
+    layer = Counting(linear, packed, kernel)  # type: ignore[arg-type]
+    x = torch.randn(2, 3, 64)
+    expected = F.linear(x, linear.weight, linear.bias)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), expected)
+        assert layer.calls == 0  # outside packed_weights(): dense
+        with packed_weights():
+            torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
+            assert layer.calls == 1
+            layer(torch.randn(PACKED_MAX_ROWS + 1, 64))  # a prefill: dense
+            assert layer.calls == 1
+    with packed_weights():
+        out = layer(x.requires_grad_())  # training: dense, with gradients
+        out.sum().backward()
+        assert layer.calls == 1 and x.grad is not None
+
+
+def test_pack_model_keeps_dense_a_model_with_trained_weights(tiny: LoadedModel) -> None:
+    report = pack_model(tiny.model)
+    assert not report.any and "no layer" in report.describe()
+    with pytest.raises(ValueError, match="--weights packed: no layer"):
+        pack_model(tiny.model, required=True)
+
+
+def test_weights_flag_is_checked() -> None:
+    with pytest.raises(ValueError, match="weights must be one of"):
+        load_model(ModelConfig(device="cpu", weights="int3"))
+    with pytest.raises(ValueError, match="fp32 CPU path"):
+        load_model(ModelConfig(device="cpu", dtype="bf16", weights="packed"))
+
+
+def test_default_model_packs_whole_and_decodes_as_dense(default_model: LoadedModel) -> None:
+    """Every layer of the default model is exact Q4_1 / Q8_0; a packed decode step's logits are
+    the dense step's up to the order of fp32 sums, at batch 1 and 8."""
+    model = default_model.model
+    assert "packed weights: 210 q4, 1 q8 layer(s) (0 dense)" in default_model.weights
+    assert isinstance(model.get_output_embeddings(), PackedLinear)
+    assert model.get_output_embeddings().weight is model.get_input_embeddings().weight  # still tied
+    for batch in (1, 8):
+        ids = torch.randint(100, 5000, (batch, 1), generator=torch.Generator().manual_seed(batch))
+        with torch.inference_mode():
+            dense = model(input_ids=ids).logits
+            with packed_weights():
+                packed = model(input_ids=ids).logits
+        torch.testing.assert_close(packed, dense, rtol=1e-4, atol=1e-4)
+        assert torch.equal(packed.argmax(-1), dense.argmax(-1))
+
+
+class Siblings(nn.Module):
+    """q/k/v projections as a Llama attention block names them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q_proj, self.k_proj, self.v_proj = (
+            nn.Linear(64, 48, bias=False),
+            nn.Linear(64, 16, bias=False),
+            nn.Linear(64, 16, bias=False),
+        )
+        for seed, layer in enumerate((self.q_proj, self.k_proj, self.v_proj)):
+            layer.weight.data = q4_weight(layer.out_features, 64, seed)
+
+
+def test_siblings_on_one_input_make_one_call_and_store_nothing_twice(kernel: object) -> None:
+    model = Siblings()
+    dense = [layer.weight.clone() for layer in (model.q_proj, model.k_proj, model.v_proj)]
+    report = pack_model(model)
+    assert report.packed == {"q4": 3}
+    q, k, v = model.q_proj, model.k_proj, model.v_proj
+    assert isinstance(q, PackedLinear) and q.fused is not None and k.fused is q.fused is v.fused
+    assert k.codes.data_ptr() == q.fused.codes[48 // 16].data_ptr()  # a view into the fused codes
+    x, other = torch.randn(1, 64), torch.randn(1, 64)
+    with torch.no_grad(), packed_weights():
+        outs = [q(x), k(x), v(x)]
+        alone = [v(other), k(other)]  # another input, out of order: each computes its own rows
+    for out, weight in zip(outs, dense, strict=True):
+        torch.testing.assert_close(out, x @ weight.T, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(alone[0], other @ dense[2].T, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(alone[1], other @ dense[1].T, rtol=1e-5, atol=1e-5)
