@@ -13,7 +13,9 @@ serving (fp32: dense fp32 weights, as before packing; packed: fp32 compute on th
 - Hugging Face `generate` (greedy, `--new-tokens` tokens each, 8 prompts one at a time and as one
   batch), tokens/s;
 - memserve (a `memserve serve` subprocess serving that way), 1 stream at a time and 8
-  concurrent, tokens/s (not for bf16w, which no server serves);
+  concurrent, tokens/s (not for bf16w, which no server serves), against fp32 memserve, against
+  HF `generate` on the same model object (for packed: HF's loop over our packed layers), and
+  against stock HF `generate` in fp32;
 - greedy agreement with fp32: of the 50 prompts of the local kind's locality check (generic
   questions and openings), how many give the same first `--agree-tokens` tokens (and where the
   others part).
@@ -212,13 +214,14 @@ def main() -> int:
     print(
         "| dtype | MB read per step | step b1 ms | of bound b1 | step b8 ms | of bound b8 | HF 1 tok/s "
         "| HF 8 tok/s | memserve 1 tok/s | memserve 8 tok/s | memserve 1 vs fp32 | memserve 8 vs fp32 "
-        "| memserve 1 vs HF 1 | memserve 8 vs HF 8 |"
+        "| memserve 1 vs HF 1 | memserve 8 vs HF 8 | memserve 1 vs HF fp32 1 | memserve 8 vs HF fp32 8 |"
     )
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for dtype, r in results.items():
         served = [_rate(r[k]) for k in ("memserve_1", "memserve_8")]
         ratios = [_ratio(r[k], base[k]) for k in ("memserve_1", "memserve_8")]
         ratios += [_ratio(r[f"memserve_{n}"], r[f"hf_{n}"]) for n in (1, 8)]
+        ratios += [_ratio(r[f"memserve_{n}"], base[f"hf_{n}"]) for n in (1, 8)]
         print(
             f"| {dtype} | {r['bytes'] / 1e6:.0f} | {r['step_1'] * 1e3:.1f} | {r['fraction_1']:.0%} "
             f"| {r['step_8'] * 1e3:.1f} | {r['fraction_8']:.0%} | {r['hf_1']:.1f} | {r['hf_8']:.1f} "

@@ -114,6 +114,8 @@ class ModelInfo:
     """Requests that may wait for a slot before RESOURCE_EXHAUSTED."""
     memory_kinds: list[str]
     """Memory kinds this server can apply."""
+    weights: str = ""
+    """How the weights are held: "dense weights", or "packed weights: …" (`serve --weights`)."""
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready values."""

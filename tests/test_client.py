@@ -129,6 +129,7 @@ def test_model_info_is_a_dataclass_with_every_field_of_the_message(address):
     assert blocking.architecture == "LlamaForCausalLM" and blocking.max_new_tokens_limit == 2000
     assert isinstance(blocking.memory_kinds, list) and "test-bias" in blocking.memory_kinds
     assert blocking.to_dict()["num_layers"] == blocking.num_layers == 3
+    assert blocking.weights.startswith("dense weights (no layer")  # a tiny random model
 
 
 def test_the_two_clients_give_equal_results(address):

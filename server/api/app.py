@@ -159,10 +159,11 @@ async def start_server(config: ServerConfig) -> RunningServer:
     started = time.perf_counter()
     loaded = await asyncio.to_thread(load_model, config.model)
     log.info(
-        "loaded %s (%s, %s) in %.1f s",
+        "loaded %s (%s, %s, %s) in %.1f s",
         loaded.name,
         loaded.dtype,
         loaded.device,
+        loaded.weights,
         time.perf_counter() - started,
     )
     loop = asyncio.get_running_loop()

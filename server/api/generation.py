@@ -162,4 +162,5 @@ class GenerationService(generation_pb2_grpc.GenerationServiceServicer):
             max_batch_size=self.engine.config.max_batch_size,
             max_queue_size=self.engine.config.max_queue_size,
             memory_kinds=registered_kinds() if self.runtime is not None else [],
+            weights=self.loaded.weights,
         )

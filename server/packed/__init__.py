@@ -7,11 +7,12 @@ reading them. `pack_model` finds, layer by layer, the weights that are exactly s
 recovers their codes, checks that rebuilding them gives every fp32 weight back bit-for-bit, and
 swaps the layer for a `PackedLinear` that reads the codes (0.625 or 1.0625 bytes per weight)
 whenever a step is small. Nothing is approximated: a layer that does not rebuild exactly stays
-dense, and the dense weights stay too, for training, prefill and anything that reads `.weight`.
+dense, and the dense weights stay too, for training, long prefills and anything that reads
+`.weight`.
 
 Which path a call takes:
 - the packed kernel: inside `packed_weights()` (this thread), no autograd, an fp32 CPU input of
-  at most `PACKED_MAX_ROWS` rows;
+  at most `PACKED_MAX_ROWS` (512) rows: decode steps and most prefills;
 - otherwise `F.linear` on the dense weights, exactly as before packing.
 
 The engine's thread and the evaluation RPC serve inside `packed_weights()`; the trainer does not,
@@ -37,10 +38,13 @@ from memserve.packed.kernel import PackedKernel, load_kernel
 log = logging.getLogger(__name__)
 
 GROUP = 32
+FAST_SIMD = ("avx512", "avx2")  # the kernel's vector builds; "scalar" is correct but slow
 BLOCK = 16  # output rows the kernel stores side by side
-# Past this many rows (a prompt's prefill), a dense matmul is faster than rebuilding each weight
-# once per 8 rows; both read the same weights.
-PACKED_MAX_ROWS = 8
+# Rows past which a call uses the dense weights. Measured on a 2-core AMD EPYC (AVX-512), the
+# packed kernel (which rebuilds each weight once per 8 rows) beat the dense fp32 matmul at every
+# size tried: all layers of the default model, 8 rows 13 against 58 ms, 64 rows 93 against 137,
+# 512 rows 784 against 852. Past 512 (long prefills) it is untested, so dense.
+PACKED_MAX_ROWS = 512
 
 _packed = threading.local()
 
@@ -153,6 +157,22 @@ def _fp16_neighbour(values: torch.Tensor, step: int) -> torch.Tensor:
 FUSED_SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
 
+class Codes:
+    """A weight's codes and the kernel call that reads them (plain attributes: a decode step
+    calls this ~120 times, and nn.Module's attribute lookups cost)."""
+
+    __slots__ = ("codes", "kernel", "kind", "offsets", "scales")
+
+    def __init__(self, kernel: PackedKernel, kind: str, codes: torch.Tensor, scales: torch.Tensor,
+                 offsets: torch.Tensor | None) -> None:  # fmt: skip
+        self.kernel, self.kind, self.codes, self.scales, self.offsets = kernel, kind, codes, scales, offsets
+
+    def __call__(self, flat: torch.Tensor) -> torch.Tensor:
+        if self.offsets is not None:
+            return self.kernel.q4_linear(flat, self.codes, self.scales, self.offsets)
+        return self.kernel.q8_linear(flat, self.codes, self.scales)
+
+
 class FusedCodes:
     """One packed weight for sibling layers called one after another on the same input.
 
@@ -161,47 +181,47 @@ class FusedCodes:
 
     def __init__(self, members: list[PackedLinear]) -> None:
         first = members[0]
-        self.kind = first.kind
-        self.codes = torch.cat([m.codes for m in members])
-        self.scales = torch.cat([m.scales for m in members])
-        self.offsets = None if first.offsets is None else torch.cat([m.offsets for m in members])
-        self.kernel = first._kernel
+        offsets = None if first.offsets is None else torch.cat([m.offsets for m in members])
+        self.codes = Codes(
+            first.codes_call.kernel,
+            first.kind,
+            torch.cat([m.codes for m in members]),
+            torch.cat([m.scales for m in members]),
+            offsets,
+        )
         self.bounds: list[tuple[int, int]] = []
         start = 0
         for index, member in enumerate(members):
             end = start + member.out_features
             blocks = slice(start // BLOCK, end // BLOCK)
             # The members' codes become views of the fused ones: nothing is stored twice.
-            member.codes, member.scales = self.codes[blocks], self.scales[blocks]
-            if self.offsets is not None:
-                member.offsets = self.offsets[blocks]
+            member.set_codes(
+                self.codes.codes[blocks],
+                self.codes.scales[blocks],
+                None if offsets is None else offsets[blocks],
+            )
             member.fused, member.fused_index = self, index
             self.bounds.append((start, end))
             start = end
         self._last = threading.local()
 
-    def output(self, index: int, x: torch.Tensor, flat: torch.Tensor) -> torch.Tensor | None:
-        """Member `index`'s output for `x`, from the fused call; None: the member computes alone."""
+    def compute(self, x: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
+        """The first member's output for `x`; the others' are kept for them."""
         last = self._last
-        if index == 0:
-            last.input, last.output, last.next = x, _run(self.kernel, self.kind, flat, self), 1
-        elif getattr(last, "input", None) is not x or last.next != index:
+        last.input, last.output, last.next = x, self.codes(flat), 1
+        return last.output[:, : self.bounds[0][1]]
+
+    def taken(self, index: int, x: torch.Tensor) -> torch.Tensor | None:
+        """Member `index`'s kept output for `x`; None if `x` is not what the first member saw."""
+        last = self._last
+        if getattr(last, "input", None) is not x or last.next != index:
             return None
-        else:
-            last.next += 1
+        last.next += 1
         start, end = self.bounds[index]
         out = last.output[:, start:end]
         if index == len(self.bounds) - 1:
             last.input = last.output = None  # nothing held past the last sibling
         return out
-
-
-def _run(
-    kernel: PackedKernel, kind: str, flat: torch.Tensor, codes: PackedLinear | FusedCodes
-) -> torch.Tensor:
-    if kind == "q4":
-        return kernel.q4_linear(flat, codes.codes, codes.scales, codes.offsets)
-    return kernel.q8_linear(flat, codes.codes, codes.scales)
 
 
 class PackedLinear(nn.Module):
@@ -216,33 +236,37 @@ class PackedLinear(nn.Module):
         self.weight = linear.weight
         self.bias = linear.bias
         self.kind = packed.kind
-        self.register_buffer("codes", packed.codes, persistent=False)
-        self.register_buffer("scales", packed.scales, persistent=False)
-        self.register_buffer("offsets", packed.offsets, persistent=False)
-        self._kernel = kernel
+        self.codes_call = Codes(kernel, packed.kind, packed.codes, packed.scales, packed.offsets)
+        self.set_codes(packed.codes, packed.scales, packed.offsets)
         self.fused: FusedCodes | None = None
         self.fused_index = 0
+
+    def set_codes(self, codes: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor | None) -> None:
+        self.register_buffer("codes", codes, persistent=False)
+        self.register_buffer("scales", scales, persistent=False)
+        self.register_buffer("offsets", offsets, persistent=False)
+        call = self.codes_call
+        call.codes, call.scales, call.offsets = codes, scales, offsets
 
     def packed(self) -> Packed:
         return Packed(self.kind, self.codes, self.scales, self.offsets)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not getattr(_packed, "on", False) or torch.is_grad_enabled():
+            return F.linear(x, self.weight, self.bias)
+        fused, index = self.fused, self.fused_index
+        if fused is not None and index:
+            out = fused.taken(index, x)
+            if out is not None:
+                return out.view(*x.shape[:-1], self.out_features)
         rows = x.numel() // self.in_features if self.in_features else 0
-        if (
-            not getattr(_packed, "on", False)
-            or torch.is_grad_enabled()
-            or rows > PACKED_MAX_ROWS
-            or x.dtype != torch.float32
-            or x.device.type != "cpu"
-        ):
+        if rows > PACKED_MAX_ROWS or x.dtype != torch.float32 or x.device.type != "cpu":
             return F.linear(x, self.weight, self.bias)
         flat = x.reshape(rows, self.in_features).contiguous()
-        out = None if self.fused is None else self.fused.output(self.fused_index, x, flat)
-        if out is None:
-            out = _run(self._kernel, self.kind, flat, self)
+        out = fused.compute(x, flat) if fused is not None and not index else self.codes_call(flat)
         if self.bias is not None:
             out = out + self.bias
-        return out.reshape(*x.shape[:-1], self.out_features)
+        return out.view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, packed={self.kind}"
@@ -310,9 +334,9 @@ def pack_model(model: nn.Module, *, required: bool = False, cache_dir: Path | No
     kernel = load_kernel(cache_dir)
     if kernel is None:
         return dense("the packed kernel could not be built here (see the log)")
-    if kernel.simd() != "avx512" and not required:
+    if kernel.simd() not in FAST_SIMD and not required:
         # The portable build is correct but slower than a dense matmul: not worth choosing.
-        return dense("this CPU lacks AVX-512 and F16C, which the fast packed kernel needs")
+        return dense("this CPU has neither AVX-512 nor AVX2 with FMA and F16C")
     counts: dict[str, int] = {}
     step_bytes = 0
     for parent, name, layer, packed in plan:
@@ -324,6 +348,7 @@ def pack_model(model: nn.Module, *, required: bool = False, cache_dir: Path | No
         step_bytes += packed.nbytes
     dense_layers = sum(1 for *_, packed in plan if packed is None)
     fuse_siblings(model)
+    fast_norms(model, kernel)
     return PackReport(counts, dense_layers, step_bytes, dense_bytes, time.perf_counter() - started)
 
 
@@ -342,3 +367,42 @@ def fuse_siblings(model: nn.Module) -> int:
                 FusedCodes(layers)
                 fused += 1
     return fused
+
+
+# RMSNorms that compute exactly `weight * (x * rsqrt(mean(x^2) + eps))` in fp32: the kernel's
+# one-call version stands in for their six ops at decode steps.
+LLAMA_NORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm")
+
+
+class FastRMSNorm:
+    """A norm's `forward` on a packed model: the kernel's where `PackedLinear` would read codes,
+    the norm's own elsewhere."""
+
+    def __init__(self, norm: nn.Module, kernel: PackedKernel) -> None:
+        self.own = type(norm).forward.__get__(norm)
+        self.weight: torch.Tensor = norm.weight
+        self.eps = float(norm.variance_epsilon)
+        self.kernel = kernel
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+        if (
+            not getattr(_packed, "on", False)
+            or torch.is_grad_enabled()
+            or rows > PACKED_MAX_ROWS
+            or x.dtype != torch.float32
+            or self.weight.dtype != torch.float32
+            or not x.is_contiguous()
+        ):
+            return self.own(x)
+        return self.kernel.rms_norm(x, self.weight, self.eps)
+
+
+def fast_norms(model: nn.Module, kernel: PackedKernel) -> int:
+    """Gives the model's Llama-style RMSNorms the kernel's decode-step version; returns how many."""
+    count = 0
+    for module in model.modules():
+        if type(module).__name__ in LLAMA_NORMS and hasattr(module, "variance_epsilon"):
+            module.forward = FastRMSNorm(module, kernel)
+            count += 1
+    return count

@@ -25,9 +25,13 @@ log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("packed.cpp")
 # -fopenmp: at::parallel_for splits rows over torch's threads only in code built with OpenMP.
-FLAGS = ["-O3", "-march=native", "-fopenmp"]
-# The portable build: no AVX-512, the plain loops (tests build it to check them).
-PORTABLE_FLAGS = ["-O2", "-march=x86-64", "-fopenmp"]
+# "native" is what serving builds; the others are what CPUs without AVX-512 get, which the
+# tests build too, to check them here.
+FLAGS = {
+    "native": ["-O3", "-march=native", "-fopenmp"],
+    "avx2": ["-O3", "-march=x86-64", "-mavx2", "-mfma", "-mf16c", "-fopenmp"],
+    "portable": ["-O2", "-march=x86-64", "-fopenmp"],
+}
 
 _lock = threading.Lock()
 _loaded: dict[str, PackedKernel | None] = {}
@@ -38,6 +42,7 @@ class PackedKernel(Protocol):
         self, x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor
     ) -> torch.Tensor: ...
     def q8_linear(self, x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor: ...
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor: ...
     def simd(self) -> str: ...
 
 
@@ -66,10 +71,10 @@ def _cpu_flags() -> str:
     return platform.processor()
 
 
-def load_kernel(cache_dir: Path | None = None, *, portable: bool = False) -> PackedKernel | None:
+def load_kernel(cache_dir: Path | None = None, *, variant: str = "native") -> PackedKernel | None:
     """The built kernel, building it on first use; None (and a logged reason) if it cannot be.
-    `portable`: the build without AVX-512 (what a CPU without it gets)."""
-    flags = PORTABLE_FLAGS if portable else FLAGS
+    `variant`: "native" (this CPU's best), or "avx2" / "portable", as other CPUs build it."""
+    flags = FLAGS[variant]
     key = build_key(flags)
     with _lock:
         if key in _loaded:

@@ -183,7 +183,7 @@ class GetModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("model", "architecture", "fingerprint", "num_layers", "hidden_size", "vocab_size", "max_context_tokens", "default_max_new_tokens", "max_new_tokens_limit", "dtype", "device", "max_batch_size", "max_queue_size", "memory_kinds")
+    __slots__ = ("model", "architecture", "fingerprint", "num_layers", "hidden_size", "vocab_size", "max_context_tokens", "default_max_new_tokens", "max_new_tokens_limit", "dtype", "device", "max_batch_size", "max_queue_size", "memory_kinds", "weights")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
     FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
@@ -198,6 +198,7 @@ class ModelInfo(_message.Message):
     MAX_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     MAX_QUEUE_SIZE_FIELD_NUMBER: _ClassVar[int]
     MEMORY_KINDS_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_FIELD_NUMBER: _ClassVar[int]
     model: str
     architecture: str
     fingerprint: str
@@ -212,4 +213,5 @@ class ModelInfo(_message.Message):
     max_batch_size: int
     max_queue_size: int
     memory_kinds: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, model: _Optional[str] = ..., architecture: _Optional[str] = ..., fingerprint: _Optional[str] = ..., num_layers: _Optional[int] = ..., hidden_size: _Optional[int] = ..., vocab_size: _Optional[int] = ..., max_context_tokens: _Optional[int] = ..., default_max_new_tokens: _Optional[int] = ..., max_new_tokens_limit: _Optional[int] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., max_batch_size: _Optional[int] = ..., max_queue_size: _Optional[int] = ..., memory_kinds: _Optional[_Iterable[str]] = ...) -> None: ...
+    weights: str
+    def __init__(self, model: _Optional[str] = ..., architecture: _Optional[str] = ..., fingerprint: _Optional[str] = ..., num_layers: _Optional[int] = ..., hidden_size: _Optional[int] = ..., vocab_size: _Optional[int] = ..., max_context_tokens: _Optional[int] = ..., default_max_new_tokens: _Optional[int] = ..., max_new_tokens_limit: _Optional[int] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., max_batch_size: _Optional[int] = ..., max_queue_size: _Optional[int] = ..., memory_kinds: _Optional[_Iterable[str]] = ..., weights: _Optional[str] = ...) -> None: ...
