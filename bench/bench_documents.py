@@ -37,6 +37,7 @@ from memserve.memory.evaluation import offline_context  # noqa: E402
 from memserve.memory.kind import TrainContext  # noqa: E402
 from memserve.memory_store.artifact import Artifact, MemoryMeta, decode, encode, export_bytes, import_bytes  # noqa: E402
 from memserve.models import LoadedModel, ModelConfig, load_model  # noqa: E402
+from memserve.packed import packed_weights  # noqa: E402
 
 FIXTURES = REPO / "tests" / "fixtures" / "documents"
 
@@ -173,7 +174,8 @@ def _evaluate(
     from memserve.kinds.document.eval import BankEvaluation
 
     started = time.monotonic()
-    with offline_context(loaded, artifact, args.out) as context:
+    # As the Evaluate RPC judges: the evaluation's own forward passes read packed codes too.
+    with offline_context(loaded, artifact, args.out) as context, packed_weights():
         metrics = evaluate_bank(context, artifact, compare_with=args.compare_with)
         sampled = sorted(random.Random(0).sample(range(len(metrics["documents"])), args.exact_sample))
         if sampled and metrics["summary"]["compared_with_min"] < len(metrics["documents"]) - 1:

@@ -16,8 +16,9 @@ python bench/bench_facts.py counterfacts [--out DIR] [--config JSON] [--batch N]
     written paraphrases and neighbours (which no tuning step saw), 50 unrelated prompts and
     unrelated text, with 95 % intervals.
 
-python bench/bench_facts.py dtypes --set DIR/set.safetensors [--dtypes fp32,bf16] [--out DIR]
-    Judges one trained set as `counterfacts` does, once per dtype the model is served in.
+python bench/bench_facts.py dtypes --set DIR/set.safetensors [--dtypes fp32,packed,bf16] [--out DIR]
+    Judges one trained set as `counterfacts` does, once per way the model is served (dtype, or
+    packed weights).
 
 python bench/bench_facts.py scopes --set DIR/set.safetensors [--facts FILE] [--out DIR]
     Judges one trained set as `counterfacts` does, once per answer scope ("sentence": a subject
@@ -392,6 +393,7 @@ def dtypes(args: argparse.Namespace) -> None:
     from memserve.kinds.local.eval import evaluate_set
     from memserve.memory.evaluation import offline_context
     from memserve.memory_store.artifact import import_bytes
+    from memserve.packed import packed_weights
 
     prompts = _written_prompts(args.facts)
     print(f"| served in {JUDGED_HEADER} seconds |\n|---|---:|---:|---:|---:|---:|---:|---:|")
@@ -401,7 +403,8 @@ def dtypes(args: argparse.Namespace) -> None:
         loaded = load(dtype)
         artifact = import_bytes(args.set.read_bytes())
         started = time.monotonic()
-        with offline_context(loaded, artifact, args.out / dtype) as context:
+        # As the Evaluate RPC judges: the judge's own forward passes read packed codes too.
+        with offline_context(loaded, artifact, args.out / dtype) as context, packed_weights():
             metrics = evaluate_set(context, artifact, 16, prompts)
         (args.out / dtype / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
         print(f"{_judged_row(dtype, metrics)[:-1]}| {time.monotonic() - started:.0f} |", flush=True)
@@ -640,7 +643,9 @@ def main() -> None:
     dt.add_argument("--set", type=Path, required=True, help="a set.safetensors the other commands write")
     dt.add_argument("--facts", type=Path, default=ROOT / "tests/fixtures/facts/counterfacts.jsonl")
     dt.add_argument(
-        "--dtypes", default="fp32,bf16,bf16w", help="bf16w: the prototype of bench/mixed_precision.py"
+        "--dtypes",
+        default="fp32,packed,bf16",
+        help="fp32 (dense), packed (--weights packed), bf16, bf16w (bench/mixed_precision.py)",
     )
     dt.add_argument("--out", type=Path, default=Path("eval-dtypes"))
     dt.set_defaults(run=dtypes)

@@ -34,6 +34,7 @@ from transformers import DynamicCache
 from memserve.clients import AsyncClient
 from memserve.memory.hooks import MemoryHooks
 from memserve.models import ModelConfig, load_model
+from memserve.packed import packed_weights
 
 PROMPTS = [
     "The capital of France is",
@@ -158,39 +159,42 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="fp32")
+    parser.add_argument("--weights", default="auto", choices=["auto", "packed", "dense"])
     args = parser.parse_args()
 
-    loaded = load_model(ModelConfig(device=args.device, dtype=args.dtype))
-    server, address = launch_server("--device", args.device, "--dtype", args.dtype)
+    loaded = load_model(ModelConfig(device=args.device, dtype=args.dtype, weights=args.weights))
+    server, address = launch_server("--device", args.device, "--dtype", args.dtype, "--weights", args.weights)
     wait_for_first_token(server, address)
-    try:
-        rows: dict[str, Callable[[], float]] = {
-            "a": lambda: hf_sequential(loaded, args.new_tokens),
-            "b": lambda: hf_batch(loaded, args.new_tokens),
-            "d": lambda: asyncio.run(memserve_sequential(address, args.new_tokens)),
-        }
-        ttfts: list[float] = []
-        hf_batch(loaded, 4)  # warm-up
-        asyncio.run(memserve_concurrent(address, 4))
-        rounds = []
-        for number in range(args.rounds):
-            measured = {key: run() for key, run in rows.items()}
-            measured["c"], round_ttfts = asyncio.run(memserve_concurrent(address, args.new_tokens))
-            ttfts.extend(round_ttfts)
-            rounds.append(measured)
-            print(
-                f"round {number + 1}/{args.rounds}: "
-                + ", ".join(f"{k} {v:.1f}" for k, v in sorted(measured.items())),
-                file=sys.stderr,
-            )
-    finally:
-        stop(server)
-    bare, hooked = hook_overhead(loaded)
+    # HF's loop runs on the same weights as the server's (only packed layers heed this).
+    with packed_weights():
+        try:
+            rows: dict[str, Callable[[], float]] = {
+                "a": lambda: hf_sequential(loaded, args.new_tokens),
+                "b": lambda: hf_batch(loaded, args.new_tokens),
+                "d": lambda: asyncio.run(memserve_sequential(address, args.new_tokens)),
+            }
+            ttfts: list[float] = []
+            hf_batch(loaded, 4)  # warm-up
+            asyncio.run(memserve_concurrent(address, 4))
+            rounds = []
+            for number in range(args.rounds):
+                measured = {key: run() for key, run in rows.items()}
+                measured["c"], round_ttfts = asyncio.run(memserve_concurrent(address, args.new_tokens))
+                ttfts.extend(round_ttfts)
+                rounds.append(measured)
+                print(
+                    f"round {number + 1}/{args.rounds}: "
+                    + ", ".join(f"{k} {v:.1f}" for k, v in sorted(measured.items())),
+                    file=sys.stderr,
+                )
+        finally:
+            stop(server)
+        bare, hooked = hook_overhead(loaded)
 
     a, b, c, d = (median_of(rounds, k) for k in "abcd")
     print(f"\nmachine: {machine()}")
     print(
-        f"model: default (SmolLM2-135M-Instruct), {args.dtype} on {args.device}; "
+        f"model: default (SmolLM2-135M-Instruct), {args.dtype} on {args.device}, {loaded.weights}; "
         f"{args.new_tokens} new tokens "
         f"per request, greedy; 8 prompts; median of {args.rounds} rounds\n"
     )
