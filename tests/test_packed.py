@@ -5,11 +5,15 @@ default model's tests reuse it."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from memserve.engine.offline import generate_all
+from memserve.engine.scheduler import Engine
 from memserve.models import LoadedModel, ModelConfig, load_model
 from memserve.packed import (
     PACKED_MAX_ROWS,
@@ -232,3 +236,18 @@ def test_norms_of_a_packed_model_take_the_one_call_version(default_model: Loaded
             long_prefill = norm(torch.randn(1, PACKED_MAX_ROWS + 1, 576))  # the norm's own ops
     torch.testing.assert_close(fast, own, rtol=1e-6, atol=1e-6)
     assert long_prefill.shape == (1, PACKED_MAX_ROWS + 1, 576)
+
+
+def test_the_engine_serves_packed_weights_with_the_dense_greedy_text(
+    default_model: LoadedModel, make_engine: Callable[..., Engine]
+) -> None:
+    """End to end: the engine (which serves inside packed_weights()) continues prompts, batched,
+    exactly as Hugging Face's loop on the dense weights does."""
+    tokenizer = default_model.tokenizer
+    prompts = ["The capital of France is", "Water boils at", "def fibonacci(n):", "Once upon a time"]
+    engine = make_engine(default_model.model, tokenizer, max_batch_size=4)
+    served = generate_all(engine, [tokenizer(p).input_ids for p in prompts], (), 16)
+    for prompt, tokens in zip(prompts, served, strict=True):
+        ids = tokenizer(prompt, return_tensors="pt").input_ids
+        dense = default_model.model.generate(ids, max_new_tokens=16, min_new_tokens=16, do_sample=False)
+        assert tokens == dense[0, ids.shape[1] :].tolist(), prompt
