@@ -5,7 +5,9 @@
 Times each packed kernel call (`memserve.packed.Codes`) inside the model's forward step at
 batch 1 and 8 (64-token context, KV cache, last token's logits only), and prints the step, the
 kernel's share, the bytes it read and the rate it read them at, beside the machine's read bound
-(as bench/bench_decode.py measures it).
+(as bench/bench_decode.py measures it). Then, for the row counts a call may get (decode steps,
+then prefills), every layer's product on the packed codes against the dense fp32 weights (best
+of 3): where the packed path stops paying, if anywhere (`memserve.packed.PACKED_MAX_ROWS`).
 """
 
 from __future__ import annotations
@@ -13,8 +15,10 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 from bench_decode import read_bandwidth, weight_bytes
 from bench_serving import machine
 from transformers import DynamicCache
@@ -67,7 +71,26 @@ def main() -> int:
             f"| {batch} | {step * 1e3:.1f} | {inside * 1e3:.1f} | {inside / step:.0%} | "
             f"{rate / 1e9:.1f} GB/s | {rate / bandwidth:.0%} |"
         )
+    print("\n| rows | every layer, packed ms | every layer, dense fp32 ms | dense / packed |")
+    print("|---:|---:|---:|---:|")
+    layers = [m for m in model.modules() if isinstance(m, packed.PackedLinear)]
+    for rows in (1, 8, 16, 64, 256, 512):
+        inputs = {width: torch.randn(rows, width) for width in {m.in_features for m in layers}}
+        with torch.inference_mode():
+            ours = best_of(lambda inputs=inputs: [m.codes_call(inputs[m.in_features]) for m in layers])
+            dense = best_of(lambda inputs=inputs: [F.linear(inputs[m.in_features], m.weight) for m in layers])
+        print(f"| {rows} | {ours * 1e3:.1f} | {dense * 1e3:.1f} | {dense / ours:.2f}× |")
     return 0
+
+
+def best_of(call: Callable[[], object], repeats: int = 3) -> float:
+    call()
+    best = float("inf")
+    for _ in range(repeats):
+        started = time.perf_counter()
+        call()
+        best = min(best, time.perf_counter() - started)
+    return best
 
 
 if __name__ == "__main__":

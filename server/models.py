@@ -88,7 +88,10 @@ class ModelConfig:
         if self.weights not in WEIGHTS:
             raise ValueError(f"weights must be one of {WEIGHTS}, got {self.weights!r}")
         if self.weights == "packed" and (device.type != "cpu" or dtype != "fp32"):
-            raise ValueError(f"packed weights are an fp32 CPU path; this is {dtype} on {device.type}")
+            raise ValueError(
+                f"packed weights are an fp32 CPU path; this is {dtype} on {device.type}: "
+                "serve with --dtype fp32 on CPU, or --weights auto"
+            )
 
     def resolved_cache_dir(self) -> Path:
         if self.cache_dir is not None:

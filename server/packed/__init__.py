@@ -40,10 +40,10 @@ log = logging.getLogger(__name__)
 GROUP = 32
 FAST_SIMD = ("avx512", "avx2")  # the kernel's vector builds; "scalar" is correct but slow
 BLOCK = 16  # output rows the kernel stores side by side
-# Rows past which a call uses the dense weights. Measured on a 2-core AMD EPYC (AVX-512), the
-# packed kernel (which rebuilds each weight once per 8 rows) beat the dense fp32 matmul at every
-# size tried: all layers of the default model, 8 rows 13 against 58 ms, 64 rows 93 against 137,
-# 512 rows 784 against 852. Past 512 (long prefills) it is untested, so dense.
+# Rows past which a call uses the dense weights. `python bench/packed_split.py` on a 2-core AMD
+# EPYC (AVX-512), every layer of the default model, packed against dense fp32: 8 rows 13 against
+# 59 ms, 64 rows 94 against 141, 256 rows 409 against 446, 512 rows 792 against 859 (two runs:
+# 0.98-1.14x at 256-512, parity). Past 512 (long prefills) untested here, so dense.
 PACKED_MAX_ROWS = 512
 
 _packed = threading.local()

@@ -185,39 +185,38 @@ void q8_block(const float* x, int64_t K, const int8_t* codes, const uint16_t* sc
 }
 #endif
 
-// The portable version: the same weights and roundings, summed in plain order.
-void q4_scalar(const float* x, int64_t K, const uint8_t* codes, const uint16_t* scales, const uint16_t* offsets,
-               float* y, int64_t N, int64_t rows, int64_t b0, int64_t b1) {
-  const int64_t groups = K / kGroup;
+// The portable version: the same weights and roundings, summed in plain order. Weight(b, i, k)
+// rebuilds the weight of input k for row i of block b.
+template <typename Weight>
+void scalar_rows(const float* x, int64_t K, float* y, int64_t N, int64_t rows, int64_t b0, int64_t b1,
+                 Weight weight) {
   for (int64_t n = b0 * kBlock; n < b1 * kBlock; ++n) {
-    const int64_t b = n / kBlock, i = n % kBlock;
     for (int64_t r = 0; r < rows; ++r) {
       float acc = 0.f;
-      for (int64_t k = 0; k < K; ++k) {
-        const int64_t at = (b * groups + k / kGroup) * kBlock + i;
-        const uint8_t byte = codes[(b * (K / 2) + k / 2) * kBlock + i];
-        const float q = static_cast<float>(k % 2 ? byte >> 4 : byte & 0xF);
-        acc += __builtin_fmaf(half_to_float(scales[at]), q, half_to_float(offsets[at])) * x[r * K + k];
-      }
+      for (int64_t k = 0; k < K; ++k) acc += weight(n / kBlock, n % kBlock, k) * x[r * K + k];
       y[r * N + n] = acc;
     }
   }
 }
 
+void q4_scalar(const float* x, int64_t K, const uint8_t* codes, const uint16_t* scales, const uint16_t* offsets,
+               float* y, int64_t N, int64_t rows, int64_t b0, int64_t b1) {
+  const int64_t groups = K / kGroup;
+  scalar_rows(x, K, y, N, rows, b0, b1, [&](int64_t b, int64_t i, int64_t k) {
+    const int64_t at = (b * groups + k / kGroup) * kBlock + i;
+    const uint8_t byte = codes[(b * (K / 2) + k / 2) * kBlock + i];
+    const float q = static_cast<float>(k % 2 ? byte >> 4 : byte & 0xF);
+    return __builtin_fmaf(half_to_float(scales[at]), q, half_to_float(offsets[at]));
+  });
+}
+
 void q8_scalar(const float* x, int64_t K, const int8_t* codes, const uint16_t* scales, const uint16_t*,
                float* y, int64_t N, int64_t rows, int64_t b0, int64_t b1) {
   const int64_t groups = K / kGroup;
-  for (int64_t n = b0 * kBlock; n < b1 * kBlock; ++n) {
-    const int64_t b = n / kBlock, i = n % kBlock;
-    for (int64_t r = 0; r < rows; ++r) {
-      float acc = 0.f;
-      for (int64_t k = 0; k < K; ++k) {
-        const float d = half_to_float(scales[(b * groups + k / kGroup) * kBlock + i]);
-        acc += d * static_cast<float>(codes[(b * K + k) * kBlock + i]) * x[r * K + k];
-      }
-      y[r * N + n] = acc;
-    }
-  }
+  scalar_rows(x, K, y, N, rows, b0, b1, [&](int64_t b, int64_t i, int64_t k) {
+    const float d = half_to_float(scales[(b * groups + k / kGroup) * kBlock + i]);
+    return d * static_cast<float>(codes[(b * K + k) * kBlock + i]);
+  });
 }
 
 void check(const torch::Tensor& x, const torch::Tensor& codes, const torch::Tensor& scales, int64_t per_byte) {
