@@ -5,15 +5,18 @@ default model's tests reuse it."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from memserve.engine.kv_cache import new_cache
 from memserve.engine.offline import generate_all
 from memserve.engine.scheduler import Engine
+from memserve.memory.hooks import MemoryContext, MemoryHooks, Site
 from memserve.models import LoadedModel, ModelConfig, load_model
 from memserve.packed import (
     PACKED_MAX_ROWS,
@@ -24,6 +27,7 @@ from memserve.packed import (
     pack_q8,
     packed_weights,
 )
+from memserve.packed.decode import FastDecoderLayer
 from memserve.packed.kernel import load_kernel
 
 
@@ -251,3 +255,114 @@ def test_the_engine_serves_packed_weights_with_the_dense_greedy_text(
         ids = tokenizer(prompt, return_tensors="pt").input_ids
         dense = default_model.model.generate(ids, max_new_tokens=16, min_new_tokens=16, do_sample=False)
         assert tokens == dense[0, ids.shape[1] :].tolist(), prompt
+
+
+class CountingLayer:
+    """Stands in for a FastDecoderLayer's native half, counting its decode steps."""
+
+    def __init__(self, native: object) -> None:
+        self.native, self.steps = native, 0
+
+    def attention_in(self, *args: torch.Tensor) -> list[torch.Tensor]:
+        self.steps += 1
+        return self.native.attention_in(*args)  # type: ignore[attr-defined]
+
+    def attention_out(self, *args: torch.Tensor | None) -> torch.Tensor:
+        return self.native.attention_out(*args)  # type: ignore[attr-defined]
+
+
+@pytest.fixture
+def counted_layers(default_model: LoadedModel) -> Iterator[list[CountingLayer]]:
+    layers = [layer.forward for layer in default_model.model.model.layers]
+    assert all(isinstance(layer, FastDecoderLayer) for layer in layers)
+    counted = [CountingLayer(layer.native) for layer in layers]
+    for layer, counting in zip(layers, counted, strict=True):
+        layer.native = counting  # type: ignore[assignment]
+    yield counted
+    for layer, counting in zip(layers, counted, strict=True):
+        layer.native = counting.native  # type: ignore[assignment]
+
+
+def decode_logits(model: nn.Module, prompts: torch.Tensor, mask: torch.Tensor, steps: int) -> torch.Tensor:
+    """Each step's last logits (steps, B, V): a prefill, then greedy decode steps on a KV cache."""
+    cache = new_cache()
+    positions = (mask.cumsum(-1) - 1).clamp_min(0)
+    out = model(
+        input_ids=prompts, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True
+    )
+    logits = [out.logits[:, -1]]
+    for _ in range(steps):
+        mask = torch.cat([mask, mask.new_ones((len(mask), 1))], 1)
+        positions = positions[:, -1:] + 1
+        token = logits[-1].argmax(-1, keepdim=True)
+        out = model(
+            input_ids=token,
+            attention_mask=mask,
+            position_ids=positions,
+            past_key_values=cache,
+            use_cache=True,
+        )
+        logits.append(out.logits[:, -1])
+    return torch.stack(logits)
+
+
+def test_decode_steps_run_each_layer_in_two_calls_as_the_layer_computes(
+    default_model: LoadedModel, counted_layers: list[CountingLayer]
+) -> None:
+    """Left-padded rows of unequal length, a KV cache: the packed model's decode steps go through
+    the fused layer and give the dense model's logits; the prefill takes the layer's own ops."""
+    model = default_model.model
+    prompts = torch.randint(100, 5000, (3, 7), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones_like(prompts)
+    mask[1, :4] = 0  # a shorter prompt, left-padded
+    mask[2, :1] = 0
+    with torch.inference_mode():
+        dense = decode_logits(model, prompts, mask, steps=4)
+        assert counted_layers[0].steps == 0  # outside packed_weights(): the layer's own forward
+        with packed_weights():
+            fused = decode_logits(model, prompts, mask, steps=4)
+    assert all(layer.steps == 4 for layer in counted_layers)  # the 4 decode steps, not the prefill
+    torch.testing.assert_close(fused, dense, rtol=1e-4, atol=1e-3)  # logits of size ~20
+    assert torch.equal(fused.argmax(-1), dense.argmax(-1))
+
+
+def test_a_hook_inside_a_layer_runs_it_whole_unless_it_says_it_is_idle(
+    default_model: LoadedModel, counted_layers: list[CountingLayer]
+) -> None:
+    """A hook on a module the fused step skips (here attention's output projection) makes the
+    layer run its own forward, where the hook runs; memserve's memory hooks say when they would
+    do nothing, and then the fused step runs."""
+    model = default_model.model
+    layer = model.model.layers[2]
+    seen: list[torch.Tensor] = []
+    handle = layer.self_attn.o_proj.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    ids = torch.randint(100, 5000, (1, 3), generator=torch.Generator().manual_seed(1))
+    try:
+        with torch.inference_mode(), packed_weights():
+            decode_logits(model, ids, torch.ones_like(ids), steps=2)
+    finally:
+        handle.remove()
+    assert len(seen) == 3  # the prefill and both decode steps: the hook always ran
+    assert counted_layers[2].steps == 0 and counted_layers[1].steps == 2
+
+    hooks = MemoryHooks(model)
+    hooks.install(2, Site.ATTN_OUT)
+    ran: list[int] = []
+
+    def op(hidden: torch.Tensor) -> torch.Tensor:
+        ran.append(hidden.shape[1])
+        return hidden
+
+    active = MemoryContext()
+    active.add(2, Site.ATTN_OUT, SimpleNamespace(name="m"), op)
+    try:
+        with torch.inference_mode(), packed_weights():
+            with hooks.using(None):  # installed, idle: the fused step
+                decode_logits(model, ids, torch.ones_like(ids), steps=2)
+            assert counted_layers[2].steps == 2 and not ran
+            with hooks.using(active):  # a memory acts inside layer 2: its own forward
+                decode_logits(model, ids, torch.ones_like(ids), steps=2)
+    finally:
+        hooks.remove()
+    assert counted_layers[2].steps == 2 and ran == [3, 1, 1]
+    assert counted_layers[1].steps == 6  # the other layers stay fused

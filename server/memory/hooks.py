@@ -316,6 +316,13 @@ class MemoryHooks:
                 return None
             return (_apply(context, layer, site, args[0]), *args[1:])
 
+        def idle() -> bool:
+            """Whether the hook does nothing in this thread's current forward (a packed model's
+            fused decode step may then skip the module it sits on)."""
+            context = getattr(self._local, "context", None)
+            return context is None or (layer, site) not in context.ops
+
+        hook.idle = idle  # type: ignore[attr-defined]
         return hook
 
 

@@ -60,6 +60,11 @@ def packed_weights() -> Iterator[None]:
         _packed.on = before
 
 
+def packed_on() -> bool:
+    """Whether this thread is inside `packed_weights()`."""
+    return getattr(_packed, "on", False)
+
+
 @dataclass(frozen=True)
 class Packed:
     """A weight's codes: `kind` "q4" (codes uint8 (N, K/2), offsets fp16) or "q8" (int8 (N, K))."""
@@ -349,6 +354,9 @@ def pack_model(model: nn.Module, *, required: bool = False, cache_dir: Path | No
     dense_layers = sum(1 for *_, packed in plan if packed is None)
     fuse_siblings(model)
     fast_norms(model, kernel)
+    from memserve.packed.decode import fast_layers  # it builds on this module's classes
+
+    fast_layers(model, kernel)
     return PackReport(counts, dense_layers, step_bytes, dense_bytes, time.perf_counter() - started)
 
 

@@ -44,6 +44,19 @@ class PackedKernel(Protocol):
     def q8_linear(self, x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor: ...
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor: ...
     def simd(self) -> str: ...
+    def DecodeLayer(self, *args: object) -> DecodeLayerKernel: ...
+
+
+class DecodeLayerKernel(Protocol):
+    def attention_in(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> list[torch.Tensor]: ...
+    def attention_out(
+        self,
+        x: torch.Tensor,
+        q: torch.Tensor,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        mask: torch.Tensor | None,
+    ) -> torch.Tensor: ...
 
 
 def cache_root() -> Path:

@@ -3,19 +3,22 @@
 // A model converted from a GGUF holds weights that are exactly d*q + m (Q4_1: q in 0..15, one
 // fp16 scale d and offset m per 32 weights) or d*q (Q8_0: q in -127..127). Storing them that
 // way reads 0.625 or 1.0625 bytes per weight instead of fp32's 4, and a decode step is bound
-// by those reads. Each weight is rebuilt in registers with the same single rounding the GGUF
-// reader used (fl(d*q + m) is one fused multiply-add; d*q is exact in fp32), so the products
-// use bit-for-bit the fp32 weights; only the order of the sums differs from a dense matmul.
+// by those reads. The vector kernels sum each group as d * sum(x*q) + m * sum(x), the same
+// products as against the fp32 weights regrouped, in fp32; the portable loop rebuilds each
+// weight as the GGUF reader did (fl(d*q + m)) and sums in plain order. Either differs from a
+// dense fp32 matmul by rounding only (about 1e-6 of the output's size; the tests bound it).
 //
 // y[m, n] = sum_k x[m, k] * w[n, k], x fp32 (rows, K), y fp32 (rows, N). Built with AVX-512
 // (one register per 16 output rows), AVX2 (two) or, elsewhere, plain loops; simd() says which.
-// Also here: a Llama RMSNorm in one call, for the same decode steps.
+// Also here: a Llama RMSNorm in one call, and a Llama decoder layer's decode step in two.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <vector>
+#include <limits>
 
 #if defined(__AVX512F__) && defined(__F16C__)
 #include <immintrin.h>
@@ -50,19 +53,21 @@ inline void store(float* p, V16 a) { _mm512_storeu_ps(p, a.v); }
 inline V16 halves(const uint16_t* p) {
   return {_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)))};
 }
+// The codes' values by table lookup: vpermps reads only the low 4 bits of each index, so the low
+// nibble needs no mask and no conversion, and one shift brings the high nibble down.
 inline void nibbles(const uint8_t* p, V16& low, V16& high) {
+  const __m512 values = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   const __m512i q = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-  low = {_mm512_cvtepi32_ps(_mm512_and_si512(q, _mm512_set1_epi32(0xF)))};
-  high = {_mm512_cvtepi32_ps(_mm512_srli_epi32(q, 4))};
+  low = {_mm512_permutexvar_ps(q, values)};
+  high = {_mm512_permutexvar_ps(_mm512_srli_epi32(q, 4), values)};
 }
 inline V16 signed_bytes(const int8_t* p) {
   return {_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))))};
 }
-// Accumulators: rows * cols * split must fit 32 registers with room to spare. Few rows of x:
-// several blocks per pass; many: one. Odd and even inputs apart (measured: sharing broadcasts
-// over two blocks at 8 rows with one chain each was 25 % slower).
-constexpr int cols_for(int rows) { return rows <= 2 ? 4 : rows <= 4 ? 2 : 1; }
-constexpr int split_for(int) { return 2; }
+// Registers: rows * cols * (split + 1) (partial sums and totals) must fit 32 with room to spare.
+// Few rows of x: several blocks per pass; many: one.
+constexpr int cols_for(int rows) { return rows <= 1 ? 4 : rows <= 2 ? 2 : 1; }
+constexpr int split_for(int rows) { return rows <= 4 ? 2 : 1; }
 #elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 struct V16 {
   __m256 lo, hi;
@@ -92,7 +97,7 @@ inline V16 signed_bytes(const int8_t* p) {
           _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + 8))))};
 }
 // 16 registers of 8 lanes: fewer accumulators (each V16 takes two).
-constexpr int cols_for(int rows) { return rows <= 1 ? 2 : 1; }
+constexpr int cols_for(int) { return 1; }
 constexpr int split_for(int rows) { return rows <= 1 ? 2 : 1; }
 #endif
 
@@ -100,87 +105,101 @@ constexpr int split_for(int rows) { return rows <= 1 ? 2 : 1; }
 #define MEMSERVE_VECTOR 1
 // Weights are stored 16 output rows to a block, so one V16 holds a weight of 16 rows: its
 // scales are one load, each input is broadcast once, and nothing is summed across lanes.
-// Rows rows of x against Cols blocks at once, with Split accumulators each (2: odd and even
-// inputs apart): Rows * Cols * Split independent chains, so the fused multiply-adds do not wait
-// on each other. Load2 rebuilds the weights of inputs k and k + 1 (k even) of block b.
-template <int Rows, int Cols, int Split, typename Scales, typename Load2>
-inline void dot_blocks(const float* x, int64_t K, float* y, int64_t N, int64_t b, Scales scales, Load2 load2) {
-  V16 acc[Rows][Cols][Split];
+//
+// A group of 32 weights is d*q + m, so its share of a product is d * sum(x*q) + m * sum(x):
+// one multiply-add per weight on the codes' values (small integers, exact in fp32), with d and m
+// applied once per group and sum(x) over each group computed once per call. (Rebuilding each
+// weight first costs a second multiply-add per weight, and the kernel was bound by those.)
+// Rows rows of x against Cols blocks at once, with Split partial sums each (2: odd and even
+// inputs apart), so the multiply-adds do not wait on each other. Load2 gives the code values
+// of inputs k and k + 1 (k even) of block b; Scales its group g's d and m (m: q4 only).
+template <int Rows, int Cols, int Split, bool Offsets, typename Scales, typename Load2>
+inline void dot_blocks(const float* x, const float* sums, int64_t K, float* y, int64_t N, int64_t b, Scales scales,
+                       Load2 load2) {
+  V16 acc[Rows][Cols];
 #pragma GCC unroll 16
   for (int r = 0; r < Rows; ++r)
 #pragma GCC unroll 8
-    for (int c = 0; c < Cols; ++c)
-#pragma GCC unroll 2
-      for (int s = 0; s < Split; ++s) acc[r][c][s] = zero();
+    for (int c = 0; c < Cols; ++c) acc[r][c] = zero();
   const int64_t groups = K / kGroup;
   for (int64_t g = 0; g < groups; ++g) {
-    V16 d[Cols], m[Cols];
+    V16 part[Rows][Cols][Split];
+#pragma GCC unroll 16
+    for (int r = 0; r < Rows; ++r)
 #pragma GCC unroll 8
-    for (int c = 0; c < Cols; ++c) scales(b + c, g, d[c], m[c]);
+      for (int c = 0; c < Cols; ++c)
+#pragma GCC unroll 2
+        for (int s = 0; s < Split; ++s) part[r][c][s] = zero();
+#pragma GCC unroll 16
     for (int64_t k = g * kGroup; k < (g + 1) * kGroup; k += 2) {
 #pragma GCC unroll 8
       for (int c = 0; c < Cols; ++c) {
-        V16 w[2];
-        load2(b + c, k, d[c], m[c], w);
+        V16 q[2];
+        load2(b + c, k, q);
 #pragma GCC unroll 16
         for (int r = 0; r < Rows; ++r) {
-          acc[r][c][0] = fmadd(w[0], splat(x[r * K + k]), acc[r][c][0]);
-          acc[r][c][Split - 1] = fmadd(w[1], splat(x[r * K + k + 1]), acc[r][c][Split - 1]);
+          part[r][c][0] = fmadd(q[0], splat(x[r * K + k]), part[r][c][0]);
+          part[r][c][Split - 1] = fmadd(q[1], splat(x[r * K + k + 1]), part[r][c][Split - 1]);
         }
+      }
+    }
+#pragma GCC unroll 8
+    for (int c = 0; c < Cols; ++c) {
+      V16 d, m;
+      scales(b + c, g, d, m);
+#pragma GCC unroll 16
+      for (int r = 0; r < Rows; ++r) {
+        const V16 sum = Split == 2 ? add(part[r][c][0], part[r][c][Split - 1]) : part[r][c][0];
+        acc[r][c] = fmadd(d, sum, acc[r][c]);
+        if (Offsets) acc[r][c] = fmadd(m, splat(sums[r * groups + g]), acc[r][c]);
       }
     }
   }
 #pragma GCC unroll 16
   for (int r = 0; r < Rows; ++r)
 #pragma GCC unroll 8
-    for (int c = 0; c < Cols; ++c)
-      store(y + r * N + (b + c) * kBlock, Split == 2 ? add(acc[r][c][0], acc[r][c][Split - 1]) : acc[r][c][0]);
+    for (int c = 0; c < Cols; ++c) store(y + r * N + (b + c) * kBlock, acc[r][c]);
 }
 
-template <int Rows, typename Scales, typename Load2>
-void dot_rows(const float* x, int64_t K, float* y, int64_t N, int64_t b0, int64_t b1, Scales scales, Load2 load2) {
+template <int Rows, bool Offsets, typename Scales, typename Load2>
+void dot_rows(const float* x, const float* sums, int64_t K, float* y, int64_t N, int64_t b0, int64_t b1,
+              Scales scales, Load2 load2) {
   constexpr int Cols = cols_for(Rows), Split = split_for(Rows);
   int64_t b = b0;
-  for (; b + Cols <= b1; b += Cols) dot_blocks<Rows, Cols, Split>(x, K, y, N, b, scales, load2);
-  for (; b < b1; ++b) dot_blocks<Rows, 1, 2>(x, K, y, N, b, scales, load2);
+  for (; b + Cols <= b1; b += Cols) dot_blocks<Rows, Cols, Split, Offsets>(x, sums, K, y, N, b, scales, load2);
+  for (; b < b1; ++b) dot_blocks<Rows, 1, Split, Offsets>(x, sums, K, y, N, b, scales, load2);
 }
 
 // q4 codes: (N/16, K/2, 16) bytes; byte (b, k/2, i) holds input k of row 16b+i in its low
 // nibble and input k+1 in its high one. Scales and offsets: (N/16, K/32, 16) fp16.
 template <int Rows>
-void q4_block(const float* x, int64_t K, const uint8_t* codes, const uint16_t* scales, const uint16_t* offsets,
-              float* y, int64_t N, int64_t b0, int64_t b1) {
+void q4_block(const float* x, const float* sums, int64_t K, const uint8_t* codes, const uint16_t* scales,
+              const uint16_t* offsets, float* y, int64_t N, int64_t b0, int64_t b1) {
   const int64_t groups = K / kGroup;
-  dot_rows<Rows>(
-      x, K, y, N, b0, b1,
+  dot_rows<Rows, true>(
+      x, sums, K, y, N, b0, b1,
       [&](int64_t b, int64_t g, V16& d, V16& m) {
         d = halves(scales + (b * groups + g) * kBlock);
         m = halves(offsets + (b * groups + g) * kBlock);
       },
-      [&](int64_t b, int64_t k, const V16& d, const V16& m, V16* w) {
-        V16 low, high;
-        nibbles(codes + (b * (K / 2) + k / 2) * kBlock, low, high);
-        // fl(d*q + m): one rounding, as the GGUF reader's fp32 d*q (exact) + m.
-        w[0] = fmadd(d, low, m);
-        w[1] = fmadd(d, high, m);
-      });
+      [&](int64_t b, int64_t k, V16* q) { nibbles(codes + (b * (K / 2) + k / 2) * kBlock, q[0], q[1]); });
 }
 
 // q8 codes: (N/16, K, 16) int8; scales (N/16, K/32, 16) fp16.
 template <int Rows>
-void q8_block(const float* x, int64_t K, const int8_t* codes, const uint16_t* scales, const uint16_t*,
-              float* y, int64_t N, int64_t b0, int64_t b1) {
+void q8_block(const float* x, const float* sums, int64_t K, const int8_t* codes, const uint16_t* scales,
+              const uint16_t*, float* y, int64_t N, int64_t b0, int64_t b1) {
   const int64_t groups = K / kGroup;
-  dot_rows<Rows>(
-      x, K, y, N, b0, b1,
+  dot_rows<Rows, false>(
+      x, sums, K, y, N, b0, b1,
       [&](int64_t b, int64_t g, V16& d, V16& m) {
         d = halves(scales + (b * groups + g) * kBlock);
         m = d;
       },
-      [&](int64_t b, int64_t k, const V16& d, const V16&, V16* w) {
-        const int8_t* q = codes + (b * K + k) * kBlock;
-        w[0] = mul(d, signed_bytes(q));
-        w[1] = mul(d, signed_bytes(q + kBlock));
+      [&](int64_t b, int64_t k, V16* q) {
+        const int8_t* at = codes + (b * K + k) * kBlock;
+        q[0] = signed_bytes(at);
+        q[1] = signed_bytes(at + kBlock);
       });
 }
 #endif
@@ -241,6 +260,14 @@ torch::Tensor run(const torch::Tensor& x, const torch::Tensor& codes, const torc
   const uint16_t* sp = reinterpret_cast<const uint16_t*>(scales.data_ptr());
   const uint16_t* op = offsets.defined() ? reinterpret_cast<const uint16_t*>(offsets.data_ptr()) : nullptr;
   float* yp = y.data_ptr<float>();
+  // Each row's sum of x over each group of 32 inputs (what the groups' offsets multiply).
+  const int64_t groups = K / kGroup;
+  std::vector<float> sums(op != nullptr ? rows * groups : 0);
+  for (int64_t i = 0; i < static_cast<int64_t>(sums.size()); ++i) {
+    float sum = 0.f;
+    for (int64_t k = i * kGroup; k < (i + 1) * kGroup; ++k) sum += xp[k];
+    sums[i] = sum;
+  }
   at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t r0 = 0; r0 < rows; r0 += kMaxRows) {
       const int64_t count = std::min<int64_t>(kMaxRows, rows - r0);
@@ -248,7 +275,7 @@ torch::Tensor run(const torch::Tensor& x, const torch::Tensor& codes, const torc
       float* yr = yp + r0 * N;
       auto block = block_for(count);
       if (block != nullptr) {
-        block(xr, K, cp, sp, op, yr, N, b0, b1);
+        block(xr, sums.data() + r0 * groups, K, cp, sp, op, yr, N, b0, b1);
       } else {
         scalar(xr, K, cp, sp, op, yr, N, count, b0, b1);
       }
@@ -258,7 +285,7 @@ torch::Tensor run(const torch::Tensor& x, const torch::Tensor& codes, const torc
 }
 
 template <typename Code>
-using BlockFn = void (*)(const float*, int64_t, const Code*, const uint16_t*, const uint16_t*, float*, int64_t,
+using BlockFn = void (*)(const float*, const float*, int64_t, const Code*, const uint16_t*, const uint16_t*, float*, int64_t,
                          int64_t, int64_t);
 
 template <typename Code, template <int> class Pick>
@@ -325,6 +352,154 @@ torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& weight, doub
   return y;
 }
 
+// A packed weight as the layer below holds it: q4 (with offsets) or q8 codes.
+struct Weight {
+  torch::Tensor codes, scales, offsets;
+  torch::Tensor operator()(const torch::Tensor& x) const {
+    return offsets.defined() ? q4_linear(x, codes, scales, offsets) : q8_linear(x, codes, scales);
+  }
+};
+
+// A Llama decoder layer at a decode step (one position per row), in two calls around the KV
+// cache's update: `attention_in` (norm, q/k/v, rotary embedding) and `attention_out` (attention
+// over the cache, output projection, residual, norm, gate/up, SiLU * up, down, residual). The
+// same operations, in the same order, as the layer's own forward in fp32; in two calls instead
+// of about forty.
+class DecodeLayer {
+ public:
+  DecodeLayer(torch::Tensor input_norm, double input_eps, torch::Tensor post_norm, double post_eps,
+              std::vector<torch::Tensor> qkv, std::vector<torch::Tensor> o, std::vector<torch::Tensor> gate_up,
+              std::vector<torch::Tensor> down, int64_t heads, int64_t kv_heads, int64_t head_dim, double scaling)
+      : input_norm_(std::move(input_norm)), post_norm_(std::move(post_norm)), input_eps_(input_eps),
+        post_eps_(post_eps), qkv_(weight(qkv)), o_(weight(o)), gate_up_(weight(gate_up)), down_(weight(down)),
+        heads_(heads), kv_heads_(kv_heads), head_dim_(head_dim), scaling_(static_cast<float>(scaling)) {
+    TORCH_CHECK(head_dim % 2 == 0 && heads % kv_heads == 0, "decode layer: odd head size or head counts");
+  }
+
+  // x (B, D) -> q (B, H, 1, hd), k and v (B, Hkv, 1, hd), q and k rotated by cos, sin (B, hd).
+  std::vector<torch::Tensor> attention_in(const torch::Tensor& x, const torch::Tensor& cos,
+                                          const torch::Tensor& sin) const {
+    const int64_t rows = x.size(0), hd = head_dim_;
+    TORCH_CHECK(cos.scalar_type() == torch::kFloat32 && cos.is_contiguous() && cos.numel() == rows * hd &&
+                    sin.scalar_type() == torch::kFloat32 && sin.is_contiguous() && sin.numel() == rows * hd,
+                "decode layer: cos and sin must be contiguous fp32 (B, 1, head_dim)");
+    const torch::Tensor qkv = qkv_(rms_norm(x, input_norm_, input_eps_));
+    const int64_t width = qkv.size(1);
+    TORCH_CHECK(width == (heads_ + 2 * kv_heads_) * hd, "decode layer: q/k/v width ", width);
+    auto q = torch::empty({rows, heads_, 1, hd}, x.options());
+    auto k = torch::empty({rows, kv_heads_, 1, hd}, x.options());
+    auto v = torch::empty({rows, kv_heads_, 1, hd}, x.options());
+    const float* in = qkv.data_ptr<float>();
+    const float* cp = cos.data_ptr<float>();
+    const float* sp = sin.data_ptr<float>();
+    float* qp = q.data_ptr<float>();
+    float* kp = k.data_ptr<float>();
+    float* vp = v.data_ptr<float>();
+    const int64_t half = hd / 2;
+    for (int64_t r = 0; r < rows; ++r) {
+      const float* row = in + r * width;
+      const float* c = cp + r * hd;
+      const float* s = sp + r * hd;
+      // x * cos + rotate_half(x) * sin, rotate_half(x) = (-x2, x1), as Llama's rotary embedding.
+      auto rotate = [&](const float* from, float* to) {
+        for (int64_t i = 0; i < half; ++i) {
+          to[i] = from[i] * c[i] + (-from[i + half]) * s[i];
+          to[i + half] = from[i + half] * c[i + half] + from[i] * s[i + half];
+        }
+      };
+      for (int64_t h = 0; h < heads_; ++h) rotate(row + h * hd, qp + (r * heads_ + h) * hd);
+      for (int64_t h = 0; h < kv_heads_; ++h) {
+        rotate(row + (heads_ + h) * hd, kp + (r * kv_heads_ + h) * hd);
+        std::memcpy(vp + (r * kv_heads_ + h) * hd, row + (heads_ + kv_heads_ + h) * hd, hd * sizeof(float));
+      }
+    }
+    return {q, k, v};
+  }
+
+  // The rest of the layer: x (B, D) the layer's input, q from attention_in, keys and values
+  // (B, Hkv, L, hd) the cache after its update, mask (B, L) bool (true: attend) or undefined.
+  torch::Tensor attention_out(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& keys,
+                              const torch::Tensor& values, const c10::optional<torch::Tensor>& mask) const {
+    const int64_t rows = x.size(0), hd = head_dim_, length = keys.size(2);
+    TORCH_CHECK(keys.dim() == 4 && keys.size(0) == rows && keys.size(1) == kv_heads_ && keys.size(3) == hd &&
+                    keys.stride(3) == 1 && values.sizes() == keys.sizes() && values.stride(3) == 1 &&
+                    keys.scalar_type() == torch::kFloat32 && values.scalar_type() == torch::kFloat32,
+                "decode layer: keys and values must be fp32 (B, kv_heads, L, head_dim)");
+    const bool* allowed = nullptr;
+    if (mask.has_value() && mask->defined()) {
+      TORCH_CHECK(mask->scalar_type() == torch::kBool && mask->is_contiguous() && mask->numel() == rows * length,
+                  "decode layer: the mask must be a contiguous bool (B, L)");
+      allowed = mask->data_ptr<bool>();
+    }
+    auto attended = torch::empty({rows, heads_ * hd}, x.options());
+    const float* qp = q.data_ptr<float>();
+    const float* kp = keys.data_ptr<float>();
+    const float* vp = values.data_ptr<float>();
+    float* ap = attended.data_ptr<float>();
+    const int64_t group = heads_ / kv_heads_;
+    const auto ks = keys.strides(), vs = values.strides();
+    at::parallel_for(0, rows * heads_, 1, [&](int64_t first, int64_t last) {
+      std::vector<float> scores(length);
+      for (int64_t item = first; item < last; ++item) {
+        const int64_t r = item / heads_, h = item % heads_, kv = h / group;
+        const float* query = qp + item * hd;
+        const float* key = kp + r * ks[0] + kv * ks[1];
+        const float* value = vp + r * vs[0] + kv * vs[1];
+        float top = -std::numeric_limits<float>::infinity();
+        for (int64_t t = 0; t < length; ++t) {
+          if (allowed != nullptr && !allowed[r * length + t]) {
+            scores[t] = -std::numeric_limits<float>::infinity();
+            continue;
+          }
+          const float* at = key + t * ks[2];
+          float dot = 0.f;
+#pragma omp simd reduction(+ : dot)
+          for (int64_t i = 0; i < hd; ++i) dot += query[i] * at[i];
+          scores[t] = dot * scaling_;
+          top = std::max(top, scores[t]);
+        }
+        float total = 0.f;
+        for (int64_t t = 0; t < length; ++t) {
+          scores[t] = std::exp(scores[t] - top);
+          total += scores[t];
+        }
+        float* out = ap + r * heads_ * hd + h * hd;
+        std::fill(out, out + hd, 0.f);
+        for (int64_t t = 0; t < length; ++t) {
+          if (scores[t] == 0.f) continue;
+          const float p = scores[t] / total;
+          for (int64_t i = 0; i < hd; ++i) out[i] += p * value[t * vs[2] + i];
+        }
+      }
+    });
+    const torch::Tensor mid = x + o_(attended);
+    const torch::Tensor gate_up = gate_up_(rms_norm(mid, post_norm_, post_eps_));
+    const int64_t inner = gate_up.size(1) / 2;
+    auto act = torch::empty({rows, inner}, x.options());
+    const float* gp = gate_up.data_ptr<float>();
+    float* actp = act.data_ptr<float>();
+    for (int64_t r = 0; r < rows; ++r) {
+      for (int64_t i = 0; i < inner; ++i) {
+        const float g = gp[r * 2 * inner + i];
+        actp[r * inner + i] = g / (1.f + std::exp(-g)) * gp[r * 2 * inner + inner + i];
+      }
+    }
+    return mid + down_(act);
+  }
+
+ private:
+  static Weight weight(const std::vector<torch::Tensor>& parts) {
+    TORCH_CHECK(parts.size() == 2 || parts.size() == 3, "decode layer: a weight is codes, scales[, offsets]");
+    return {parts[0], parts[1], parts.size() == 3 ? parts[2] : torch::Tensor()};
+  }
+
+  torch::Tensor input_norm_, post_norm_;
+  double input_eps_, post_eps_;
+  Weight qkv_, o_, gate_up_, down_;
+  int64_t heads_, kv_heads_, head_dim_;
+  float scaling_;
+};
+
 std::string simd() { return MEMSERVE_SIMD; }
 
 }  // namespace
@@ -334,4 +509,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("q8_linear", &q8_linear, "x @ w.T for Q8_0-packed w");
   m.def("rms_norm", &rms_norm, "a Llama RMSNorm of fp32 rows");
   m.def("simd", &simd, "the instruction set the kernels were built for");
+  pybind11::class_<DecodeLayer>(m, "DecodeLayer")
+      .def(pybind11::init<torch::Tensor, double, torch::Tensor, double, std::vector<torch::Tensor>,
+                          std::vector<torch::Tensor>, std::vector<torch::Tensor>, std::vector<torch::Tensor>, int64_t,
+                          int64_t, int64_t, double>())
+      .def("attention_in", &DecodeLayer::attention_in)
+      .def("attention_out", &DecodeLayer::attention_out);
 }
