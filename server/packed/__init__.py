@@ -38,7 +38,7 @@ from memserve.packed.kernel import PackedKernel, load_kernel
 log = logging.getLogger(__name__)
 
 GROUP = 32
-FAST_SIMD = ("avx512", "avx2")  # the kernel's vector builds; "scalar" is correct but slow
+FAST_SIMD = ("avx512-vnni", "avx512", "avx2")  # the kernel's vector builds; "scalar" is correct but slow
 BLOCK = 16  # output rows the kernel stores side by side
 # Rows past which a call uses the dense weights. `python bench/packed_split.py` on a 2-core AMD
 # EPYC (AVX-512), every layer of the default model, packed against dense fp32: 8 rows 13 against
@@ -82,23 +82,28 @@ class Packed:
     def unpack(self) -> torch.Tensor:
         """The fp32 weights the codes stand for (as the GGUF reader rebuilt them)."""
         scales = _rows(self.scales).float().repeat_interleave(GROUP, 1)
-        codes = _rows(self.codes)
         if self.kind == "q8":
-            return scales * codes.float()
+            return scales * _rows(self.codes).float()
         assert self.offsets is not None
+        codes = _rows(self.codes, words=True)
         q = torch.stack([codes & 0xF, codes >> 4], -1).reshape(codes.shape[0], -1)
         return scales * q.float() + _rows(self.offsets).float().repeat_interleave(GROUP, 1)
 
 
-def _blocks(rows: torch.Tensor) -> torch.Tensor:
-    """(N, X) -> (N/16, X, 16): the kernel's layout, 16 output rows side by side."""
+def _blocks(rows: torch.Tensor, words: bool = False) -> torch.Tensor:
+    """(N, X) -> (N/16, X, 16): the kernel's layout, 16 output rows side by side, one value of
+    each, or with `words` (q4 codes, X = K/2 bytes) 4 bytes of each (8 codes as a 32-bit word)."""
     n, x = rows.shape
+    if words:
+        return rows.reshape(n // BLOCK, BLOCK, x // 4, 4).transpose(1, 2).reshape(n // BLOCK, x, BLOCK)
     return rows.reshape(n // BLOCK, BLOCK, x).transpose(1, 2).contiguous()
 
 
-def _rows(blocks: torch.Tensor) -> torch.Tensor:
-    """(N/16, X, 16) -> (N, X)."""
+def _rows(blocks: torch.Tensor, words: bool = False) -> torch.Tensor:
+    """(N/16, X, 16) -> (N, X), the inverse of `_blocks`."""
     b, x, _ = blocks.shape
+    if words:
+        return blocks.reshape(b, x // 4, BLOCK, 4).transpose(1, 2).reshape(b * BLOCK, x)
     return blocks.transpose(1, 2).reshape(b * BLOCK, x)
 
 
@@ -130,10 +135,10 @@ def pack_q4(weight: torch.Tensor) -> Packed | None:
             break
     if not bool(found.all()):
         return None
-    # Inputs k (low nibble) and k + 1 (high) share a byte.
+    # Inputs k (low nibble) and k + 1 (high) share a byte; 4 bytes (8 inputs) make a word.
     pairs = codes.reshape(rows, width // 2, 2)
     packed_codes = pairs[..., 0] | (pairs[..., 1] << 4)
-    return Packed("q4", _blocks(packed_codes), _blocks(scales), _blocks(offsets))
+    return Packed("q4", _blocks(packed_codes, words=True), _blocks(scales), _blocks(offsets))
 
 
 def pack_q8(weight: torch.Tensor) -> Packed | None:

@@ -16,6 +16,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <algorithm>
 #include <cstring>
 #include <vector>
 #include <limits>
@@ -38,6 +39,11 @@ constexpr int kMaxRows = 8;  // rows of x per pass; their accumulators stay in r
 
 float half_to_float(uint16_t h) { return static_cast<float>(c10::Half(h, c10::Half::from_bits())); }
 
+// The 16 words (one per row of block b) that hold q4 codes of inputs 8t..8t+7, t = k / 8.
+inline const uint32_t* words(const uint8_t* codes, int64_t K, int64_t b, int64_t k) {
+  return reinterpret_cast<const uint32_t*>(codes + (b * (K / 2) + (k / 8) * 4) * kBlock);
+}
+
 // V16: 16 fp32 lanes, one per output row of a stored block: one AVX-512 register, or two AVX2
 // ones. The kernels below are written once against it.
 #if defined(__AVX512F__) && defined(__F16C__)
@@ -53,11 +59,12 @@ inline void store(float* p, V16 a) { _mm512_storeu_ps(p, a.v); }
 inline V16 halves(const uint16_t* p) {
   return {_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)))};
 }
-// The codes' values by table lookup: vpermps reads only the low 4 bits of each index, so the low
-// nibble needs no mask and no conversion, and one shift brings the high nibble down.
-inline void nibbles(const uint8_t* p, V16& low, V16& high) {
+// The values of 16 rows' codes for inputs k and k + 1 (k even): p holds one 32-bit word per row,
+// eight codes to a word, and shift = 4 * (k % 8). By table lookup: vpermps reads only the low 4
+// bits of each index, so no mask and no conversion are needed.
+inline void nibbles(const uint32_t* p, int shift, V16& low, V16& high) {
   const __m512 values = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-  const __m512i q = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  const __m512i q = _mm512_srli_epi32(_mm512_loadu_si512(p), shift);
   low = {_mm512_permutexvar_ps(q, values)};
   high = {_mm512_permutexvar_ps(_mm512_srli_epi32(q, 4), values)};
 }
@@ -85,12 +92,13 @@ inline V16 halves(const uint16_t* p) {
   return {_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))),
           _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 8)))};
 }
-inline void nibbles(const uint8_t* p, V16& low, V16& high) {
+inline void nibbles(const uint32_t* p, int shift, V16& low, V16& high) {
   const __m256i mask = _mm256_set1_epi32(0xF);
-  const __m256i q0 = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
-  const __m256i q1 = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + 8)));
+  const __m256i q0 = _mm256_srli_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)), shift);
+  const __m256i q1 = _mm256_srli_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 8)), shift);
   low = {_mm256_cvtepi32_ps(_mm256_and_si256(q0, mask)), _mm256_cvtepi32_ps(_mm256_and_si256(q1, mask))};
-  high = {_mm256_cvtepi32_ps(_mm256_srli_epi32(q0, 4)), _mm256_cvtepi32_ps(_mm256_srli_epi32(q1, 4))};
+  high = {_mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(q0, 4), mask)),
+          _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(q1, 4), mask))};
 }
 inline V16 signed_bytes(const int8_t* p) {
   return {_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)))),
@@ -170,8 +178,9 @@ void dot_rows(const float* x, const float* sums, int64_t K, float* y, int64_t N,
   for (; b < b1; ++b) dot_blocks<Rows, 1, Split, Offsets>(x, sums, K, y, N, b, scales, load2);
 }
 
-// q4 codes: (N/16, K/2, 16) bytes; byte (b, k/2, i) holds input k of row 16b+i in its low
-// nibble and input k+1 in its high one. Scales and offsets: (N/16, K/32, 16) fp16.
+// q4 codes: (N/16, K/2, 16) bytes; for block b and inputs 8t..8t+7, the 64 bytes from
+// (b, 4t, 0) are 16 little-endian 32-bit words, word i row 16b+i's codes of those inputs, input
+// 8t+j in bits 4j..4j+3. Scales and offsets: (N/16, K/32, 16) fp16.
 template <int Rows>
 void q4_block(const float* x, const float* sums, int64_t K, const uint8_t* codes, const uint16_t* scales,
               const uint16_t* offsets, float* y, int64_t N, int64_t b0, int64_t b1) {
@@ -182,7 +191,9 @@ void q4_block(const float* x, const float* sums, int64_t K, const uint8_t* codes
         d = halves(scales + (b * groups + g) * kBlock);
         m = halves(offsets + (b * groups + g) * kBlock);
       },
-      [&](int64_t b, int64_t k, V16* q) { nibbles(codes + (b * (K / 2) + k / 2) * kBlock, q[0], q[1]); });
+      [&](int64_t b, int64_t k, V16* q) {
+        nibbles(words(codes, K, b, k), static_cast<int>(4 * (k % 8)), q[0], q[1]);
+      });
 }
 
 // q8 codes: (N/16, K, 16) int8; scales (N/16, K/32, 16) fp16.
@@ -201,6 +212,149 @@ void q8_block(const float* x, const float* sums, int64_t K, const int8_t* codes,
         q[0] = signed_bytes(at);
         q[1] = signed_bytes(at + kBlock);
       });
+}
+#endif
+
+#if defined(__AVX512F__) && defined(__AVX512VNNI__) && defined(__AVX512VBMI__)
+#define MEMSERVE_VNNI 1
+// With AVX-512 VNNI, q4 products run on integers: each row of x is split, per group of 32
+// inputs, into two int8 parts, x ~ s * (hi + lo / 254) with s = max|x| / 127 (the error is at
+// most s / 508, 1.6e-5 of the group's largest input, far below bf16's 4e-3), and one vpdpbusd
+// multiplies 4 inputs by 16 rows' codes (64 products) exactly into int32. Per 8 inputs of 16
+// rows: one load, two byte shuffles (vpmultishiftqb) and two masks spread the nibbles to bytes,
+// and four vpdpbusd take them: about a third of the vector instructions of the fp32 form.
+struct Quantised {
+  std::vector<int8_t> hi, mid, lo;  // (rows, K)
+  std::vector<float> scale;  // (rows, K / 32): s
+};
+
+Quantised quantise(const float* x, int64_t rows, int64_t K) {
+  const int64_t groups = rows * K / kGroup;
+  Quantised q{std::vector<int8_t>(rows * K), std::vector<int8_t>(rows * K), std::vector<int8_t>(rows * K),
+              std::vector<float>(groups)};
+  const __m512 magnitude = _mm512_castsi512_ps(_mm512_set1_epi32(0x7fffffff));
+  auto to_int8 = [](__m512 v, int8_t* out) {  // v holds integers in -127..127
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out), _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(v)));
+  };
+  for (int64_t group = 0; group < groups; ++group) {
+    const float* in = x + group * kGroup;
+    const __m512 a = _mm512_loadu_ps(in), b = _mm512_loadu_ps(in + 16);
+    const float top = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_and_ps(a, magnitude), _mm512_and_ps(b, magnitude)));
+    const float s = top / 127.f;
+    q.scale[group] = s;
+    const __m512 inverse = _mm512_set1_ps(s > 0.f ? 1.f / s : 0.f), step = _mm512_set1_ps(s / 254.f);
+    const __m512 scale = _mm512_set1_ps(s), limit = _mm512_set1_ps(127.f);
+    constexpr int kNearest = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+    for (int half = 0; half < 2; ++half) {
+      const __m512 v = half ? b : a;
+      const int64_t at = group * kGroup + half * 16;
+      // hi, then the remainder in steps of s/254, then what remains of that in steps of s/254^2
+      const __m512 hi = _mm512_roundscale_ps(_mm512_mul_ps(v, inverse), kNearest);
+      const __m512 rest = _mm512_fnmadd_ps(hi, scale, v);
+      const __m512 mid = _mm512_min_ps(limit, _mm512_max_ps(_mm512_sub_ps(_mm512_setzero_ps(), limit),
+          _mm512_roundscale_ps(_mm512_mul_ps(rest, _mm512_mul_ps(inverse, _mm512_set1_ps(254.f))), kNearest)));
+      const __m512 last = _mm512_fnmadd_ps(mid, step, rest);
+      const __m512 lo = _mm512_min_ps(limit, _mm512_max_ps(_mm512_sub_ps(_mm512_setzero_ps(), limit),
+          _mm512_roundscale_ps(_mm512_mul_ps(last, _mm512_mul_ps(inverse, _mm512_set1_ps(64516.f))), kNearest)));
+      to_int8(hi, q.hi.data() + at);
+      to_int8(mid, q.mid.data() + at);
+      to_int8(lo, q.lo.data() + at);
+    }
+  }
+  return q;
+}
+
+// Rows rows of x against Cols blocks from block b.
+template <int Rows, int Cols>
+inline void q4_integer_blocks(const Quantised& xq, int64_t r0, const float* sums, int64_t K, const uint8_t* codes,
+                              const uint16_t* scales, const uint16_t* offsets, float* y, int64_t N, int64_t b) {
+  // vpmultishiftqb control: byte j of each 64-bit half takes the 8 bits from this offset.
+  // First four inputs of a word: nibbles 0-3 (bits 0, 4, 8, 12; the next word: +32); the
+  // other four: nibbles 4-7.
+  const __m512i first_four = _mm512_set1_epi64(0x2c2824200c080400LL);
+  const __m512i last_four = _mm512_set1_epi64(0x3c3834301c181410LL);
+  const __m512i nibble = _mm512_set1_epi8(0x0F);
+  const int64_t groups = K / kGroup;
+  __m512 acc[Rows][Cols];
+#pragma GCC unroll 8
+  for (int r = 0; r < Rows; ++r)
+#pragma GCC unroll 4
+    for (int c = 0; c < Cols; ++c) acc[r][c] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < groups; ++g) {
+    __m512i hi[Rows][Cols], mid[Rows][Cols], lo[Rows][Cols];
+#pragma GCC unroll 8
+    for (int r = 0; r < Rows; ++r)
+#pragma GCC unroll 4
+      for (int c = 0; c < Cols; ++c) hi[r][c] = mid[r][c] = lo[r][c] = _mm512_setzero_si512();
+#pragma GCC unroll 4
+    for (int64_t k = g * kGroup; k < (g + 1) * kGroup; k += 8) {
+#pragma GCC unroll 4
+      for (int c = 0; c < Cols; ++c) {
+        const __m512i packed = _mm512_loadu_si512(words(codes, K, b + c, k));
+        const __m512i a = _mm512_and_si512(_mm512_multishift_epi64_epi8(first_four, packed), nibble);
+        const __m512i z = _mm512_and_si512(_mm512_multishift_epi64_epi8(last_four, packed), nibble);
+#pragma GCC unroll 8
+        for (int r = 0; r < Rows; ++r) {
+          int32_t h[2], i[2], l[2];
+          std::memcpy(h, xq.hi.data() + (r0 + r) * K + k, sizeof(h));
+          std::memcpy(i, xq.mid.data() + (r0 + r) * K + k, sizeof(i));
+          std::memcpy(l, xq.lo.data() + (r0 + r) * K + k, sizeof(l));
+          hi[r][c] = _mm512_dpbusd_epi32(hi[r][c], a, _mm512_set1_epi32(h[0]));
+          hi[r][c] = _mm512_dpbusd_epi32(hi[r][c], z, _mm512_set1_epi32(h[1]));
+          mid[r][c] = _mm512_dpbusd_epi32(mid[r][c], a, _mm512_set1_epi32(i[0]));
+          mid[r][c] = _mm512_dpbusd_epi32(mid[r][c], z, _mm512_set1_epi32(i[1]));
+          lo[r][c] = _mm512_dpbusd_epi32(lo[r][c], a, _mm512_set1_epi32(l[0]));
+          lo[r][c] = _mm512_dpbusd_epi32(lo[r][c], z, _mm512_set1_epi32(l[1]));
+        }
+      }
+    }
+#pragma GCC unroll 4
+    for (int c = 0; c < Cols; ++c) {
+      const __m512 d = halves(scales + ((b + c) * groups + g) * kBlock).v;
+      const __m512 m = halves(offsets + ((b + c) * groups + g) * kBlock).v;
+#pragma GCC unroll 8
+      for (int r = 0; r < Rows; ++r) {
+        const float s = xq.scale[(r0 + r) * groups + g];
+        // sum(x * q) over the group, then d * that + m * sum(x), as the fp32 form.
+        const __m512 small = _mm512_fmadd_ps(_mm512_cvtepi32_ps(mid[r][c]), _mm512_set1_ps(s / 254.f),
+                                             _mm512_mul_ps(_mm512_cvtepi32_ps(lo[r][c]), _mm512_set1_ps(s / 64516.f)));
+        const __m512 dot = _mm512_fmadd_ps(_mm512_cvtepi32_ps(hi[r][c]), _mm512_set1_ps(s), small);
+        acc[r][c] = _mm512_fmadd_ps(d, dot, acc[r][c]);
+        acc[r][c] = _mm512_fmadd_ps(m, _mm512_set1_ps(sums[(r0 + r) * groups + g]), acc[r][c]);
+      }
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < Rows; ++r)
+#pragma GCC unroll 4
+    for (int c = 0; c < Cols; ++c) _mm512_storeu_ps(y + (r0 + r) * N + (b + c) * kBlock, acc[r][c]);
+}
+
+// Blocks b0..b1, four at a time; for each four, every row of x in passes of at most 4, so the
+// codes of a pass's blocks are still in cache for the next.
+template <int Rows>
+void q4_integer_pass(const Quantised& xq, int64_t r0, const float* sums, int64_t K, const uint8_t* codes,
+                     const uint16_t* scales, const uint16_t* offsets, float* y, int64_t N, int64_t b, int64_t end) {
+  constexpr int Cols = Rows == 1 ? 4 : Rows == 2 ? 2 : 1;
+  for (; b + Cols <= end; b += Cols)
+    q4_integer_blocks<Rows, Cols>(xq, r0, sums, K, codes, scales, offsets, y, N, b);
+  for (; b < end; ++b) q4_integer_blocks<Rows, 1>(xq, r0, sums, K, codes, scales, offsets, y, N, b);
+}
+
+void q4_integer(const Quantised& xq, int64_t rows, const float* sums, int64_t K, const uint8_t* codes,
+                const uint16_t* scales, const uint16_t* offsets, float* y, int64_t N, int64_t b0, int64_t b1) {
+  constexpr int64_t kTile = 4;
+  for (int64_t tile = b0; tile < b1; tile += kTile) {
+    const int64_t end = std::min(tile + kTile, b1);
+    for (int64_t r0 = 0; r0 < rows; r0 += 4) {
+      switch (std::min<int64_t>(4, rows - r0)) {
+        case 1: q4_integer_pass<1>(xq, r0, sums, K, codes, scales, offsets, y, N, tile, end); break;
+        case 2: q4_integer_pass<2>(xq, r0, sums, K, codes, scales, offsets, y, N, tile, end); break;
+        case 3: q4_integer_pass<3>(xq, r0, sums, K, codes, scales, offsets, y, N, tile, end); break;
+        default: q4_integer_pass<4>(xq, r0, sums, K, codes, scales, offsets, y, N, tile, end); break;
+      }
+    }
+  }
 }
 #endif
 
@@ -223,8 +377,9 @@ void q4_scalar(const float* x, int64_t K, const uint8_t* codes, const uint16_t* 
   const int64_t groups = K / kGroup;
   scalar_rows(x, K, y, N, rows, b0, b1, [&](int64_t b, int64_t i, int64_t k) {
     const int64_t at = (b * groups + k / kGroup) * kBlock + i;
-    const uint8_t byte = codes[(b * (K / 2) + k / 2) * kBlock + i];
-    const float q = static_cast<float>(k % 2 ? byte >> 4 : byte & 0xF);
+    uint32_t word;
+    std::memcpy(&word, words(codes, K, b, k) + i, sizeof(word));
+    const float q = static_cast<float>((word >> (4 * (k % 8))) & 0xF);
     return __builtin_fmaf(half_to_float(scales[at]), q, half_to_float(offsets[at]));
   });
 }
@@ -320,7 +475,28 @@ torch::Tensor q4_linear(const torch::Tensor& x, const torch::Tensor& codes, cons
   TORCH_CHECK(codes.scalar_type() == torch::kUInt8 && offsets.sizes() == scales.sizes() &&
                   offsets.scalar_type() == torch::kFloat16 && offsets.is_contiguous(),
               "packed linear: q4 needs uint8 codes and fp16 offsets shaped like the scales");
+#if defined(MEMSERVE_VNNI)
+  const int64_t rows = x.size(0), K = x.size(1), blocks = codes.size(0), N = blocks * kBlock;
+  auto y = torch::empty({rows, N}, x.options());
+  const float* xp = x.data_ptr<float>();
+  std::vector<float> sums(rows * K / kGroup);
+  for (int64_t i = 0; i < static_cast<int64_t>(sums.size()); ++i) {
+    float sum = 0.f;
+    for (int64_t k = i * kGroup; k < (i + 1) * kGroup; ++k) sum += xp[k];
+    sums[i] = sum;
+  }
+  const Quantised xq = quantise(xp, rows, K);
+  const uint8_t* cp = codes.data_ptr<uint8_t>();
+  const uint16_t* sp = reinterpret_cast<const uint16_t*>(scales.data_ptr());
+  const uint16_t* op = reinterpret_cast<const uint16_t*>(offsets.data_ptr());
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+    q4_integer(xq, rows, sums.data(), K, cp, sp, op, yp, N, b0, b1);
+  });
+  return y;
+#else
   return run<uint8_t>(x, codes, scales, offsets, pick<uint8_t, Q4>, q4_scalar);
+#endif
 }
 
 torch::Tensor q8_linear(const torch::Tensor& x, const torch::Tensor& codes, const torch::Tensor& scales) {
@@ -500,7 +676,13 @@ class DecodeLayer {
   float scaling_;
 };
 
-std::string simd() { return MEMSERVE_SIMD; }
+std::string simd() {
+#if defined(MEMSERVE_VNNI)
+  return MEMSERVE_SIMD "-vnni";
+#else
+  return MEMSERVE_SIMD;
+#endif
+}
 
 }  // namespace
 
