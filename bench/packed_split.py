@@ -2,12 +2,15 @@
 
     python bench/packed_split.py [--steps 40]
 
-Times each packed kernel call (`memserve.packed.Codes`) inside the model's forward step at
-batch 1 and 8 (64-token context, KV cache, last token's logits only), and prints the step, the
-kernel's share, the bytes it read and the rate it read them at, beside the machine's read bound
-(as bench/bench_decode.py measures it). Then, for the row counts a call may get (decode steps,
-then prefills), every layer's product on the packed codes against the dense fp32 weights (best
-of 3): where the packed path stops paying, if anywhere (`memserve.packed.PACKED_MAX_ROWS`).
+Times each call into the C++ kernel inside the model's forward step at batch 1 and 8 (64-token
+context, KV cache, last token's logits only): the products (`memserve.packed.Codes`: the LM
+head, and any layer not fused) and the fused decoder layers' two calls (`attention_in`,
+`attention_out`: their products, plus norms, attention and the rest of the layer). It prints the
+step, the share spent in those calls, and the rate at which they read the step's bytes (a lower
+bound on the products' own rate), beside the machine's read bound (as bench/bench_decode.py
+measures it). Then, for the row counts a call may get (decode steps, then prefills), every
+layer's product on the packed codes against the dense fp32 weights (best of 3): where the packed
+path stops paying (`memserve.packed.PACKED_MAX_ROWS`).
 """
 
 from __future__ import annotations
@@ -25,6 +28,26 @@ from transformers import DynamicCache
 
 import memserve.packed as packed
 from memserve.models import ModelConfig, load_model
+from memserve.packed.decode import FastDecoderLayer
+
+
+class Timed:
+    """Stands in for a fused layer's native half, adding its calls' time to `spent`."""
+
+    def __init__(self, native: object, spent: list[float]) -> None:
+        self.native, self.spent = native, spent
+
+    def attention_in(self, *args: torch.Tensor) -> list[torch.Tensor]:
+        started = time.perf_counter()
+        out = self.native.attention_in(*args)  # type: ignore[attr-defined]
+        self.spent[0] += time.perf_counter() - started
+        return out
+
+    def attention_out(self, *args: torch.Tensor | None) -> torch.Tensor:
+        started = time.perf_counter()
+        out = self.native.attention_out(*args)  # type: ignore[attr-defined]
+        self.spent[0] += time.perf_counter() - started
+        return out
 
 
 def main() -> int:
@@ -46,9 +69,12 @@ def main() -> int:
         return out
 
     packed.Codes.__call__ = timed  # type: ignore[method-assign]
+    fused = [m.forward for m in model.modules() if isinstance(getattr(m, "forward", None), FastDecoderLayer)]
+    for layer in fused:
+        layer.native = Timed(layer.native, in_kernel)  # type: ignore[assignment]
     print(f"machine: {machine()}; read bound {bandwidth / 1e9:.1f} GB/s")
-    print(f"a step reads {step_bytes / 1e6:.0f} MB of packed weights\n")
-    print("| batch | step ms | in the kernel ms | kernel's share | kernel's read rate | of bound |")
+    print(f"a step reads {step_bytes / 1e6:.0f} MB of packed weights; {len(fused)} fused decoder layers\n")
+    print("| batch | step ms | in the kernel's calls ms | their share | their read rate | of bound |")
     print("|---:|---:|---:|---:|---:|---:|")
     for batch in (1, 8):
         ids = torch.randint(100, 1000, (batch, 64))
@@ -74,7 +100,7 @@ def main() -> int:
     print("\n| rows | every layer, packed ms | every layer, dense fp32 ms | dense / packed |")
     print("|---:|---:|---:|---:|")
     layers = [m for m in model.modules() if isinstance(m, packed.PackedLinear)]
-    for rows in (1, 8, 16, 64, 256, 512):
+    for rows in (1, 8, 16, 64, 128, 256, 512):
         inputs = {width: torch.randn(rows, width) for width in {m.in_features for m in layers}}
         with torch.inference_mode():
             ours = best_of(lambda inputs=inputs: [m.codes_call(inputs[m.in_features]) for m in layers])

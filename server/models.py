@@ -57,9 +57,9 @@ class ModelConfig:
     """cpu | cuda | cuda:N | auto (CUDA when available)."""
     weights: str = "auto"
     """auto | packed | dense. packed: layers whose fp32 weights are exact 4- or 8-bit groups (a
-    GGUF's Q4_1 / Q8_0, as the default model's) are read from their codes at decode steps, with
-    bit-for-bit the same weights (memserve/packed); auto packs where that is exact and the kernel
-    builds, fp32 on CPU only; dense never packs."""
+    GGUF's Q4_1 / Q8_0, as the default model's) are read from their codes at decode steps: the
+    same weights, the products differing by rounding only (memserve/packed); auto packs where
+    that is exact and the kernel builds, fp32 on CPU only; dense never packs."""
     cache_dir: Path | None = None
     """Where converted models live; default: the user cache dir, or $MEMSERVE_CACHE_DIR."""
 

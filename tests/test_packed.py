@@ -188,6 +188,7 @@ def test_default_model_packs_whole_and_decodes_as_dense(default_model: LoadedMod
     the dense step's up to the order of fp32 sums, at batch 1 and 8."""
     model = default_model.model
     assert "packed weights: 210 q4, 1 q8 layer(s) (0 dense)" in default_model.weights
+    assert "30 decoder layer(s) fused at decode steps" in default_model.weights
     assert isinstance(model.get_output_embeddings(), PackedLinear)
     assert model.get_output_embeddings().weight is model.get_input_embeddings().weight  # still tied
     for batch in (1, 8):

@@ -1,4 +1,4 @@
-"""Decode-step weights kept in their quantised form, bit-for-bit the fp32 weights served.
+"""Decode-step weights kept in their quantised form, exactly the fp32 weights served.
 
 The default model comes from a GGUF whose linear layers are Q4_1 (each group of 32 weights is
 d*q + m, q in 0..15, d and m fp16) and whose tied embedding is Q8_0 (d*q, q in -127..127).
@@ -6,13 +6,14 @@ De-quantised to fp32 they take 4 bytes per weight; a decode step at small batche
 reading them. `pack_model` finds, layer by layer, the weights that are exactly such groups,
 recovers their codes, checks that rebuilding them gives every fp32 weight back bit-for-bit, and
 swaps the layer for a `PackedLinear` that reads the codes (0.625 or 1.0625 bytes per weight)
-whenever a step is small. Nothing is approximated: a layer that does not rebuild exactly stays
-dense, and the dense weights stay too, for training, long prefills and anything that reads
-`.weight`.
+whenever a step is small. The weights are not approximated: a layer that does not rebuild
+exactly stays dense, and the dense weights stay too, for training, long prefills and anything
+that reads `.weight`. The products differ from a dense fp32 matmul by rounding only (packed.cpp
+says how; about 1e-6 of the output).
 
 Which path a call takes:
 - the packed kernel: inside `packed_weights()` (this thread), no autograd, an fp32 CPU input of
-  at most `PACKED_MAX_ROWS` (512) rows: decode steps and most prefills;
+  at most `PACKED_MAX_ROWS` (64) rows: decode steps and short prefills;
 - otherwise `F.linear` on the dense weights, exactly as before packing.
 
 The engine's thread and the evaluation RPC serve inside `packed_weights()`; the trainer does not,
@@ -41,10 +42,10 @@ GROUP = 32
 FAST_SIMD = ("avx512-vnni", "avx512", "avx2")  # the kernel's vector builds; "scalar" is correct but slow
 BLOCK = 16  # output rows the kernel stores side by side
 # Rows past which a call uses the dense weights. `python bench/packed_split.py` on a 2-core AMD
-# EPYC (AVX-512), every layer of the default model, packed against dense fp32: 8 rows 13 against
-# 59 ms, 64 rows 94 against 141, 256 rows 409 against 446, 512 rows 792 against 859 (two runs:
-# 0.98-1.14x at 256-512, parity). Past 512 (long prefills) untested here, so dense.
-PACKED_MAX_ROWS = 512
+# EPYC (AVX-512 VNNI), every layer of the default model, packed against dense fp32: 1 row 5.0
+# against 44.2 ms, 16 rows 31 against 69, 64 rows 116 against 134, 128 rows 254 against 248
+# (parity), 512 rows 1091 against 782. Past 64 (prefills), dense.
+PACKED_MAX_ROWS = 64
 
 _packed = threading.local()
 
@@ -292,6 +293,8 @@ class PackReport:
     dense_step_bytes: int
     seconds: float
     reason: str = ""
+    simd: str = ""  # the kernel's build: avx512-vnni, avx512, avx2, scalar
+    fused_layers: int = 0  # decoder layers whose decode step is two kernel calls
 
     @property
     def any(self) -> bool:
@@ -303,7 +306,8 @@ class PackReport:
         kinds = ", ".join(f"{count} {kind}" for kind, count in sorted(self.packed.items()))
         return (
             f"packed weights: {kinds} layer(s) ({self.dense_layers} dense), a decode step reads "
-            f"{self.step_bytes / 1e6:.0f} MB instead of {self.dense_step_bytes / 1e6:.0f} MB"
+            f"{self.step_bytes / 1e6:.0f} MB instead of {self.dense_step_bytes / 1e6:.0f} MB; "
+            f"kernel {self.simd}, {self.fused_layers} decoder layer(s) fused at decode steps"
         )
 
 
@@ -361,8 +365,11 @@ def pack_model(model: nn.Module, *, required: bool = False, cache_dir: Path | No
     fast_norms(model, kernel)
     from memserve.packed.decode import fast_layers  # it builds on this module's classes
 
-    fast_layers(model, kernel)
-    return PackReport(counts, dense_layers, step_bytes, dense_bytes, time.perf_counter() - started)
+    fused = fast_layers(model, kernel)
+    seconds = time.perf_counter() - started
+    return PackReport(
+        counts, dense_layers, step_bytes, dense_bytes, seconds, simd=kernel.simd(), fused_layers=fused
+    )
 
 
 def fuse_siblings(model: nn.Module) -> int:

@@ -54,10 +54,12 @@ class FastDecoderLayer:
         self.own = type(layer).forward.__get__(layer)
         self.layer_idx: int = attn.layer_idx
         self.hidden = layer.input_layernorm.weight.numel()
-        self.inner: tuple[nn.Module, ...] = (
+        inner = (
             attn, attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp, mlp.gate_proj, mlp.up_proj,
             mlp.down_proj, layer.input_layernorm, layer.post_attention_layernorm,
         )  # fmt: skip
+        # The modules' hook dicts (each module keeps its own for life): one emptiness test a step.
+        self.hook_dicts = tuple(h for m in inner for h in (m._forward_pre_hooks, m._forward_hooks))
         qkv, gate_up = attn.q_proj.fused, mlp.gate_proj.fused
         assert qkv is not None and gate_up is not None
         self.native = kernel.DecodeLayer(
@@ -99,7 +101,9 @@ class FastDecoderLayer:
         assert position_embeddings is not None
         rows = hidden_states.shape[0]
         x = hidden_states.reshape(rows, self.hidden)
-        cos, sin = (e.expand(rows, 1, -1).contiguous() for e in position_embeddings)  # (1, 1, hd) when shared
+        cos, sin = position_embeddings
+        if cos.shape[0] != rows or not cos.is_contiguous():  # (1, 1, hd) when the rows share it
+            cos, sin = (e.expand(rows, 1, -1).contiguous() for e in position_embeddings)
         q, k, v = self.native.attention_in(x, cos, sin)
         keys, values = past_key_values.update(k, v, self.layer_idx)
         out = self.native.attention_out(x, q, keys, values, mask)
@@ -129,8 +133,8 @@ class FastDecoderLayer:
             or nn_module._global_forward_pre_hooks
         ):
             return False
-        for module in self.inner:
-            for hooks in (module._forward_pre_hooks, module._forward_hooks):
+        if any(self.hook_dicts):
+            for hooks in self.hook_dicts:
                 if hooks and not all(_hook_idle(hook) for hook in hooks.values()):
                     return False
         if attention_mask is None:

@@ -218,13 +218,14 @@ void q8_block(const float* x, const float* sums, int64_t K, const int8_t* codes,
 #if defined(__AVX512F__) && defined(__AVX512VNNI__) && defined(__AVX512VBMI__)
 #define MEMSERVE_VNNI 1
 // With AVX-512 VNNI, q4 products run on integers: each row of x is split, per group of 32
-// inputs, into two int8 parts, x ~ s * (hi + lo / 254) with s = max|x| / 127 (the error is at
-// most s / 508, 1.6e-5 of the group's largest input, far below bf16's 4e-3), and one vpdpbusd
-// multiplies 4 inputs by 16 rows' codes (64 products) exactly into int32. Per 8 inputs of 16
-// rows: one load, two byte shuffles (vpmultishiftqb) and two masks spread the nibbles to bytes,
-// and four vpdpbusd take them: about a third of the vector instructions of the fp32 form.
+// inputs, into three int8 parts, x ~ s * (hi + mid / 254 + lo / 254^2) with s = max|x| / 127
+// (the error is at most s / (2 * 254^2), under 1e-7 of the group's largest input: fp32's own
+// rounding of the sums is larger; two parts, 1.6e-5, measurably moved the logits), and one
+// vpdpbusd multiplies 4 inputs by 16 rows' codes (64 products) exactly into int32. Per 8 inputs
+// of 16 rows: one load, two byte shuffles (vpmultishiftqb) and two masks spread the nibbles to
+// bytes, and six vpdpbusd take them: about half the vector instructions of the fp32 form.
 struct Quantised {
-  std::vector<int8_t> hi, mid, lo;  // (rows, K)
+  std::vector<int8_t> hi, mid, lo;  // (rows, K): the three parts
   std::vector<float> scale;  // (rows, K / 32): s
 };
 
