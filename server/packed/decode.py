@@ -139,8 +139,13 @@ class FastDecoderLayer:
                     return False
         if attention_mask is None:
             return None
-        # sdpa's decode-step mask: (B, 1, 1, L) bool; others (e.g. eager's additive floats) fall back
-        if attention_mask.dtype != torch.bool or attention_mask.dim() != 4 or attention_mask.shape[2] != 1:
+        # sdpa's decode-step mask: (B, 1, 1, L) bool; others (e.g. eager's additive floats, a mask
+        # shared by the rows) fall back
+        if (
+            attention_mask.dtype != torch.bool
+            or attention_mask.dim() != 4
+            or attention_mask.shape[:3] != (hidden.shape[0], 1, 1)
+        ):
             return False
         return attention_mask.reshape(hidden.shape[0], -1).contiguous()
 
