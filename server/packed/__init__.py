@@ -61,9 +61,17 @@ def packed_weights() -> Iterator[None]:
         _packed.on = before
 
 
-def packed_on() -> bool:
-    """Whether this thread is inside `packed_weights()`."""
-    return getattr(_packed, "on", False)
+def takes_codes(x: torch.Tensor, rows: int) -> bool:
+    """Whether a call on `x` (`rows` rows) takes the packed path: inside `packed_weights()` (this
+    thread), autograd off, fp32 on CPU, at most `PACKED_MAX_ROWS` rows. The one rule for packed
+    layers, norms and fused decoder layers."""
+    return (
+        getattr(_packed, "on", False)
+        and not torch.is_grad_enabled()
+        and rows <= PACKED_MAX_ROWS
+        and x.dtype == torch.float32
+        and x.device.type == "cpu"
+    )
 
 
 @dataclass(frozen=True)
@@ -263,16 +271,14 @@ class PackedLinear(nn.Module):
         return Packed(self.kind, self.codes, self.scales, self.offsets)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not getattr(_packed, "on", False) or torch.is_grad_enabled():
+        rows = x.numel() // self.in_features if self.in_features else 0
+        if not takes_codes(x, rows):
             return F.linear(x, self.weight, self.bias)
         fused, index = self.fused, self.fused_index
         if fused is not None and index:
             out = fused.taken(index, x)
             if out is not None:
                 return out.view(*x.shape[:-1], self.out_features)
-        rows = x.numel() // self.in_features if self.in_features else 0
-        if rows > PACKED_MAX_ROWS or x.dtype != torch.float32 or x.device.type != "cpu":
-            return F.linear(x, self.weight, self.bias)
         flat = x.reshape(rows, self.in_features).contiguous()
         out = fused.compute(x, flat) if fused is not None and not index else self.codes_call(flat)
         if self.bias is not None:
@@ -406,14 +412,7 @@ class FastRMSNorm:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-        if (
-            not getattr(_packed, "on", False)
-            or torch.is_grad_enabled()
-            or rows > PACKED_MAX_ROWS
-            or x.dtype != torch.float32
-            or self.weight.dtype != torch.float32
-            or not x.is_contiguous()
-        ):
+        if not takes_codes(x, rows) or self.weight.dtype != torch.float32 or not x.is_contiguous():
             return self.own(x)
         return self.kernel.rms_norm(x, self.weight, self.eps)
 

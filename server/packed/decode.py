@@ -17,7 +17,6 @@ any other hook makes the layer run its own forward.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -25,10 +24,8 @@ import torch
 from torch import nn
 from torch.nn.modules import module as nn_module
 
-from memserve.packed import PACKED_MAX_ROWS, FusedCodes, PackedLinear, packed_on
+from memserve.packed import FusedCodes, PackedLinear, takes_codes
 from memserve.packed.kernel import PackedKernel
-
-log = logging.getLogger(__name__)
 
 # Layers whose forward is exactly norm -> attention (rotary, GQA, no biases) -> residual ->
 # norm -> SiLU-gated MLP -> residual.
@@ -119,13 +116,9 @@ class FastDecoderLayer:
         """The (B, L) bool mask (None: attend to everything) when this call is a decode step the
         kernel takes; False when the layer's own forward must run."""
         if (
-            not packed_on()
-            or torch.is_grad_enabled()
-            or hidden.dim() != 3
+            hidden.dim() != 3
             or hidden.shape[1] != 1
-            or hidden.shape[0] > PACKED_MAX_ROWS
-            or hidden.dtype != torch.float32
-            or hidden.device.type != "cpu"
+            or not takes_codes(hidden, hidden.shape[0])
             or cache is None
             or position_embeddings is None
             or position_embeddings[0].dtype != torch.float32

@@ -39,6 +39,17 @@ constexpr int kMaxRows = 8;  // rows of x per pass; their accumulators stay in r
 
 float half_to_float(uint16_t h) { return static_cast<float>(c10::Half(h, c10::Half::from_bits())); }
 
+// Each group of 32 inputs' sum (what the q4 groups' offsets multiply), for `count` groups of x.
+std::vector<float> group_sums(const float* x, int64_t count) {
+  std::vector<float> sums(count);
+  for (int64_t i = 0; i < count; ++i) {
+    float sum = 0.f;
+    for (int64_t k = i * kGroup; k < (i + 1) * kGroup; ++k) sum += x[k];
+    sums[i] = sum;
+  }
+  return sums;
+}
+
 // The 16 words (one per row of block b) that hold q4 codes of inputs 8t..8t+7, t = k / 8.
 inline const uint32_t* words(const uint8_t* codes, int64_t K, int64_t b, int64_t k) {
   return reinterpret_cast<const uint32_t*>(codes + (b * (K / 2) + (k / 8) * 4) * kBlock);
@@ -416,14 +427,8 @@ torch::Tensor run(const torch::Tensor& x, const torch::Tensor& codes, const torc
   const uint16_t* sp = reinterpret_cast<const uint16_t*>(scales.data_ptr());
   const uint16_t* op = offsets.defined() ? reinterpret_cast<const uint16_t*>(offsets.data_ptr()) : nullptr;
   float* yp = y.data_ptr<float>();
-  // Each row's sum of x over each group of 32 inputs (what the groups' offsets multiply).
   const int64_t groups = K / kGroup;
-  std::vector<float> sums(op != nullptr ? rows * groups : 0);
-  for (int64_t i = 0; i < static_cast<int64_t>(sums.size()); ++i) {
-    float sum = 0.f;
-    for (int64_t k = i * kGroup; k < (i + 1) * kGroup; ++k) sum += xp[k];
-    sums[i] = sum;
-  }
+  const std::vector<float> sums = op != nullptr ? group_sums(xp, rows * groups) : std::vector<float>();
   at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t r0 = 0; r0 < rows; r0 += kMaxRows) {
       const int64_t count = std::min<int64_t>(kMaxRows, rows - r0);
@@ -480,12 +485,7 @@ torch::Tensor q4_linear(const torch::Tensor& x, const torch::Tensor& codes, cons
   const int64_t rows = x.size(0), K = x.size(1), blocks = codes.size(0), N = blocks * kBlock;
   auto y = torch::empty({rows, N}, x.options());
   const float* xp = x.data_ptr<float>();
-  std::vector<float> sums(rows * K / kGroup);
-  for (int64_t i = 0; i < static_cast<int64_t>(sums.size()); ++i) {
-    float sum = 0.f;
-    for (int64_t k = i * kGroup; k < (i + 1) * kGroup; ++k) sum += xp[k];
-    sums[i] = sum;
-  }
+  const std::vector<float> sums = group_sums(xp, rows * K / kGroup);
   const Quantised xq = quantise(xp, rows, K);
   const uint8_t* cp = codes.data_ptr<uint8_t>();
   const uint16_t* sp = reinterpret_cast<const uint16_t*>(scales.data_ptr());
